@@ -1,0 +1,194 @@
+//! A client for a set of replicas that fails over between them. It only speaks gRPC: nothing
+//! here reaches into the store.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::proto::v1 as pb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no replica address given")]
+    NoEndpoints,
+    #[error("invalid replica address {addr:?}: {source}")]
+    BadAddress {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{addr}: {status}")]
+    Rpc { addr: String, status: Status },
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Rpc { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Whether trying another replica may help.
+fn fail_over(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+    )
+}
+
+/// Talks to the internal KV API of a set of replicas.
+pub struct KvClient {
+    endpoints: Vec<(String, Channel)>,
+    preferred: AtomicUsize,
+    timeout: Duration,
+}
+
+impl KvClient {
+    /// `addrs` are host:port. Connections are made on first use.
+    pub fn new(addrs: &[String], timeout: Duration) -> Result<KvClient, ClientError> {
+        if addrs.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let mut endpoints = Vec::new();
+        for addr in addrs {
+            let ch = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|source| ClientError::BadAddress {
+                    addr: addr.clone(),
+                    source,
+                })?
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            endpoints.push((addr.clone(), ch));
+        }
+        Ok(KvClient {
+            endpoints,
+            preferred: AtomicUsize::new(0),
+            timeout,
+        })
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.iter().map(|(a, _)| a.as_str())
+    }
+
+    /// Prefers replica `i` (mod the number of replicas) for the next calls.
+    pub fn prefer(&self, i: usize) {
+        self.preferred
+            .store(i % self.endpoints.len(), Ordering::Relaxed);
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.timeout);
+        r
+    }
+
+    /// Calls `f` on the preferred replica, then on the others while the failure is one that
+    /// another replica may not have. A write retried this way may apply twice; Keel's writers
+    /// make writes idempotent with compares on mod_revision.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(pb::kv_client::KvClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.endpoints.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let (addr, ch) = &self.endpoints[idx];
+            match f(pb::kv_client::KvClient::new(ch.clone())).await {
+                Ok(r) => {
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    return Ok(r.into_inner());
+                }
+                Err(status) if fail_over(&status) => {
+                    last = Some(ClientError::Rpc {
+                        addr: addr.clone(),
+                        status,
+                    })
+                }
+                Err(status) => {
+                    return Err(ClientError::Rpc {
+                        addr: addr.clone(),
+                        status,
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or(ClientError::NoEndpoints))
+    }
+
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<pb::PutResponse, ClientError> {
+        let req = pb::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            prev_kv: false,
+        };
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.put(r).await }
+        })
+        .await
+    }
+
+    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, ClientError> {
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.txn(r).await }
+        })
+        .await
+    }
+
+    pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, ClientError> {
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.range(r).await }
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<pb::KeyValue>, ClientError> {
+        let r = self
+            .range(pb::RangeRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.kvs.into_iter().next())
+    }
+
+    /// Opens a watch on one replica (the preferred one, then the others).
+    pub async fn watch(
+        &self,
+        req: pb::WatchRequest,
+    ) -> Result<tonic::Streaming<pb::WatchResponse>, ClientError> {
+        self.call(|mut c| {
+            let r = tonic::Request::new(req.clone());
+            async move { c.watch(r).await }
+        })
+        .await
+    }
+
+    /// The status of replica `i`, without failover.
+    pub async fn status_of(&self, i: usize) -> Result<pb::StoreStatusResponse, ClientError> {
+        let (addr, ch) = &self.endpoints[i % self.endpoints.len()];
+        pb::store_admin_client::StoreAdminClient::new(ch.clone())
+            .status(self.request(pb::StoreStatusRequest {}))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                addr: addr.clone(),
+                status,
+            })
+    }
+}

@@ -1,0 +1,11 @@
+//! Keel: a container orchestrator on the Kubernetes model, with an embedded Raft store.
+//!
+//! The crate is one library with two thin binaries (`keel`, `keelctl`). Dependencies point
+//! one way: `proto` (shared vocabulary) -> `store` -> `server`; `client` talks to servers
+//! only over gRPC.
+
+pub mod bench;
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod store;

@@ -1,0 +1,17 @@
+//! Types generated from `proto/`. Conversions and helpers live beside the code that needs
+//! them; this module only includes the generated code.
+
+#![allow(clippy::all, missing_docs)]
+
+/// Keel's own API, package `keel.v1`.
+pub mod v1 {
+    tonic::include_proto!("keel.v1");
+}
+
+/// The encoded file descriptor set of `keel.v1`, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");
+
+/// etcd's wire protocol, for the benchmark's etcd peer only.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}

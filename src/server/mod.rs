@@ -1,0 +1,118 @@
+//! A control-plane replica: the store plus the gRPC services every replica serves
+//! (replication, the internal KV API, store administration, health and reflection).
+
+pub mod admin;
+pub mod kv;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::proto::{self, v1 as pb};
+use crate::store::{Faults, Member, Store, StoreConfig, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A running replica.
+pub struct Server {
+    pub store: Store,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Server {
+    /// Opens the store, binds `listen` and serves. With `initial_cluster`, a replica whose
+    /// store is empty initializes a new cluster with those voters.
+    pub async fn start(
+        config: StoreConfig,
+        listen: SocketAddr,
+        initial_cluster: Option<BTreeMap<u64, Member>>,
+        faults: Arc<Faults>,
+    ) -> Result<Server, ServerError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let store = Store::open(config, faults).await?;
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::kv_server::KvServer<kv::KvService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(store.raft_service())
+            .add_service(pb::kv_server::KvServer::new(kv::KvService::new(
+                store.clone(),
+            )))
+            .add_service(pb::store_admin_server::StoreAdminServer::new(
+                admin::AdminService::new(store.clone()),
+            ))
+            .add_service(health)
+            .add_service(reflection);
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        if let Some(voters) = initial_cluster {
+            store.initialize(voters).await?;
+        }
+        Ok(Server {
+            store,
+            addr,
+            task,
+            stop: Some(stop_tx),
+        })
+    }
+
+    /// Stops serving and shuts the store down.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.store.shutdown().await?;
+        self.task.abort();
+        Ok(())
+    }
+
+    /// Serves until the gRPC server ends.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Ok(()),
+        }
+    }
+}

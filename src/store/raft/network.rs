@@ -1,0 +1,286 @@
+//! The client side of replication: openraft's RPCs sent as gRPC calls to peer replicas.
+//!
+//! Connections are pooled per address in [`Peers`], which also carries the fault switches
+//! that tests use to cut links between replicas.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::SnapshotSegmentId;
+use tonic::transport::{Channel, Endpoint};
+
+use super::codec::{self, CodecError};
+use super::{Member, TypeConfig};
+use crate::proto::v1 as pb;
+use crate::proto::v1::raft_client::RaftClient;
+
+/// Directed links that are cut: `(from, to)` drops every message from `from` to `to`.
+/// Shared by every replica of an in-process test cluster; empty in production.
+#[derive(Default, Debug)]
+pub struct Faults {
+    cut: RwLock<HashSet<(u64, u64)>>,
+}
+
+impl Faults {
+    pub fn new() -> Arc<Faults> {
+        Arc::new(Faults::default())
+    }
+
+    /// Drops messages from `from` to `to` (one direction).
+    pub fn cut(&self, from: u64, to: u64) {
+        self.cut
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((from, to));
+    }
+
+    /// Cuts every link between `node` and `others`, both ways.
+    pub fn isolate(&self, node: u64, others: &[u64]) {
+        for o in others {
+            self.cut(node, *o);
+            self.cut(*o, node);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    pub fn is_cut(&self, from: u64, to: u64) -> bool {
+        self.cut
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(from, to))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("link {from} -> {to} is cut")]
+pub struct LinkCut {
+    pub from: u64,
+    pub to: u64,
+}
+
+/// Lazily connected gRPC channels to peers, by address.
+pub struct Peers {
+    pub id: u64,
+    pub faults: Arc<Faults>,
+    channels: Mutex<HashMap<String, Channel>>,
+    connect_timeout: Duration,
+}
+
+impl Peers {
+    pub fn new(id: u64, faults: Arc<Faults>, connect_timeout: Duration) -> Arc<Peers> {
+        Arc::new(Peers {
+            id,
+            faults,
+            channels: Mutex::new(HashMap::new()),
+            connect_timeout,
+        })
+    }
+
+    /// A channel to `addr` (host:port). Connection happens on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+}
+
+/// Creates one [`PeerClient`] per target for openraft.
+#[derive(Clone)]
+pub struct Network {
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &Member) -> PeerClient {
+        PeerClient {
+            peers: self.peers.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+pub struct PeerClient {
+    peers: Arc<Peers>,
+    target: u64,
+    addr: String,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, Unreachable> {
+        let from = self.peers.id;
+        if self.peers.faults.is_cut(from, self.target) {
+            return Err(Unreachable::new(&LinkCut {
+                from,
+                to: self.target,
+            }));
+        }
+        let ch = self
+            .peers
+            .channel(&self.addr)
+            .map_err(|e| Unreachable::new(&e))?;
+        Ok(RaftClient::new(ch)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
+    }
+
+    /// Drops the reply if the link back to us is cut (asymmetric partitions).
+    fn check_reply(&self) -> Result<(), Unreachable> {
+        if self.peers.faults.is_cut(self.target, self.peers.id) {
+            return Err(Unreachable::new(&LinkCut {
+                from: self.target,
+                to: self.peers.id,
+            }));
+        }
+        Ok(())
+    }
+
+    fn status_err<E: std::error::Error>(&self, s: tonic::Status) -> RpcErr<E> {
+        match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                RPCError::Unreachable(Unreachable::new(&s))
+            }
+            _ => RPCError::Network(NetworkError::new(&s)),
+        }
+    }
+
+    fn request<T>(&self, msg: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(option.hard_ttl());
+        req
+    }
+}
+
+fn bad_reply<E: std::error::Error>(e: CodecError) -> RpcErr<E> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        let msg = pb::AppendEntriesRequest {
+            vote: Some(codec::vote_to_pb(&rpc.vote)),
+            prev_log_id: codec::opt_log_id_to_pb(&rpc.prev_log_id),
+            entries: rpc.entries.iter().map(codec::entry_to_pb).collect(),
+            leader_commit: codec::opt_log_id_to_pb(&rpc.leader_commit),
+        };
+        let resp = self
+            .client()?
+            .append_entries(self.request(msg, &option))
+            .await
+            .map_err(|s| self.status_err(s))?;
+        self.check_reply()?;
+        use pb::append_entries_response::Result as R;
+        match resp.into_inner().result {
+            Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
+            Some(R::PartialSuccess(p)) => Ok(AppendEntriesResponse::PartialSuccess(
+                codec::opt_log_id_from_pb(&p.matching).map_err(bad_reply)?,
+            )),
+            Some(R::Conflict(_)) => Ok(AppendEntriesResponse::Conflict),
+            Some(R::HigherVote(v)) => Ok(AppendEntriesResponse::HigherVote(
+                codec::vote_from_pb(&Some(v)).map_err(bad_reply)?,
+            )),
+            None => Err(bad_reply(CodecError::Missing(
+                "AppendEntriesResponse.result",
+            ))),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        let msg = pb::InstallSnapshotRequest {
+            vote: Some(codec::vote_to_pb(&rpc.vote)),
+            meta: Some(codec::snapshot_meta_to_pb(&rpc.meta)),
+            offset: rpc.offset,
+            data: rpc.data,
+            done: rpc.done,
+        };
+        let resp = self
+            .client()?
+            .install_snapshot(self.request(msg, &option))
+            .await
+            .map_err(|s| self.status_err(s))?;
+        self.check_reply()?;
+        use pb::install_snapshot_response::Result as R;
+        match resp.into_inner().result {
+            Some(R::Vote(v)) => Ok(InstallSnapshotResponse {
+                vote: codec::vote_from_pb(&Some(v)).map_err(bad_reply)?,
+            }),
+            Some(R::Mismatch(m)) => {
+                let seg = |s: Option<pb::SnapshotSegmentId>| {
+                    let s = s.unwrap_or_default();
+                    SnapshotSegmentId {
+                        id: s.id,
+                        offset: s.offset,
+                    }
+                };
+                let mismatch = SnapshotMismatch {
+                    expect: seg(m.expect),
+                    got: seg(m.got),
+                };
+                Err(RPCError::RemoteError(RemoteError::new(
+                    self.target,
+                    RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)),
+                )))
+            }
+            None => Err(bad_reply(CodecError::Missing(
+                "InstallSnapshotResponse.result",
+            ))),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
+        let msg = pb::VoteRequest {
+            vote: Some(codec::vote_to_pb(&rpc.vote)),
+            last_log_id: codec::opt_log_id_to_pb(&rpc.last_log_id),
+        };
+        let resp = self
+            .client()?
+            .vote(self.request(msg, &option))
+            .await
+            .map_err(|s| self.status_err(s))?;
+        self.check_reply()?;
+        let r = resp.into_inner();
+        Ok(VoteResponse {
+            vote: codec::vote_from_pb(&r.vote).map_err(bad_reply)?,
+            vote_granted: r.vote_granted,
+            last_log_id: codec::opt_log_id_from_pb(&r.last_log_id).map_err(bad_reply)?,
+        })
+    }
+}

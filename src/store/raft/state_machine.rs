@@ -1,0 +1,376 @@
+//! The replicated state machine: applies committed transactions to the engine, publishes
+//! their events to the watch hub, and builds and installs snapshots.
+//!
+//! A batch of entries is applied through one overlay and written in one atomic engine batch,
+//! together with the applied log id, the membership and the revision. The state machine is
+//! not flushed on its own: the log is the durable record, and a restart re-applies whatever
+//! the engine had not yet persisted.
+
+use std::io::Cursor;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StoredMembership,
+};
+use prost::Message;
+
+use super::codec::{self, Entry};
+use super::{storage_err, Member, Response, StorageError, TypeConfig};
+use crate::proto::v1 as pb;
+use crate::store::kv::{Batch, Kv, Space};
+use crate::store::txn::{self, Overlay, USER_PREFIX};
+use crate::store::watch::WatchHub;
+use crate::store::StoreError;
+
+const APPLIED: &[u8] = b"m/applied";
+const MEMBERSHIP: &[u8] = b"m/membership";
+const REVISION: &[u8] = b"m/revision";
+const SNAP_META: &[u8] = b"meta";
+const SNAP_DATA: &[u8] = b"data";
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// State shared between the state machine (one writer) and readers.
+pub struct Shared {
+    /// The revision of the data in the engine. Readers hold the read lock while they range so
+    /// that the revision they report matches what they read.
+    pub revision: RwLock<i64>,
+    pub hub: Arc<WatchHub>,
+    pub member_id: u64,
+}
+
+impl Shared {
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, i64> {
+        self.revision.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, i64> {
+        self.revision.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    kv: Arc<dyn Kv>,
+    shared: Arc<Shared>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, Member>,
+}
+
+struct Persisted {
+    applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, Member>,
+    revision: i64,
+}
+
+fn read_persisted(kv: &dyn Kv) -> Result<Persisted, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt {
+        file: kv.location().to_path_buf(),
+        what,
+    };
+    let applied = match kv.get(Space::State, APPLIED).map_err(StoreError::Engine)? {
+        Some(b) => {
+            let id: pb::LogId =
+                codec::decode(&b, "applied log id").map_err(|e| corrupt(e.to_string()))?;
+            Some(codec::log_id_from_pb(&id).map_err(|e| corrupt(e.to_string()))?)
+        }
+        None => None,
+    };
+    let membership = match kv
+        .get(Space::State, MEMBERSHIP)
+        .map_err(StoreError::Engine)?
+    {
+        Some(b) => {
+            let m: pb::StoredMembership =
+                codec::decode(&b, "membership").map_err(|e| corrupt(e.to_string()))?;
+            codec::stored_membership_from_pb(&m).map_err(|e| corrupt(e.to_string()))?
+        }
+        None => StoredMembership::default(),
+    };
+    let revision = match kv.get(Space::State, REVISION).map_err(StoreError::Engine)? {
+        Some(b) => i64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .map_err(|_| corrupt("revision is not 8 bytes".into()))?,
+        ),
+        None => 0,
+    };
+    Ok(Persisted {
+        applied,
+        membership,
+        revision,
+    })
+}
+
+fn meta_batch(
+    batch: &mut Batch,
+    applied: &Option<LogId<u64>>,
+    m: &StoredMembership<u64, Member>,
+    revision: i64,
+) {
+    if let Some(a) = applied {
+        batch.put(APPLIED.to_vec(), codec::log_id_to_pb(a).encode_to_vec());
+    }
+    batch.put(
+        MEMBERSHIP.to_vec(),
+        codec::stored_membership_to_pb(m).encode_to_vec(),
+    );
+    batch.put(REVISION.to_vec(), revision.to_be_bytes().to_vec());
+}
+
+impl StateMachine {
+    /// Opens the state machine. If a stored snapshot is newer than the applied state (a crash
+    /// in the middle of installing it), the snapshot is installed again first.
+    pub fn open(
+        kv: Arc<dyn Kv>,
+        shared_hub: impl FnOnce(i64) -> Arc<WatchHub>,
+        member_id: u64,
+    ) -> Result<StateMachine, StoreError> {
+        let mut p = read_persisted(kv.as_ref())?;
+        if let Some((meta, data)) = read_snapshot(kv.as_ref())? {
+            if meta.last_log_id > p.applied {
+                tracing::warn!(snapshot = %meta.snapshot_id, "re-installing a snapshot that was not fully installed");
+                install(kv.as_ref(), &meta, &data)?;
+                p = read_persisted(kv.as_ref())?;
+            }
+        }
+        let shared = Arc::new(Shared {
+            revision: RwLock::new(p.revision),
+            hub: shared_hub(p.revision),
+            member_id,
+        });
+        Ok(StateMachine {
+            kv,
+            shared,
+            last_applied: p.applied,
+            membership: p.membership,
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+}
+
+type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
+
+fn read_snapshot(kv: &dyn Kv) -> Result<Option<StoredSnapshot>, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt {
+        file: kv.location().to_path_buf(),
+        what,
+    };
+    let (Some(meta), Some(data)) = (
+        kv.get(Space::Snapshot, SNAP_META)
+            .map_err(StoreError::Engine)?,
+        kv.get(Space::Snapshot, SNAP_DATA)
+            .map_err(StoreError::Engine)?,
+    ) else {
+        return Ok(None);
+    };
+    let meta: pb::SnapshotMeta =
+        codec::decode(&meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
+    let meta = codec::snapshot_meta_from_pb(&meta).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Some((meta, data)))
+}
+
+/// Replaces the whole state with the snapshot's, in one atomic batch.
+fn install(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result<i64, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt {
+        file: kv.location().to_path_buf(),
+        what,
+    };
+    let snap: pb::SnapshotData =
+        codec::decode(data, "snapshot data").map_err(|e| corrupt(e.to_string()))?;
+    if snap.format_version != SNAPSHOT_FORMAT {
+        return Err(corrupt(format!(
+            "snapshot format {} is not supported (want {SNAPSHOT_FORMAT})",
+            snap.format_version
+        )));
+    }
+    let mut batch = Batch::default();
+    for item in kv.scan(Space::State, (Bound::Unbounded, Bound::Unbounded), false) {
+        let (k, _) = item.map_err(StoreError::Engine)?;
+        batch.delete(k);
+    }
+    for kv_ in &snap.kvs {
+        let mut key = vec![USER_PREFIX];
+        key.extend_from_slice(&kv_.key);
+        batch.put(
+            key,
+            pb::KeyValue {
+                key: Vec::new(),
+                ..kv_.clone()
+            }
+            .encode_to_vec(),
+        );
+    }
+    meta_batch(
+        &mut batch,
+        &meta.last_log_id,
+        &meta.last_membership,
+        snap.revision,
+    );
+    kv.write(Space::State, batch).map_err(StoreError::Engine)?;
+    Ok(snap.revision)
+}
+
+fn store_err(subject: ErrorSubject<u64>, verb: ErrorVerb) -> impl Fn(StoreError) -> StorageError {
+    move |e| storage_err(subject.clone(), verb, e)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, Member>), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let err = |e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        let mut revision = *self.shared.read();
+        let mut view = Overlay::new(self.kv.as_ref());
+        let mut responses = Vec::new();
+        let mut published = Vec::new();
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::default()),
+                EntryPayload::Normal(req) => {
+                    let applied = txn::apply(&mut view, revision, &req.0, self.shared.member_id)
+                        .map_err(err)?;
+                    revision = applied.revision;
+                    if !applied.events.is_empty() {
+                        published.push((applied.revision, applied.events));
+                    }
+                    responses.push(Response(applied.response));
+                }
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    responses.push(Response::default());
+                }
+            }
+        }
+        let mut batch = view.into_batch();
+        meta_batch(&mut batch, &self.last_applied, &self.membership, revision);
+        {
+            let mut rev = self.shared.write();
+            self.kv.write(Space::State, batch).map_err(err)?;
+            *rev = revision;
+        }
+        for (rev, events) in published {
+            self.shared.hub.publish(rev, events);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        // Keep the snapshot first, so that a crash mid-install is finished at the next start.
+        save_snapshot(self.kv.as_ref(), meta, &data)
+            .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        let revision = {
+            let mut rev = self.shared.write();
+            let r = install(self.kv.as_ref(), meta, &data).map_err(store_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+            ))?;
+            *rev = r;
+            r
+        };
+        self.kv
+            .flush()
+            .await
+            .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.shared.hub.reset(revision, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let snap = read_snapshot(self.kv.as_ref())
+            .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        Ok(snap.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+fn save_snapshot(
+    kv: &dyn Kv,
+    meta: &SnapshotMeta<u64, Member>,
+    data: &[u8],
+) -> Result<(), StoreError> {
+    let mut batch = Batch::default();
+    batch.put(
+        SNAP_META.to_vec(),
+        codec::snapshot_meta_to_pb(meta).encode_to_vec(),
+    );
+    batch.put(SNAP_DATA.to_vec(), data.to_vec());
+    kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let err = store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read);
+        // Read a consistent point: the state machine cannot apply while the read lock is held.
+        let (persisted, kvs) = {
+            let _guard = self.shared.read();
+            let p = read_persisted(self.kv.as_ref()).map_err(&err)?;
+            let view = Overlay::new(self.kv.as_ref());
+            let kvs = view
+                .range(&txn::KeyRange::new(b"", &[0]))
+                .map_err(|e| err(StoreError::Engine(e)))?;
+            (p, kvs)
+        };
+        let data = pb::SnapshotData {
+            format_version: SNAPSHOT_FORMAT,
+            revision: persisted.revision,
+            kvs,
+        }
+        .encode_to_vec();
+        let snapshot_id = match &persisted.applied {
+            Some(l) => format!(
+                "{}-{}-{}-r{}",
+                l.leader_id.term, l.leader_id.node_id, l.index, persisted.revision
+            ),
+            None => format!("empty-r{}", persisted.revision),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: persisted.applied,
+            last_membership: persisted.membership,
+            snapshot_id,
+        };
+        save_snapshot(self.kv.as_ref(), &meta, &data)
+            .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        self.kv
+            .flush()
+            .await
+            .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}

@@ -1,0 +1,385 @@
+//! The watch hub: applied changes fan out to watchers, and a bounded history lets a watcher
+//! resume from any revision still inside the window.
+//!
+//! The hub never blocks the state machine: each watcher has a bounded queue, and a watcher
+//! that falls behind is cut off with a resumable error instead of stalling apply or its peers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::mpsc;
+
+use super::txn::KeyRange;
+use crate::proto::v1::Event;
+
+/// The changes of one revision that match a watcher's range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchBatch {
+    pub revision: i64,
+    pub events: Vec<Event>,
+}
+
+/// Why a watch ended. Every variant tells the client how to go on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WatchError {
+    /// The start revision is older than the history window: re-list, then watch from the
+    /// revision of the list.
+    #[error("revision {requested} is compacted: the history window starts at {oldest}, the current revision is {current}; re-list and watch from the list's revision")]
+    Compacted {
+        requested: i64,
+        oldest: i64,
+        current: i64,
+    },
+    /// The watcher did not keep up. Every event before `resume` was delivered.
+    #[error("watcher fell behind and was cut off; resume from revision {resume}")]
+    Slow { resume: i64 },
+    /// The replica installed a snapshot or shut down; its history no longer covers the watch.
+    #[error("watch reset by the replica ({reason}); re-list and watch again")]
+    Reset { reason: &'static str, current: i64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// How many events the history keeps (whole revisions are dropped from the front).
+    pub history_events: usize,
+    /// How many revisions may queue for one watcher before it is cut off.
+    pub queue_len: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            history_events: 100_000,
+            queue_len: 4096,
+        }
+    }
+}
+
+struct Watcher {
+    range: KeyRange,
+    tx: mpsc::Sender<WatchBatch>,
+    end: Arc<Mutex<Option<WatchError>>>,
+}
+
+struct HubState {
+    history: VecDeque<(i64, Arc<Vec<Event>>)>,
+    history_len: usize,
+    /// The smallest revision R such that every event at R or later is in `history`.
+    window_start: i64,
+    current: i64,
+    watchers: HashMap<u64, Watcher>,
+    next_id: u64,
+}
+
+pub struct WatchHub {
+    state: Mutex<HubState>,
+    config: WatchConfig,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent (each critical section
+    // is a few assignments), so recover instead of poisoning the replica.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn matching(range: &KeyRange, events: &[Event]) -> Vec<Event> {
+    events
+        .iter()
+        .filter(|e| e.kv.as_ref().is_some_and(|kv| range.contains(&kv.key)))
+        .cloned()
+        .collect()
+}
+
+impl WatchHub {
+    /// A hub whose history starts after `current`.
+    pub fn new(current: i64, config: WatchConfig) -> Arc<WatchHub> {
+        Arc::new(WatchHub {
+            state: Mutex::new(HubState {
+                history: VecDeque::new(),
+                history_len: 0,
+                window_start: current + 1,
+                current,
+                watchers: HashMap::new(),
+                next_id: 0,
+            }),
+            config,
+        })
+    }
+
+    pub fn current_revision(&self) -> i64 {
+        lock(&self.state).current
+    }
+
+    /// The oldest revision a new watch can start from.
+    pub fn window_start(&self) -> i64 {
+        lock(&self.state).window_start
+    }
+
+    pub fn watcher_count(&self) -> usize {
+        lock(&self.state).watchers.len()
+    }
+
+    /// Records the changes of `revision` and hands them to every matching watcher.
+    pub fn publish(&self, revision: i64, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let events = Arc::new(events);
+        let mut s = lock(&self.state);
+        s.current = revision;
+        s.history_len += events.len();
+        s.history.push_back((revision, events.clone()));
+        while s.history_len > self.config.history_events && s.history.len() > 1 {
+            if let Some((_, old)) = s.history.pop_front() {
+                s.history_len -= old.len();
+            }
+            s.window_start = s.history.front().map_or(revision + 1, |(r, _)| *r);
+        }
+        s.watchers.retain(|_, w| {
+            let mine = matching(&w.range, &events);
+            if mine.is_empty() {
+                return !w.tx.is_closed();
+            }
+            match w.tx.try_send(WatchBatch {
+                revision,
+                events: mine,
+            }) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    *lock(&w.end) = Some(WatchError::Slow { resume: revision });
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    /// Ends every watch and forgets the history, e.g. after a snapshot replaced the state.
+    pub fn reset(&self, current: i64, reason: &'static str) {
+        let mut s = lock(&self.state);
+        for (_, w) in s.watchers.drain() {
+            *lock(&w.end) = Some(WatchError::Reset { reason, current });
+        }
+        s.history.clear();
+        s.history_len = 0;
+        s.current = current;
+        s.window_start = current + 1;
+    }
+
+    /// Starts a watch of `range` from `start` (inclusive; 0 means after the current revision).
+    pub fn watch(self: &Arc<Self>, range: KeyRange, start: i64) -> Result<Watch, WatchError> {
+        let mut s = lock(&self.state);
+        let start = if start <= 0 { s.current + 1 } else { start };
+        if start <= s.current && start < s.window_start {
+            return Err(WatchError::Compacted {
+                requested: start,
+                oldest: s.window_start,
+                current: s.current,
+            });
+        }
+        let backlog = s
+            .history
+            .iter()
+            .filter(|(rev, _)| *rev >= start)
+            .filter_map(|(rev, events)| {
+                let mine = matching(&range, events);
+                (!mine.is_empty()).then_some(WatchBatch {
+                    revision: *rev,
+                    events: mine,
+                })
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel(self.config.queue_len.max(1));
+        let end = Arc::new(Mutex::new(None));
+        let id = s.next_id;
+        s.next_id += 1;
+        s.watchers.insert(
+            id,
+            Watcher {
+                range,
+                tx,
+                end: end.clone(),
+            },
+        );
+        Ok(Watch {
+            backlog,
+            rx,
+            end,
+            hub: Arc::downgrade(self),
+            id,
+            start_current: s.current,
+        })
+    }
+}
+
+/// One watcher's stream of batches.
+pub struct Watch {
+    backlog: VecDeque<WatchBatch>,
+    rx: mpsc::Receiver<WatchBatch>,
+    end: Arc<Mutex<Option<WatchError>>>,
+    hub: Weak<WatchHub>,
+    id: u64,
+    start_current: i64,
+}
+
+impl Watch {
+    /// The next batch, in revision order. An error ends the watch.
+    pub async fn next(&mut self) -> Result<WatchBatch, WatchError> {
+        if let Some(b) = self.backlog.pop_front() {
+            return Ok(b);
+        }
+        match self.rx.recv().await {
+            Some(b) => Ok(b),
+            None => Err(lock(&self.end).clone().unwrap_or(WatchError::Reset {
+                reason: "replica shutting down",
+                current: self.start_current,
+            })),
+        }
+    }
+
+    /// The revision the hub was at when this watch started.
+    pub fn started_at(&self) -> i64 {
+        self.start_current
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            lock(&hub.state).watchers.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1::{event, KeyValue};
+
+    fn ev(key: &str, rev: i64) -> Event {
+        Event {
+            r#type: event::EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: key.into(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn all() -> KeyRange {
+        KeyRange::new(b"", &[0])
+    }
+
+    #[tokio::test]
+    async fn watch_from_a_revision_in_the_window_replays_then_follows() {
+        let hub = WatchHub::new(
+            0,
+            WatchConfig {
+                history_events: 100,
+                queue_len: 16,
+            },
+        );
+        for rev in 1..=5 {
+            hub.publish(rev, vec![ev(&format!("k{rev}"), rev)]);
+        }
+        let mut w = hub.watch(all(), 3).unwrap();
+        hub.publish(6, vec![ev("k6", 6)]);
+        let revs: Vec<i64> = [
+            w.next().await,
+            w.next().await,
+            w.next().await,
+            w.next().await,
+        ]
+        .into_iter()
+        .map(|b| b.unwrap().revision)
+        .collect();
+        assert_eq!(revs, vec![3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn revision_older_than_the_window_is_compacted_with_the_current_revision() {
+        let hub = WatchHub::new(
+            0,
+            WatchConfig {
+                history_events: 3,
+                queue_len: 16,
+            },
+        );
+        for rev in 1..=10 {
+            hub.publish(rev, vec![ev("k", rev)]);
+        }
+        assert_eq!(hub.window_start(), 8);
+        match hub.watch(all(), 2) {
+            Err(WatchError::Compacted {
+                requested: 2,
+                oldest: 8,
+                current: 10,
+            }) => {}
+            Err(other) => panic!("expected Compacted, got {other:?}"),
+            Ok(_) => panic!("expected Compacted, got a watch"),
+        }
+        assert!(hub.watch(all(), 8).is_ok());
+        // The future is always watchable.
+        assert!(hub.watch(all(), 11).is_ok());
+        assert!(hub.watch(all(), 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn prefix_filter_delivers_only_matching_keys() {
+        let hub = WatchHub::new(0, WatchConfig::default());
+        let mut w = hub.watch(KeyRange::prefix(b"a/"), 0).unwrap();
+        hub.publish(1, vec![ev("b/1", 1)]);
+        hub.publish(2, vec![ev("a/1", 2), ev("b/2", 2)]);
+        let b = w.next().await.unwrap();
+        assert_eq!(b.revision, 2);
+        assert_eq!(b.events.len(), 1);
+        assert_eq!(b.events[0].kv.as_ref().unwrap().key, b"a/1");
+    }
+
+    #[tokio::test]
+    async fn slow_watcher_is_cut_off_resumably_without_stalling_others() {
+        let hub = WatchHub::new(
+            0,
+            WatchConfig {
+                history_events: 1000,
+                queue_len: 2,
+            },
+        );
+        let mut slow = hub.watch(all(), 0).unwrap();
+        let mut fast = hub.watch(all(), 0).unwrap();
+        for rev in 1..=5 {
+            hub.publish(rev, vec![ev("k", rev)]);
+            assert_eq!(fast.next().await.unwrap().revision, rev);
+        }
+        assert_eq!(hub.watcher_count(), 1, "the slow watcher was removed");
+        assert_eq!(slow.next().await.unwrap().revision, 1);
+        assert_eq!(slow.next().await.unwrap().revision, 2);
+        let err = slow.next().await.unwrap_err();
+        assert_eq!(err, WatchError::Slow { resume: 3 });
+        // Resuming from there sees the rest exactly once.
+        let mut resumed = hub.watch(all(), 3).unwrap();
+        for rev in 3..=5 {
+            assert_eq!(resumed.next().await.unwrap().revision, rev);
+        }
+    }
+
+    #[tokio::test]
+    async fn reset_ends_watches_and_dropping_a_watch_unregisters_it() {
+        let hub = WatchHub::new(0, WatchConfig::default());
+        let w1 = hub.watch(all(), 0).unwrap();
+        drop(w1);
+        assert_eq!(hub.watcher_count(), 0);
+        let mut w2 = hub.watch(all(), 0).unwrap();
+        hub.reset(50, "snapshot installed");
+        assert!(matches!(
+            w2.next().await,
+            Err(WatchError::Reset { current: 50, .. })
+        ));
+        assert!(matches!(
+            hub.watch(all(), 10),
+            Err(WatchError::Compacted { .. })
+        ));
+    }
+}

@@ -1,0 +1,5 @@
+//! Store tests: openraft's conformance suite on both engines, and in-process three-replica
+//! clusters on 127.0.0.1 with links the tests can cut.
+
+mod cluster;
+mod suite;
