@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod harness;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -144,10 +144,7 @@ impl pb::kv_server::Kv for KvService {
                     }
                     loop {
                         let next = match progress {
-                            Some(p) => match tokio::time::timeout(p, watch.next()).await {
-                                Ok(n) => Some(n),
-                                Err(_) => None,
-                            },
+                            Some(p) => tokio::time::timeout(p, watch.next()).await.ok(),
                             None => Some(watch.next().await),
                         };
                         let msg = match next {

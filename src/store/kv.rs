@@ -193,10 +193,12 @@ impl Kv for SledKv {
     }
 }
 
+type Spaces = BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>;
+
 /// The in-memory twin of [`SledKv`], for unit tests. Flush is a no-op.
 #[derive(Default, Clone)]
 pub struct MemKv {
-    spaces: Arc<Mutex<BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>>>,
+    spaces: Arc<Mutex<Spaces>>,
 }
 
 impl MemKv {
@@ -204,7 +206,7 @@ impl MemKv {
         MemKv::default()
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut Spaces) -> R) -> R {
         let mut guard = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }

@@ -386,9 +386,9 @@ pub fn apply(
     };
     for r in &mut responses {
         match &mut r.response {
-            Some(response_op::Response::ResponseRange(x)) => x.header = Some(header.clone()),
-            Some(response_op::Response::ResponsePut(x)) => x.header = Some(header.clone()),
-            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(header.clone()),
+            Some(response_op::Response::ResponseRange(x)) => x.header = Some(header),
+            Some(response_op::Response::ResponsePut(x)) => x.header = Some(header),
+            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(header),
             None => {}
         }
     }

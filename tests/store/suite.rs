@@ -1,3 +1,6 @@
+// openraft fixes StorageError as the builder's error type.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use keel::store::kv::{Kv, MemKv, SledKv};

@@ -1,6 +1,9 @@
 //! openraft wiring: the type config, the sled-backed log store and state machine, and the
 //! gRPC transport between replicas. Nothing outside `store` names openraft.
 
+// openraft's storage traits fix `StorageError` as the error type, large as it is.
+#![allow(clippy::result_large_err)]
+
 pub mod codec;
 pub mod log_store;
 pub mod network;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what Keel needs on Debian 12, as root: protoc for the build, etcd for the store
+# benchmark's peer, procps for kill(1) in the process harness. Idempotent.
+set -euo pipefail
+need=()
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v kill >/dev/null || need+=(procps)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked

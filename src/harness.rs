@@ -1,0 +1,246 @@
+//! Real `keel server` processes on loopback, for benchmarks, the durability test and the
+//! chaos suite: start, kill -9, stop/continue, restart, and find the leader.
+//!
+//! Everything binds to 127.0.0.1 ports picked by the kernel. Each node has its own data
+//! directory and log file under the cluster's directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::client::KvClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+    let what = what.into();
+    move |source| HarnessError::Io { what, source }
+}
+
+/// A free port on 127.0.0.1 (the kernel picks it; we release it for the child to bind).
+pub fn free_port() -> Result<u16, HarnessError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("bind 127.0.0.1:0"))?;
+    Ok(l.local_addr().map_err(io("local addr"))?.port())
+}
+
+/// Sends a signal to a process by pid through kill(1), so no libc binding is needed.
+pub fn signal(pid: u32, sig: &str) -> Result<(), HarnessError> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map_err(io("run kill"))?;
+    if !st.success() {
+        return Err(HarnessError::Io {
+            what: format!("kill -{sig} {pid}"),
+            source: std::io::Error::other("failed"),
+        });
+    }
+    Ok(())
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct ProcCluster {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+    pub extra_args: Vec<String>,
+    keep_dir: bool,
+}
+
+impl ProcCluster {
+    /// Starts `n` replicas as one new cluster under `dir`.
+    pub fn start(
+        exe: &Path,
+        dir: &Path,
+        n: usize,
+        extra_args: &[String],
+    ) -> Result<ProcCluster, HarnessError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = i as u64 + 1;
+            let port = free_port()?;
+            nodes.push(Node {
+                id,
+                addr: format!("127.0.0.1:{port}"),
+                data_dir: dir.join(format!("node{id}")),
+                log: dir.join(format!("node{id}.log")),
+                child: None,
+            });
+        }
+        let mut c = ProcCluster {
+            exe: exe.to_path_buf(),
+            dir: dir.to_path_buf(),
+            nodes,
+            extra_args: extra_args.to_vec(),
+            keep_dir: false,
+        };
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        Ok(c)
+    }
+
+    pub fn initial_cluster(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// Keeps the directory (data and logs) when the cluster is dropped.
+    pub fn keep(&mut self) {
+        self.keep_dir = true;
+    }
+
+    /// (Re)starts node `i` on its address and data directory.
+    pub fn spawn(&mut self, i: usize) -> Result<(), HarnessError> {
+        let cluster = self.initial_cluster();
+        let n = &mut self.nodes[i];
+        if n.child.is_some() {
+            return Ok(());
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .map_err(io(format!("open {}", n.log.display())))?;
+        let err = log.try_clone().map_err(io("clone log handle"))?;
+        let child = Command::new(&self.exe)
+            .arg("server")
+            .arg("--id")
+            .arg(n.id.to_string())
+            .arg("--listen")
+            .arg(&n.addr)
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .arg("--initial-cluster")
+            .arg(&cluster)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("spawn {}", self.exe.display())))?;
+        n.child = Some(child);
+        Ok(())
+    }
+
+    /// kill -9 node `i` and reap it.
+    pub fn kill(&mut self, i: usize) -> Result<(), HarnessError> {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            c.kill().map_err(io("kill -9"))?;
+            c.wait().map_err(io("wait"))?;
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP (pause) or SIGCONT (resume) node `i`.
+    pub fn pause(&self, i: usize, paused: bool) -> Result<(), HarnessError> {
+        match self.nodes[i].pid() {
+            Some(pid) => signal(pid, if paused { "STOP" } else { "CONT" }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether node `i` exited by itself (e.g. refused to start). Returns its exit status.
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let c = self.nodes[i].child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => {
+                self.nodes[i].child = None;
+                Some(st)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn client(&self, timeout: Duration) -> KvClient {
+        // Addresses come from our own formatting, so they always parse.
+        KvClient::new(&self.addrs(), timeout)
+            .unwrap_or_else(|e| panic!("harness addresses are valid: {e}"))
+    }
+
+    /// Waits until a running replica reports itself leader and every running replica agrees.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<usize, HarnessError> {
+        let client = self.client(Duration::from_millis(500));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leader = None;
+            let mut agree = true;
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !n.is_running() {
+                    continue;
+                }
+                match client.status_of(i).await {
+                    Ok(s) if s.state == "Leader" => leader = Some(i),
+                    Ok(s) if s.leader_id != 0 => {}
+                    _ => agree = false,
+                }
+            }
+            if let (Some(l), true) = (leader, agree) {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(format!(
+                    "no agreed leader within {timeout:?}; logs in {}",
+                    self.dir.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills every node.
+    pub fn kill_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.pause(i, false);
+            let _ = self.kill(i);
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
