@@ -12,6 +12,9 @@ use keel::store::{Faults, Member, StoreConfig};
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel control plane")]
 struct Cli {
+    /// Threads of the async runtime (default: one per core).
+    #[arg(long, global = true, env = "KEEL_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,28 +62,24 @@ struct ServerArgs {
     watch_history: usize,
     #[arg(long, default_value_t = 5_000)]
     write_timeout_ms: u64,
+    /// Transactions gathered into one log entry at most (group commit).
+    #[arg(long, default_value_t = 512)]
+    max_batch: usize,
+    /// Gathered log entries proposed at once.
+    #[arg(long, default_value_t = 1)]
+    max_in_flight: usize,
 }
 
 fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<u64, Member>> {
     let mut out = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .with_context(|| format!("--initial-cluster: {part:?} is not id=host:port"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .with_context(|| format!("--initial-cluster: {id:?} is not a replica id"))?;
+        let (id, addr) =
+            part.split_once('=').with_context(|| format!("--initial-cluster: {part:?} is not id=host:port"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("--initial-cluster: {id:?} is not a replica id"))?;
         if id == 0 {
             bail!("--initial-cluster: replica id 0 is reserved");
         }
-        out.insert(
-            id,
-            Member {
-                addr: addr.trim().to_string(),
-                name: format!("replica-{id}"),
-            },
-        );
+        out.insert(id, Member { addr: addr.trim().to_string(), name: format!("replica-{id}") });
     }
     if out.is_empty() {
         bail!("--initial-cluster is empty");
@@ -101,22 +100,14 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     config.keep_logs = a.keep_logs;
     config.watch.history_events = a.watch_history;
     config.write_timeout = Duration::from_millis(a.write_timeout_ms);
+    config.max_batch = a.max_batch;
+    config.max_in_flight = a.max_in_flight;
     let cluster = match &a.initial_cluster {
         Some(s) => parse_cluster(s)?,
-        None => [(
-            a.id,
-            Member {
-                addr: advertise.clone(),
-                name: config.name.clone(),
-            },
-        )]
-        .into(),
+        None => [(a.id, Member { addr: advertise.clone(), name: config.name.clone() })].into(),
     };
     if !cluster.contains_key(&a.id) {
-        bail!(
-            "--initial-cluster does not list this replica's --id {}",
-            a.id
-        );
+        bail!("--initial-cluster does not list this replica's --id {}", a.id);
     }
     let server = keel::server::Server::start(config, a.listen, Some(cluster), Faults::new())
         .await
@@ -141,9 +132,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async {
         match cli.command {
             Command::Server(a) => server(a).await,

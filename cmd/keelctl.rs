@@ -13,13 +13,7 @@ use keel::store::prefix_end;
 #[command(name = "keelctl", version, about = "Keel command-line client")]
 struct Cli {
     /// Replica addresses (host:port), comma-separated; the client fails over between them.
-    #[arg(
-        long,
-        short = 's',
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001",
-        env = "KEEL_SERVER"
-    )]
+    #[arg(long, short = 's', value_delimiter = ',', default_value = "127.0.0.1:7001", env = "KEEL_SERVER")]
     server: Vec<String>,
     #[command(subcommand)]
     command: Command,
@@ -84,13 +78,7 @@ async fn main() -> anyhow::Result<()> {
                 match client.status_of(i).await {
                     Ok(s) => println!(
                         "{addr:<22} {:>3} {:<10} {:>5} {:>7} {:>9} {:>9} {:>9}",
-                        s.id,
-                        s.state,
-                        s.term,
-                        s.leader_id,
-                        s.last_log_index,
-                        s.applied_index,
-                        s.revision
+                        s.id, s.state, s.term, s.leader_id, s.last_log_index, s.applied_index, s.revision
                     ),
                     Err(e) => println!("{addr:<22} unreachable: {e}"),
                 }
@@ -122,13 +110,11 @@ async fn main() -> anyhow::Result<()> {
             let end = range_end(&key, prefix);
             let req = pb::TxnRequest {
                 success: vec![pb::RequestOp {
-                    request: Some(pb::request_op::Request::RequestDeleteRange(
-                        pb::DeleteRangeRequest {
-                            key: key.into_bytes(),
-                            range_end: end,
-                            prev_kv: false,
-                        },
-                    )),
+                    request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                        key: key.into_bytes(),
+                        range_end: end,
+                        prev_kv: false,
+                    })),
                 }],
                 ..Default::default()
             };
@@ -154,11 +140,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 for e in msg.events {
                     let kv = e.kv.unwrap_or_default();
-                    let kind = if e.r#type == pb::event::EventType::Delete as i32 {
-                        "DELETE"
-                    } else {
-                        "PUT"
-                    };
+                    let kind = if e.r#type == pb::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
                     println!(
                         "{}\t{kind}\t{}\t{}",
                         kv.mod_revision,

@@ -39,6 +39,15 @@ pub struct StoreBench {
     /// The etcd binary to compare with ("" skips etcd).
     #[arg(long, default_value = "etcd")]
     pub etcd: String,
+    /// Replicas per cluster (3 for the comparison; 1 shows the cost without replication).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Send every client to the leader instead of spreading them over all replicas.
+    #[arg(long)]
+    pub leader_only: bool,
+    /// Extra flags for every `keel server` (e.g. --server-args=--max-in-flight=4).
+    #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+    pub server_args: Vec<String>,
     /// Working directory (default: a new directory under the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -68,20 +77,12 @@ impl Target {
         let timeout = Duration::from_secs(2);
         match self {
             Target::Keel(c) => {
-                let mut req = tonic::Request::new(pb::PutRequest {
-                    key,
-                    value,
-                    prev_kv: false,
-                });
+                let mut req = tonic::Request::new(pb::PutRequest { key, value, prev_kv: false });
                 req.set_timeout(timeout);
                 c[conn % c.len()].clone().put(req).await.map(|_| ())
             }
             Target::Etcd(c) => {
-                let mut req = tonic::Request::new(etcd::PutRequest {
-                    key,
-                    value,
-                    ..Default::default()
-                });
+                let mut req = tonic::Request::new(etcd::PutRequest { key, value, ..Default::default() });
                 req.set_timeout(timeout);
                 c[conn % c.len()].clone().put(req).await.map(|_| ())
             }
@@ -122,13 +123,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-async fn put_load(
-    target: &Target,
-    clients: usize,
-    seconds: f64,
-    value_size: usize,
-    tag: &str,
-) -> Figures {
+async fn put_load(target: &Target, clients: usize, seconds: f64, value_size: usize, tag: &str) -> Figures {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let value = Arc::new(vec![b'x'; value_size]);
@@ -201,28 +196,12 @@ async fn keel_kills(cluster: &mut ProcCluster, kills: usize) -> anyhow::Result<V
         let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
         // Clients that talk to the surviving replicas only: one that keeps calling the dead
         // leader would only measure its own connect timeouts.
-        let survivors: Vec<String> = cluster
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != leader)
-            .map(|(_, n)| n.addr.clone())
-            .collect();
-        let target = Target::Keel(
-            channels(&survivors, 1)?
-                .into_iter()
-                .map(pb::kv_client::KvClient::new)
-                .collect(),
-        );
+        let survivors: Vec<String> =
+            cluster.nodes.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, n)| n.addr.clone()).collect();
+        let target = Target::Keel(channels(&survivors, 1)?.into_iter().map(pb::kv_client::KvClient::new).collect());
         // Warm the connections so the measurement starts from a working client.
-        target
-            .put(0, b"bench/kill/warm0".to_vec(), b"v".to_vec())
-            .await
-            .ok();
-        target
-            .put(1, b"bench/kill/warm1".to_vec(), b"v".to_vec())
-            .await
-            .ok();
+        target.put(0, b"bench/kill/warm0".to_vec(), b"v".to_vec()).await.ok();
+        target.put(1, b"bench/kill/warm1".to_vec(), b"v".to_vec()).await.ok();
         cluster.kill(leader)?;
         out.push(first_write(&target, &format!("keel{k}"), Duration::from_secs(20)).await?);
         cluster.spawn(leader)?;
@@ -248,11 +227,7 @@ impl Etcd {
             peers.push((format!("e{i}"), free_port()?));
             clients.push(free_port()?);
         }
-        let initial = peers
-            .iter()
-            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial = peers.iter().map(|(n, p)| format!("{n}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
         let mut e = Etcd {
             children: Vec::new(),
             args: Vec::new(),
@@ -283,22 +258,14 @@ impl Etcd {
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.logs[i])?;
+        let log = std::fs::File::options().create(true).append(true).open(&self.logs[i])?;
         let child = Command::new(&self.bin)
             .args(&self.args[i])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| {
-                format!(
-                    "start {} (install Debian's etcd-server, or pass --etcd '')",
-                    self.bin
-                )
-            })?;
+            .with_context(|| format!("start {} (install Debian's etcd-server, or pass --etcd '')", self.bin))?;
         self.children[i] = Some(child);
         Ok(())
     }
@@ -321,13 +288,11 @@ impl Etcd {
                     ids.push(None);
                     continue;
                 }
-                let ch = Endpoint::from_shared(format!("http://{a}"))?
-                    .connect_timeout(Duration::from_millis(300));
+                let ch = Endpoint::from_shared(format!("http://{a}"))?.connect_timeout(Duration::from_millis(300));
                 let st = match ch.connect().await {
-                    Ok(ch) => etcd::maintenance_client::MaintenanceClient::new(ch)
-                        .status(etcd::StatusRequest {})
-                        .await
-                        .ok(),
+                    Ok(ch) => {
+                        etcd::maintenance_client::MaintenanceClient::new(ch).status(etcd::StatusRequest {}).await.ok()
+                    }
                     Err(_) => None,
                 };
                 let st = st.map(|r| r.into_inner());
@@ -363,27 +328,11 @@ async fn etcd_kills(e: &mut Etcd, kills: usize) -> anyhow::Result<Vec<Duration>>
     let mut out = Vec::new();
     for k in 0..kills {
         let leader = e.leader(Duration::from_secs(20)).await?;
-        let survivors: Vec<String> = e
-            .client_addrs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != leader)
-            .map(|(_, a)| a.clone())
-            .collect();
-        let target = Target::Etcd(
-            channels(&survivors, 1)?
-                .into_iter()
-                .map(etcd::kv_client::KvClient::new)
-                .collect(),
-        );
-        target
-            .put(0, b"bench/kill/warm0".to_vec(), b"v".to_vec())
-            .await
-            .ok();
-        target
-            .put(1, b"bench/kill/warm1".to_vec(), b"v".to_vec())
-            .await
-            .ok();
+        let survivors: Vec<String> =
+            e.client_addrs.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, a)| a.clone()).collect();
+        let target = Target::Etcd(channels(&survivors, 1)?.into_iter().map(etcd::kv_client::KvClient::new).collect());
+        target.put(0, b"bench/kill/warm0".to_vec(), b"v".to_vec()).await.ok();
+        target.put(1, b"bench/kill/warm1".to_vec(), b"v".to_vec()).await.ok();
         e.kill(leader);
         out.push(first_write(&target, &format!("etcd{k}"), Duration::from_secs(30)).await?);
         e.spawn(leader)?;
@@ -403,17 +352,14 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
     let mut rows: Vec<(usize, Figures, Option<Figures>)> = Vec::new();
 
     println!(
-        "keel bench store: 3 replicas on loopback, fsync on, {}-byte values, {} s per run",
-        b.value_size, b.seconds
+        "keel bench store: {} replicas on loopback, fsync on, {}-byte values, {} s per run",
+        b.replicas, b.value_size, b.seconds
     );
-    let mut cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
-    cluster.wait_leader(Duration::from_secs(20)).await?;
-    let keel = Target::Keel(
-        channels(&cluster.addrs(), b.conns_per_replica)?
-            .into_iter()
-            .map(pb::kv_client::KvClient::new)
-            .collect(),
-    );
+    let mut cluster = ProcCluster::start(&exe, &dir.join("keel"), b.replicas, &b.server_args)?;
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    let addrs = if b.leader_only { vec![cluster.nodes[leader].addr.clone()] } else { cluster.addrs() };
+    let keel =
+        Target::Keel(channels(&addrs, b.conns_per_replica)?.into_iter().map(pb::kv_client::KvClient::new).collect());
     for &c in &b.clients {
         let f = put_load(&keel, c, b.seconds, b.value_size, &format!("c{c}")).await;
         println!(
@@ -422,11 +368,10 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
         );
         rows.push((c, f, None));
     }
-    let keel_kill = if b.kills > 0 {
-        Some(keel_kills(&mut cluster, b.kills).await?)
-    } else {
-        None
-    };
+    let keel_kill = if b.kills > 0 { Some(keel_kills(&mut cluster, b.kills).await?) } else { None };
+    if b.dir.is_some() {
+        cluster.keep();
+    }
     drop(cluster);
 
     let mut etcd_kill = None;
@@ -434,22 +379,15 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
         let mut e = Etcd::start(&b.etcd, &dir.join("etcd"))?;
         e.leader(Duration::from_secs(30)).await?;
         let target = Target::Etcd(
-            channels(&e.client_addrs, b.conns_per_replica)?
-                .into_iter()
-                .map(etcd::kv_client::KvClient::new)
-                .collect(),
+            channels(&e.client_addrs, b.conns_per_replica)?.into_iter().map(etcd::kv_client::KvClient::new).collect(),
         );
         debug_assert!(target.conns() > 0);
         for row in rows.iter_mut() {
-            let f = put_load(
-                &target,
-                row.0,
-                b.seconds,
-                b.value_size,
-                &format!("c{}", row.0),
-            )
-            .await;
-            println!("  etcd {:>4} clients: {:>8.0} writes/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} errors)", row.0, f.per_sec, f.p50_ms, f.p99_ms, f.errors);
+            let f = put_load(&target, row.0, b.seconds, b.value_size, &format!("c{}", row.0)).await;
+            println!(
+                "  etcd {:>4} clients: {:>8.0} writes/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} errors)",
+                row.0, f.per_sec, f.p50_ms, f.p99_ms, f.errors
+            );
             row.2 = Some(f);
         }
         if b.kills > 0 {
@@ -472,10 +410,7 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
                 e.p99_ms,
                 k.per_sec / e.per_sec
             ),
-            None => println!(
-                "| {c} | {:.0} | {:.2} | {:.2} | - | - | - | - |",
-                k.per_sec, k.p50_ms, k.p99_ms
-            ),
+            None => println!("| {c} | {:.0} | {:.2} | {:.2} | - | - | - | - |", k.per_sec, k.p50_ms, k.p99_ms),
         }
     }
     if let Some(k) = keel_kill {
@@ -494,6 +429,8 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if b.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }

@@ -38,16 +38,9 @@ pub fn free_port() -> Result<u16, HarnessError> {
 
 /// Sends a signal to a process by pid through kill(1), so no libc binding is needed.
 pub fn signal(pid: u32, sig: &str) -> Result<(), HarnessError> {
-    let st = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .map_err(io("run kill"))?;
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map_err(io("run kill"))?;
     if !st.success() {
-        return Err(HarnessError::Io {
-            what: format!("kill -{sig} {pid}"),
-            source: std::io::Error::other("failed"),
-        });
+        return Err(HarnessError::Io { what: format!("kill -{sig} {pid}"), source: std::io::Error::other("failed") });
     }
     Ok(())
 }
@@ -80,12 +73,7 @@ pub struct ProcCluster {
 
 impl ProcCluster {
     /// Starts `n` replicas as one new cluster under `dir`.
-    pub fn start(
-        exe: &Path,
-        dir: &Path,
-        n: usize,
-        extra_args: &[String],
-    ) -> Result<ProcCluster, HarnessError> {
+    pub fn start(exe: &Path, dir: &Path, n: usize, extra_args: &[String]) -> Result<ProcCluster, HarnessError> {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -113,11 +101,7 @@ impl ProcCluster {
     }
 
     pub fn initial_cluster(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",")
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -136,11 +120,8 @@ impl ProcCluster {
         if n.child.is_some() {
             return Ok(());
         }
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .map_err(io(format!("open {}", n.log.display())))?;
+        let log =
+            File::options().create(true).append(true).open(&n.log).map_err(io(format!("open {}", n.log.display())))?;
         let err = log.try_clone().map_err(io("clone log handle"))?;
         let child = Command::new(&self.exe)
             .arg("server")
@@ -193,8 +174,7 @@ impl ProcCluster {
 
     pub fn client(&self, timeout: Duration) -> KvClient {
         // Addresses come from our own formatting, so they always parse.
-        KvClient::new(&self.addrs(), timeout)
-            .unwrap_or_else(|e| panic!("harness addresses are valid: {e}"))
+        KvClient::new(&self.addrs(), timeout).unwrap_or_else(|e| panic!("harness addresses are valid: {e}"))
     }
 
     /// Waits until a running replica reports itself leader and every running replica agrees.
@@ -203,19 +183,26 @@ impl ProcCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let mut leader = None;
-            let mut agree = true;
+            let mut seen = Vec::new();
             for (i, n) in self.nodes.iter().enumerate() {
                 if !n.is_running() {
                     continue;
                 }
                 match client.status_of(i).await {
-                    Ok(s) if s.state == "Leader" => leader = Some(i),
-                    Ok(s) if s.leader_id != 0 => {}
-                    _ => agree = false,
+                    Ok(s) => {
+                        if s.state == "Leader" {
+                            leader = Some((i, s.id));
+                        }
+                        seen.push(Some(s.leader_id));
+                    }
+                    Err(_) => seen.push(None),
                 }
             }
-            if let (Some(l), true) = (leader, agree) {
-                return Ok(l);
+            // Every running replica is up and names the same leader, which says it leads.
+            if let Some((i, id)) = leader {
+                if seen.iter().all(|s| *s == Some(id)) {
+                    return Ok(i);
+                }
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::Timeout(format!(

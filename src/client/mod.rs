@@ -34,10 +34,7 @@ impl ClientError {
 
 /// Whether trying another replica may help.
 fn fail_over(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
-    )
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
 }
 
 /// Talks to the internal KV API of a set of replicas.
@@ -56,20 +53,13 @@ impl KvClient {
         let mut endpoints = Vec::new();
         for addr in addrs {
             let ch = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|source| ClientError::BadAddress {
-                    addr: addr.clone(),
-                    source,
-                })?
+                .map_err(|source| ClientError::BadAddress { addr: addr.clone(), source })?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
                 .connect_lazy();
             endpoints.push((addr.clone(), ch));
         }
-        Ok(KvClient {
-            endpoints,
-            preferred: AtomicUsize::new(0),
-            timeout,
-        })
+        Ok(KvClient { endpoints, preferred: AtomicUsize::new(0), timeout })
     }
 
     pub fn endpoints(&self) -> impl Iterator<Item = &str> {
@@ -78,8 +68,7 @@ impl KvClient {
 
     /// Prefers replica `i` (mod the number of replicas) for the next calls.
     pub fn prefer(&self, i: usize) {
-        self.preferred
-            .store(i % self.endpoints.len(), Ordering::Relaxed);
+        self.preferred.store(i % self.endpoints.len(), Ordering::Relaxed);
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -107,18 +96,8 @@ impl KvClient {
                     self.preferred.store(idx, Ordering::Relaxed);
                     return Ok(r.into_inner());
                 }
-                Err(status) if fail_over(&status) => {
-                    last = Some(ClientError::Rpc {
-                        addr: addr.clone(),
-                        status,
-                    })
-                }
-                Err(status) => {
-                    return Err(ClientError::Rpc {
-                        addr: addr.clone(),
-                        status,
-                    })
-                }
+                Err(status) if fail_over(&status) => last = Some(ClientError::Rpc { addr: addr.clone(), status }),
+                Err(status) => return Err(ClientError::Rpc { addr: addr.clone(), status }),
             }
         }
         Err(last.unwrap_or(ClientError::NoEndpoints))
@@ -129,11 +108,7 @@ impl KvClient {
         key: impl Into<Vec<u8>>,
         value: impl Into<Vec<u8>>,
     ) -> Result<pb::PutResponse, ClientError> {
-        let req = pb::PutRequest {
-            key: key.into(),
-            value: value.into(),
-            prev_kv: false,
-        };
+        let req = pb::PutRequest { key: key.into(), value: value.into(), prev_kv: false };
         self.call(|mut c| {
             let r = self.request(req.clone());
             async move { c.put(r).await }
@@ -158,20 +133,12 @@ impl KvClient {
     }
 
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<pb::KeyValue>, ClientError> {
-        let r = self
-            .range(pb::RangeRequest {
-                key: key.into(),
-                ..Default::default()
-            })
-            .await?;
+        let r = self.range(pb::RangeRequest { key: key.into(), ..Default::default() }).await?;
         Ok(r.kvs.into_iter().next())
     }
 
     /// Opens a watch on one replica (the preferred one, then the others).
-    pub async fn watch(
-        &self,
-        req: pb::WatchRequest,
-    ) -> Result<tonic::Streaming<pb::WatchResponse>, ClientError> {
+    pub async fn watch(&self, req: pb::WatchRequest) -> Result<tonic::Streaming<pb::WatchResponse>, ClientError> {
         self.call(|mut c| {
             let r = tonic::Request::new(req.clone());
             async move { c.watch(r).await }
@@ -186,9 +153,6 @@ impl KvClient {
             .status(self.request(pb::StoreStatusRequest {}))
             .await
             .map(|r| r.into_inner())
-            .map_err(|status| ClientError::Rpc {
-                addr: addr.clone(),
-                status,
-            })
+            .map_err(|status| ClientError::Rpc { addr: addr.clone(), status })
     }
 }

@@ -18,33 +18,18 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl pb::store_admin_server::StoreAdmin for AdminService {
-    async fn status(
-        &self,
-        _r: Request<pb::StoreStatusRequest>,
-    ) -> Result<Response<pb::StoreStatusResponse>, Status> {
+    async fn status(&self, _r: Request<pb::StoreStatusRequest>) -> Result<Response<pb::StoreStatusResponse>, Status> {
         Ok(Response::new(self.store.status()))
     }
 
-    async fn add_learner(
-        &self,
-        r: Request<pb::AddLearnerRequest>,
-    ) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn add_learner(&self, r: Request<pb::AddLearnerRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
         let r = r.into_inner();
-        let node = r
-            .node
-            .ok_or_else(|| Status::invalid_argument("node: Required value"))?;
+        let node = r.node.ok_or_else(|| Status::invalid_argument("node: Required value"))?;
         if node.addr.is_empty() {
             return Err(Status::invalid_argument("node.addr: Required value"));
         }
-        let member = Member {
-            addr: node.addr,
-            name: node.name,
-        };
-        self.store
-            .add_learner(r.id, member, r.blocking)
-            .await
-            .map(Response::new)
-            .map_err(from_store)
+        let member = Member { addr: node.addr, name: node.name };
+        self.store.add_learner(r.id, member, r.blocking).await.map(Response::new).map_err(from_store)
     }
 
     async fn change_membership(
@@ -53,9 +38,7 @@ impl pb::store_admin_server::StoreAdmin for AdminService {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let r = r.into_inner();
         if r.voters.is_empty() {
-            return Err(Status::invalid_argument(
-                "voters: a cluster needs at least one voter",
-            ));
+            return Err(Status::invalid_argument("voters: a cluster needs at least one voter"));
         }
         self.store
             .change_membership(r.voters.into_iter().collect(), r.retain)
@@ -69,8 +52,6 @@ impl pb::store_admin_server::StoreAdmin for AdminService {
         _r: Request<pb::TriggerSnapshotRequest>,
     ) -> Result<Response<pb::TriggerSnapshotResponse>, Status> {
         let index = self.store.trigger_snapshot().await.map_err(from_store)?;
-        Ok(Response::new(pb::TriggerSnapshotResponse {
-            snapshot_index: index,
-        }))
+        Ok(Response::new(pb::TriggerSnapshotResponse { snapshot_index: index }))
     }
 }

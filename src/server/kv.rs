@@ -28,32 +28,18 @@ fn may_forward<T>(req: &Request<T>) -> bool {
 }
 
 fn single(op: pb::request_op::Request) -> pb::TxnRequest {
-    pb::TxnRequest {
-        compare: vec![],
-        success: vec![pb::RequestOp { request: Some(op) }],
-        failure: vec![],
-    }
+    pb::TxnRequest { compare: vec![], success: vec![pb::RequestOp { request: Some(op) }], failure: vec![] }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
-    async fn range(
-        &self,
-        request: Request<pb::RangeRequest>,
-    ) -> Result<Response<pb::RangeResponse>, Status> {
-        self.store
-            .range(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(from_store)
+    async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        self.store.range(request.into_inner()).await.map(Response::new).map_err(from_store)
     }
 
-    async fn put(
-        &self,
-        request: Request<pb::PutRequest>,
-    ) -> Result<Response<pb::PutResponse>, Status> {
+    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let fwd = may_forward(&request);
         let txn = single(pb::request_op::Request::RequestPut(request.into_inner()));
         let resp = self.store.txn(txn, fwd).await.map_err(from_store)?;
@@ -70,9 +56,7 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let fwd = may_forward(&request);
-        let txn = single(pb::request_op::Request::RequestDeleteRange(
-            request.into_inner(),
-        ));
+        let txn = single(pb::request_op::Request::RequestDeleteRange(request.into_inner()));
         let resp = self.store.txn(txn, fwd).await.map_err(from_store)?;
         let mut del = match resp.responses.into_iter().next().and_then(|r| r.response) {
             Some(pb::response_op::Response::ResponseDeleteRange(d)) => d,
@@ -82,42 +66,20 @@ impl pb::kv_server::Kv for KvService {
         Ok(Response::new(del))
     }
 
-    async fn txn(
-        &self,
-        request: Request<pb::TxnRequest>,
-    ) -> Result<Response<pb::TxnResponse>, Status> {
+    async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let fwd = may_forward(&request);
-        self.store
-            .txn(request.into_inner(), fwd)
-            .await
-            .map(Response::new)
-            .map_err(from_store)
+        self.store.txn(request.into_inner(), fwd).await.map(Response::new).map_err(from_store)
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        request: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
-        let header = |rev| pb::ResponseHeader {
-            revision: rev,
-            member_id: self.store.id(),
-            raft_term: 0,
-        };
+        let header = |rev| pb::ResponseHeader { revision: rev, member_id: self.store.id(), raft_term: 0 };
         let (tx, rx) = mpsc::channel(64);
-        match self
-            .store
-            .watch(KeyRange::new(&req.key, &req.range_end), req.start_revision)
-        {
+        match self.store.watch(KeyRange::new(&req.key, &req.range_end), req.start_revision) {
             Err(e @ WatchError::Compacted { .. }) => {
-                let WatchError::Compacted {
-                    current, oldest, ..
-                } = e
-                else {
-                    unreachable!()
-                };
+                let WatchError::Compacted { current, oldest, .. } = e else { unreachable!() };
                 let msg = pb::WatchResponse {
                     header: Some(header(current)),
                     compact_revision: oldest,
@@ -130,14 +92,11 @@ impl pb::kv_server::Kv for KvService {
             Err(e) => return Err(super::status::from_watch(&e)),
             Ok(mut watch) => {
                 let store = self.store.clone();
-                let progress = (req.progress_interval_ms > 0)
-                    .then(|| Duration::from_millis(req.progress_interval_ms.into()));
+                let progress =
+                    (req.progress_interval_ms > 0).then(|| Duration::from_millis(req.progress_interval_ms.into()));
                 let prev_kv = req.prev_kv;
                 // Confirms the watch is registered, with the revision it starts after.
-                let created = pb::WatchResponse {
-                    header: Some(header(watch.started_at())),
-                    ..Default::default()
-                };
+                let created = pb::WatchResponse { header: Some(header(watch.started_at())), ..Default::default() };
                 tokio::spawn(async move {
                     if tx.send(Ok(created)).await.is_err() {
                         return;
@@ -207,14 +166,17 @@ impl pb::kv_server::Kv for KvService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn forward_txns(&self, request: Request<pb::TxnBatch>) -> Result<Response<pb::TxnBatchResponse>, Status> {
+        let txns = request.into_inner().txns;
+        let responses = self.store.txns(txns, false).await.map_err(from_store)?;
+        Ok(Response::new(pb::TxnBatchResponse { responses }))
+    }
+
     async fn read_index(
         &self,
         _request: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexResponse>, Status> {
         let index = self.store.read_index().await.map_err(from_store)?;
-        Ok(Response::new(pb::ReadIndexResponse {
-            read_index: index,
-            leader_id: self.store.id(),
-        }))
+        Ok(Response::new(pb::ReadIndexResponse { read_index: index, leader_id: self.store.id() }))
     }
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::proto::{self, v1 as pb};
 use crate::store::{Faults, Member, Store, StoreConfig, StoreError};
@@ -48,54 +48,33 @@ impl Server {
         initial_cluster: Option<BTreeMap<u64, Member>>,
         faults: Arc<Faults>,
     ) -> Result<Server, ServerError> {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| ServerError::Listen {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| ServerError::Listen {
-                addr: listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(listen).await.map_err(|source| ServerError::Listen { addr: listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: listen, source })?;
         let store = Store::open(config, faults).await?;
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<pb::kv_server::KvServer<kv::KvService>>()
-            .await;
+        health_reporter.set_serving::<pb::kv_server::KvServer<kv::KvService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        // Small gRPC frames must not wait for Nagle's algorithm.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(store.raft_service())
-            .add_service(pb::kv_server::KvServer::new(kv::KvService::new(
-                store.clone(),
-            )))
-            .add_service(pb::store_admin_server::StoreAdminServer::new(
-                admin::AdminService::new(store.clone()),
-            ))
+            .add_service(pb::kv_server::KvServer::new(kv::KvService::new(store.clone())))
+            .add_service(pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())))
             .add_service(health)
             .add_service(reflection);
-        let task = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
         if let Some(voters) = initial_cluster {
             store.initialize(voters).await?;
         }
-        Ok(Server {
-            store,
-            addr,
-            task,
-            stop: Some(stop_tx),
-        })
+        Ok(Server { store, addr, task, stop: Some(stop_tx) })
     }
 
     /// Stops serving and shuts the store down.

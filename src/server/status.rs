@@ -7,10 +7,9 @@ use crate::store::{StoreError, WatchError};
 pub fn from_store(e: StoreError) -> Status {
     let code = match &e {
         StoreError::Invalid(_) => Code::InvalidArgument,
-        StoreError::NoLeader(_)
-        | StoreError::NotLeader { .. }
-        | StoreError::NoQuorum(_)
-        | StoreError::Stopped(_) => Code::Unavailable,
+        StoreError::NoLeader(_) | StoreError::NotLeader { .. } | StoreError::NoQuorum(_) | StoreError::Stopped(_) => {
+            Code::Unavailable
+        }
         StoreError::Timeout { .. } => Code::DeadlineExceeded,
         StoreError::Forwarded { status, .. } => return Status::new(status.code(), e.to_string()),
         StoreError::Membership(_) => Code::FailedPrecondition,
@@ -24,9 +23,7 @@ pub fn from_store(e: StoreError) -> Status {
 
 pub fn from_watch(e: &WatchError) -> Status {
     match e {
-        WatchError::Compacted { .. } | WatchError::Reset { .. } => {
-            Status::out_of_range(e.to_string())
-        }
+        WatchError::Compacted { .. } | WatchError::Reset { .. } => Status::out_of_range(e.to_string()),
         WatchError::Slow { .. } => Status::resource_exhausted(e.to_string()),
     }
 }

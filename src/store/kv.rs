@@ -76,18 +76,15 @@ pub type KvIter<'a> = Box<dyn Iterator<Item = Result<KvPair, KvError>> + Send + 
 pub trait Kv: Send + Sync + 'static {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
     /// Iterates over `range` in key order (or reverse order).
-    fn scan(
-        &self,
-        space: Space,
-        range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-        reverse: bool,
-    ) -> KvIter<'_>;
+    fn scan(&self, space: Space, range: (Bound<Vec<u8>>, Bound<Vec<u8>>), reverse: bool) -> KvIter<'_>;
     /// Applies the batch atomically: after a crash either all of it or none of it is visible.
     fn write(&self, space: Space, batch: Batch) -> Result<(), KvError>;
     /// Removes every key of a space. Not atomic with anything else.
     fn clear(&self, space: Space) -> Result<(), KvError>;
     /// Makes every write issued before the call durable.
     fn flush(&self) -> BoxFuture<'static, Result<(), KvError>>;
+    /// The same, blocking the calling thread (for a dedicated flusher thread).
+    fn flush_blocking(&self) -> Result<(), KvError>;
     /// Where the data lives, for error messages.
     fn location(&self) -> &Path;
 }
@@ -101,10 +98,7 @@ pub struct SledKv {
 
 impl SledKv {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<SledKv, KvError> {
-        let err = |source| KvError::Engine {
-            path: path.to_path_buf(),
-            source,
-        };
+        let err = |source| KvError::Engine { path: path.to_path_buf(), source };
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -115,11 +109,7 @@ impl SledKv {
         for space in Space::ALL {
             trees.insert(space, db.open_tree(space.tree_name()).map_err(err)?);
         }
-        Ok(SledKv {
-            db,
-            trees,
-            path: path.to_path_buf(),
-        })
+        Ok(SledKv { db, trees, path: path.to_path_buf() })
     }
 
     fn tree(&self, space: Space) -> &sled::Tree {
@@ -128,32 +118,19 @@ impl SledKv {
     }
 
     fn err(&self, source: sled::Error) -> KvError {
-        KvError::Engine {
-            path: self.path.clone(),
-            source,
-        }
+        KvError::Engine { path: self.path.clone(), source }
     }
 }
 
 impl Kv for SledKv {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self
-            .tree(space)
-            .get(key)
-            .map_err(|e| self.err(e))?
-            .map(|v| v.to_vec()))
+        Ok(self.tree(space).get(key).map_err(|e| self.err(e))?.map(|v| v.to_vec()))
     }
 
-    fn scan(
-        &self,
-        space: Space,
-        range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-        reverse: bool,
-    ) -> KvIter<'_> {
+    fn scan(&self, space: Space, range: (Bound<Vec<u8>>, Bound<Vec<u8>>), reverse: bool) -> KvIter<'_> {
         let iter = self.tree(space).range(range);
         let map = move |r: Result<(sled::IVec, sled::IVec), sled::Error>| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(|e| self.err(e))
+            r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.err(e))
         };
         if reverse {
             Box::new(iter.rev().map(map))
@@ -180,12 +157,11 @@ impl Kv for SledKv {
     fn flush(&self) -> BoxFuture<'static, Result<(), KvError>> {
         let db = self.db.clone();
         let path = self.path.clone();
-        Box::pin(async move {
-            db.flush_async()
-                .await
-                .map(|_| ())
-                .map_err(|source| KvError::Engine { path, source })
-        })
+        Box::pin(async move { db.flush_async().await.map(|_| ()).map_err(|source| KvError::Engine { path, source }) })
+    }
+
+    fn flush_blocking(&self) -> Result<(), KvError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
     }
 
     fn location(&self) -> &Path {
@@ -217,18 +193,10 @@ impl Kv for MemKv {
         Ok(self.with(|s| s.get(&space).and_then(|t| t.get(key).cloned())))
     }
 
-    fn scan(
-        &self,
-        space: Space,
-        range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-        reverse: bool,
-    ) -> KvIter<'_> {
+    fn scan(&self, space: Space, range: (Bound<Vec<u8>>, Bound<Vec<u8>>), reverse: bool) -> KvIter<'_> {
         // Snapshot the matching pairs so that the iterator holds no lock.
         let mut items: Vec<KvPair> = self.with(|s| match s.get(&space) {
-            Some(t) => t
-                .range(range)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            Some(t) => t.range(range).map(|(k, v)| (k.clone(), v.clone())).collect(),
             None => Vec::new(),
         });
         if reverse {
@@ -259,6 +227,10 @@ impl Kv for MemKv {
         Box::pin(async { Ok(()) })
     }
 
+    fn flush_blocking(&self) -> Result<(), KvError> {
+        Ok(())
+    }
+
     fn location(&self) -> &Path {
         Path::new("<memory>")
     }
@@ -283,22 +255,14 @@ mod tests {
             b.put(b"c".to_vec(), b"3".to_vec());
             b.delete(b"c".to_vec());
             kv.write(Space::State, b).unwrap();
-            let all: Vec<_> = kv
-                .scan(Space::State, (Bound::Unbounded, Bound::Unbounded), false)
-                .map(|r| r.unwrap().0)
-                .collect();
+            let all: Vec<_> =
+                kv.scan(Space::State, (Bound::Unbounded, Bound::Unbounded), false).map(|r| r.unwrap().0).collect();
             assert_eq!(all, vec![b"a".to_vec(), b"b".to_vec()]);
-            let rev: Vec<_> = kv
-                .scan(Space::State, (Bound::Unbounded, Bound::Unbounded), true)
-                .map(|r| r.unwrap().0)
-                .collect();
+            let rev: Vec<_> =
+                kv.scan(Space::State, (Bound::Unbounded, Bound::Unbounded), true).map(|r| r.unwrap().0).collect();
             assert_eq!(rev, vec![b"b".to_vec(), b"a".to_vec()]);
             assert_eq!(kv.get(Space::State, b"a").unwrap(), Some(b"1".to_vec()));
-            assert_eq!(
-                kv.get(Space::Log, b"a").unwrap(),
-                None,
-                "spaces are separate"
-            );
+            assert_eq!(kv.get(Space::Log, b"a").unwrap(), None, "spaces are separate");
             kv.clear(Space::State).unwrap();
             assert_eq!(kv.get(Space::State, b"a").unwrap(), None);
         }

@@ -6,6 +6,7 @@
 //! It knows nothing of Kubernetes objects, and only this module names openraft or sled.
 
 pub mod kv;
+mod proposer;
 pub mod raft;
 pub mod txn;
 pub mod watch;
@@ -15,9 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::openraft::error::{
-    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
-};
+use ::openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError};
 use ::openraft::{ChangeMembers, ServerState};
 use prost::Message;
 use tokio::time::Instant;
@@ -28,7 +27,7 @@ pub use raft::network::Faults;
 use raft::network::{Network, Peers};
 use raft::state_machine::{Shared, StateMachine};
 pub use raft::Member;
-use raft::{codec, log_store::LogStore, Raft, Request};
+use raft::{codec, log_store::LogStore, Raft};
 pub use txn::{prefix_end, KeyRange, TxnError};
 pub use watch::{Watch, WatchBatch, WatchConfig, WatchError};
 
@@ -48,11 +47,7 @@ pub enum StoreError {
     #[error("data in {file} is damaged: {what}")]
     Corrupt { file: PathBuf, what: String },
     #[error("data in {file} has layout version {found}, this keel reads version {want}")]
-    DataVersion {
-        file: PathBuf,
-        found: String,
-        want: u32,
-    },
+    DataVersion { file: PathBuf, found: String, want: u32 },
     #[error("cannot create data directory {dir}: {source}")]
     DataDir {
         dir: PathBuf,
@@ -61,9 +56,7 @@ pub enum StoreError {
     },
     #[error("invalid transaction: {0}")]
     Invalid(#[from] TxnError),
-    #[error(
-        "no leader is known after waiting {0:?}; is a quorum of replicas running and connected?"
-    )]
+    #[error("no leader is known after waiting {0:?}; is a quorum of replicas running and connected?")]
     NoLeader(Duration),
     #[error("replica {id} is not the leader and the request was already forwarded once")]
     NotLeader { id: u64, leader: Option<u64> },
@@ -96,6 +89,10 @@ pub struct StoreConfig {
     pub keep_logs: u64,
     pub snapshot_chunk_bytes: u64,
     pub write_timeout: Duration,
+    /// Transactions gathered into one log entry at most (group commit).
+    pub max_batch: usize,
+    /// Log entries of gathered transactions proposed at once.
+    pub max_in_flight: usize,
     pub cache_bytes: u64,
     pub watch: WatchConfig,
 }
@@ -114,6 +111,8 @@ impl StoreConfig {
             keep_logs: 1_000,
             snapshot_chunk_bytes: 1 << 20,
             write_timeout: Duration::from_secs(5),
+            max_batch: 512,
+            max_in_flight: 1,
             cache_bytes: 256 << 20,
             watch: WatchConfig::default(),
         }
@@ -126,6 +125,7 @@ struct Inner {
     kv: Arc<dyn Kv>,
     shared: Arc<Shared>,
     peers: Arc<Peers>,
+    proposer: proposer::Proposer,
     config: StoreConfig,
 }
 
@@ -139,21 +139,11 @@ fn check_data_version(kv: &dyn Kv) -> Result<(), StoreError> {
     let file = kv.location().to_path_buf();
     match kv.get(Space::RaftMeta, DATA_VERSION_KEY)? {
         Some(v) if v == DATA_VERSION.to_be_bytes() => Ok(()),
-        Some(v) => Err(StoreError::DataVersion {
-            file,
-            found: format!("{v:?}"),
-            want: DATA_VERSION,
-        }),
+        Some(v) => Err(StoreError::DataVersion { file, found: format!("{v:?}"), want: DATA_VERSION }),
         None => {
-            let empty = Space::ALL.iter().all(|s| {
-                kv.scan(
-                    *s,
-                    (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
-                    false,
-                )
-                .next()
-                .is_none()
-            });
+            let empty = Space::ALL
+                .iter()
+                .all(|s| kv.scan(*s, (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded), false).next().is_none());
             if !empty {
                 return Err(StoreError::DataVersion {
                     file,
@@ -162,10 +152,7 @@ fn check_data_version(kv: &dyn Kv) -> Result<(), StoreError> {
                 });
             }
             let mut b = kv::Batch::default();
-            b.put(
-                DATA_VERSION_KEY.to_vec(),
-                DATA_VERSION.to_be_bytes().to_vec(),
-            );
+            b.put(DATA_VERSION_KEY.to_vec(), DATA_VERSION.to_be_bytes().to_vec());
             kv.write(Space::RaftMeta, b)?;
             Ok(())
         }
@@ -176,31 +163,18 @@ impl Store {
     /// Opens (or creates) the replica's data and starts Raft. The replica serves nothing until
     /// its `keel.v1.Raft` service is reachable by peers; see [`Store::raft_service`].
     pub async fn open(config: StoreConfig, faults: Arc<Faults>) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StoreError::DataDir {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
-        let kv: Arc<dyn Kv> = Arc::new(SledKv::open(
-            &config.data_dir.join("db"),
-            config.cache_bytes,
-        )?);
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| StoreError::DataDir { dir: config.data_dir.clone(), source })?;
+        let kv: Arc<dyn Kv> = Arc::new(SledKv::open(&config.data_dir.join("db"), config.cache_bytes)?);
         Store::open_with(config, faults, kv).await
     }
 
     /// Opens the store on a given engine (the in-memory one in unit tests).
-    pub async fn open_with(
-        config: StoreConfig,
-        faults: Arc<Faults>,
-        kv: Arc<dyn Kv>,
-    ) -> Result<Store, StoreError> {
+    pub async fn open_with(config: StoreConfig, faults: Arc<Faults>, kv: Arc<dyn Kv>) -> Result<Store, StoreError> {
         check_data_version(kv.as_ref())?;
         let log = LogStore::open(kv.clone())?;
         let watch_config = config.watch.clone();
-        let sm = StateMachine::open(
-            kv.clone(),
-            |rev| watch::WatchHub::new(rev, watch_config),
-            config.id,
-        )?;
+        let sm = StateMachine::open(kv.clone(), |rev| watch::WatchHub::new(rev, watch_config), config.id)?;
         let shared = sm.shared();
         let raft_config = ::openraft::Config {
             cluster_name: "keel".into(),
@@ -217,22 +191,18 @@ impl Store {
         .validate()
         .map_err(|e| StoreError::Stopped(format!("invalid raft configuration: {e}")))?;
         let peers = Peers::new(config.id, faults, Duration::from_millis(500));
-        let network = Network {
-            peers: peers.clone(),
-        };
+        let network = Network { peers: peers.clone() };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| StoreError::Stopped(e.to_string()))?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                id: config.id,
-                raft,
-                kv,
-                shared,
-                peers,
-                config,
-            }),
-        })
+        let proposer = proposer::Proposer::start(
+            raft.clone(),
+            peers.clone(),
+            config.max_batch,
+            config.max_in_flight,
+            config.write_timeout,
+        );
+        Ok(Store { inner: Arc::new(Inner { id: config.id, raft, kv, shared, peers, proposer, config }) })
     }
 
     pub fn id(&self) -> u64 {
@@ -245,14 +215,9 @@ impl Store {
 
     /// The gRPC service peers replicate through.
     pub fn raft_service(&self) -> pb::raft_server::RaftServer<raft::service::RaftService> {
-        let svc = raft::service::RaftService::new(
-            self.inner.raft.clone(),
-            self.inner.id,
-            self.inner.peers.faults.clone(),
-        );
-        pb::raft_server::RaftServer::new(svc)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20)
+        let svc =
+            raft::service::RaftService::new(self.inner.raft.clone(), self.inner.id, self.inner.peers.faults.clone());
+        pb::raft_server::RaftServer::new(svc).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
     }
 
     /// Initializes a new cluster with these voters. Does nothing if this replica already has
@@ -282,13 +247,7 @@ impl Store {
         self.inner
             .raft
             .wait(Some(wait))
-            .metrics(
-                |m| {
-                    m.current_leader
-                        .is_some_and(|l| l != m.id || m.state == ServerState::Leader)
-                },
-                "a leader",
-            )
+            .metrics(|m| m.current_leader.is_some_and(|l| l != m.id || m.state == ServerState::Leader), "a leader")
             .await
             .map(|_| ())
             .map_err(|_| StoreError::NoLeader(self.inner.config.write_timeout))
@@ -298,92 +257,45 @@ impl Store {
         Some((f.leader_id?, f.leader_node.as_ref()?.addr.clone()))
     }
 
-    fn forward_channel(
-        &self,
-        leader: u64,
-        addr: &str,
-    ) -> Result<tonic::transport::Channel, StoreError> {
+    fn forward_channel(&self, leader: u64, addr: &str) -> Result<tonic::transport::Channel, StoreError> {
         if self.inner.peers.faults.is_cut(self.inner.id, leader) {
             return Err(StoreError::Forwarded {
                 addr: addr.into(),
-                status: tonic::Status::unavailable(format!(
-                    "link {} -> {leader} is cut",
-                    self.inner.id
-                )),
+                status: tonic::Status::unavailable(format!("link {} -> {leader} is cut", self.inner.id)),
             });
         }
         self.inner
             .peers
             .channel(addr)
-            .map_err(|e| StoreError::Forwarded {
-                addr: addr.into(),
-                status: tonic::Status::unavailable(e.to_string()),
-            })
+            .map_err(|e| StoreError::Forwarded { addr: addr.into(), status: tonic::Status::unavailable(e.to_string()) })
     }
 
     fn forwarded<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
-        req.metadata_mut().insert(
-            FORWARDED_HEADER,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
+        req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         req.set_timeout(timeout);
         req
     }
 
     /// Runs a transaction. On a follower it is forwarded to the leader, unless `may_forward`
     /// is false (the request was forwarded to us already).
-    pub async fn txn(
-        &self,
-        req: pb::TxnRequest,
-        may_forward: bool,
-    ) -> Result<pb::TxnResponse, StoreError> {
-        txn::validate(&req)?;
+    pub async fn txn(&self, req: pb::TxnRequest, may_forward: bool) -> Result<pb::TxnResponse, StoreError> {
+        let mut out = self.txns(vec![req], may_forward).await?;
+        out.pop().ok_or_else(|| StoreError::Stopped("no response for the transaction".into()))
+    }
+
+    /// Runs transactions in order, adjacent in the log (see [`Store::txn`]).
+    pub async fn txns(&self, reqs: Vec<pb::TxnRequest>, may_forward: bool) -> Result<Vec<pb::TxnResponse>, StoreError> {
+        for r in &reqs {
+            txn::validate(r)?;
+        }
         let timeout = self.inner.config.write_timeout;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let write = self.inner.raft.client_write(Request(req.clone()));
-            let result = tokio::time::timeout(Self::remaining(deadline), write)
-                .await
-                .map_err(|_| StoreError::Timeout {
-                    what: "the write",
-                    after: timeout,
-                })?;
-            match result {
-                Ok(resp) => {
-                    let mut r = resp.data.0;
-                    let rev = r.header.as_ref().map_or(0, |h| h.revision);
-                    r.header = Some(pb::ResponseHeader {
-                        raft_term: resp.log_id.leader_id.term,
-                        ..self.header(rev)
-                    });
-                    return Ok(r);
-                }
-                // ForwardToLeader means the entry was never proposed here, or was truncated
-                // before it could commit: retrying elsewhere cannot apply it twice.
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    match Self::leader_addr(&f) {
-                        Some((leader, addr)) if leader != self.inner.id => {
-                            if !may_forward {
-                                return Err(StoreError::NotLeader {
-                                    id: self.inner.id,
-                                    leader: Some(leader),
-                                });
-                            }
-                            let ch = self.forward_channel(leader, &addr)?;
-                            let mut client = pb::kv_client::KvClient::new(ch);
-                            return client
-                                .txn(Self::forwarded(req, Self::remaining(deadline)))
-                                .await
-                                .map(|r| r.into_inner())
-                                .map_err(|status| StoreError::Forwarded { addr, status });
-                        }
-                        _ => self.wait_for_leader(deadline).await?,
-                    }
-                }
-                Err(RaftError::APIError(e)) => return Err(StoreError::Membership(e.to_string())),
-                Err(RaftError::Fatal(e)) => return Err(StoreError::Stopped(e.to_string())),
-            }
+        // The proposer bounds its own work by the same timeout; this guards the queue too.
+        match tokio::time::timeout(timeout + Duration::from_millis(100), self.inner.proposer.propose(reqs, may_forward))
+            .await
+        {
+            Err(_) => Err(StoreError::Timeout { what: "the write", after: timeout }),
+            Ok(r) => r.map_err(|e| e.into_store(self.inner.id, timeout)),
         }
     }
 
@@ -393,17 +305,11 @@ impl Store {
         let timeout = self.inner.config.write_timeout;
         let r = tokio::time::timeout(timeout, self.inner.raft.get_read_log_id())
             .await
-            .map_err(|_| StoreError::Timeout {
-                what: "confirming leadership",
-                after: timeout,
-            })?;
+            .map_err(|_| StoreError::Timeout { what: "confirming leadership", after: timeout })?;
         match r {
             Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(StoreError::NotLeader {
-                    id: self.inner.id,
-                    leader: f.leader_id,
-                })
+                Err(StoreError::NotLeader { id: self.inner.id, leader: f.leader_id })
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                 Err(StoreError::NoQuorum(q.to_string()))
@@ -418,32 +324,23 @@ impl Store {
         let timeout = self.inner.config.write_timeout;
         let deadline = Instant::now() + timeout;
         let index = loop {
-            let r =
-                tokio::time::timeout(Self::remaining(deadline), self.inner.raft.get_read_log_id())
-                    .await
-                    .map_err(|_| StoreError::Timeout {
-                        what: "confirming leadership",
-                        after: timeout,
-                    })?;
+            let r = tokio::time::timeout(Self::remaining(deadline), self.inner.raft.get_read_log_id())
+                .await
+                .map_err(|_| StoreError::Timeout { what: "confirming leadership", after: timeout })?;
             match r {
                 Ok((read, _)) => break read.map_or(0, |l| l.index),
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    match Self::leader_addr(&f) {
-                        Some((leader, addr)) if leader != self.inner.id => {
-                            let ch = self.forward_channel(leader, &addr)?;
-                            let mut client = pb::kv_client::KvClient::new(ch);
-                            let resp = client
-                                .read_index(Self::forwarded(
-                                    pb::ReadIndexRequest {},
-                                    Self::remaining(deadline),
-                                ))
-                                .await
-                                .map_err(|status| StoreError::Forwarded { addr, status })?;
-                            break resp.into_inner().read_index;
-                        }
-                        _ => self.wait_for_leader(deadline).await?,
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => match Self::leader_addr(&f) {
+                    Some((leader, addr)) if leader != self.inner.id => {
+                        let ch = self.forward_channel(leader, &addr)?;
+                        let mut client = pb::kv_client::KvClient::new(ch);
+                        let resp = client
+                            .read_index(Self::forwarded(pb::ReadIndexRequest {}, Self::remaining(deadline)))
+                            .await
+                            .map_err(|status| StoreError::Forwarded { addr, status })?;
+                        break resp.into_inner().read_index;
                     }
-                }
+                    _ => self.wait_for_leader(deadline).await?,
+                },
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                     return Err(StoreError::NoQuorum(q.to_string()))
                 }
@@ -456,10 +353,7 @@ impl Store {
             .applied_index_at_least(Some(index), "read index")
             .await
             .map(|_| ())
-            .map_err(|_| StoreError::Timeout {
-                what: "catching up to the read index",
-                after: timeout,
-            })
+            .map_err(|_| StoreError::Timeout { what: "catching up to the read index", after: timeout })
     }
 
     /// Reads a range. Linearizable unless `req.serializable` asks for a stale read.
@@ -489,24 +383,13 @@ impl Store {
         member: Member,
         blocking: bool,
     ) -> Result<pb::MembershipResponse, StoreError> {
-        let r = self
-            .inner
-            .raft
-            .add_learner(id, member.clone(), blocking)
-            .await;
+        let r = self.inner.raft.add_learner(id, member.clone(), blocking).await;
         match r {
             Ok(resp) => Ok(membership_response(&resp.log_id, resp.membership.as_ref())),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let (leader, addr) =
-                    Self::leader_addr(&f).ok_or(StoreError::NoLeader(Duration::ZERO))?;
-                let mut client = pb::store_admin_client::StoreAdminClient::new(
-                    self.forward_channel(leader, &addr)?,
-                );
-                let req = pb::AddLearnerRequest {
-                    id,
-                    node: Some(codec::member_to_pb(&member)),
-                    blocking,
-                };
+                let (leader, addr) = Self::leader_addr(&f).ok_or(StoreError::NoLeader(Duration::ZERO))?;
+                let mut client = pb::store_admin_client::StoreAdminClient::new(self.forward_channel(leader, &addr)?);
+                let req = pb::AddLearnerRequest { id, node: Some(codec::member_to_pb(&member)), blocking };
                 client
                     .add_learner(Self::forwarded(req, Duration::from_secs(60)))
                     .await
@@ -525,23 +408,13 @@ impl Store {
         voters: BTreeSet<u64>,
         retain: bool,
     ) -> Result<pb::MembershipResponse, StoreError> {
-        let r = self
-            .inner
-            .raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), retain)
-            .await;
+        let r = self.inner.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), retain).await;
         match r {
             Ok(resp) => Ok(membership_response(&resp.log_id, resp.membership.as_ref())),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let (leader, addr) =
-                    Self::leader_addr(&f).ok_or(StoreError::NoLeader(Duration::ZERO))?;
-                let mut client = pb::store_admin_client::StoreAdminClient::new(
-                    self.forward_channel(leader, &addr)?,
-                );
-                let req = pb::ChangeMembershipRequest {
-                    voters: voters.into_iter().collect(),
-                    retain,
-                };
+                let (leader, addr) = Self::leader_addr(&f).ok_or(StoreError::NoLeader(Duration::ZERO))?;
+                let mut client = pb::store_admin_client::StoreAdminClient::new(self.forward_channel(leader, &addr)?);
+                let req = pb::ChangeMembershipRequest { voters: voters.into_iter().collect(), retain };
                 client
                     .change_membership(Self::forwarded(req, Duration::from_secs(60)))
                     .await
@@ -555,32 +428,15 @@ impl Store {
 
     /// Builds a snapshot now and waits for it (the log is purged according to `keep_logs`).
     pub async fn trigger_snapshot(&self) -> Result<u64, StoreError> {
-        let applied = self
-            .inner
-            .raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map_or(0, |l| l.index);
-        self.inner
-            .raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| StoreError::Stopped(e.to_string()))?;
+        let applied = self.inner.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        self.inner.raft.trigger().snapshot().await.map_err(|e| StoreError::Stopped(e.to_string()))?;
         let m = self
             .inner
             .raft
             .wait(Some(Duration::from_secs(60)))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= applied),
-                "snapshot",
-            )
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot")
             .await
-            .map_err(|_| StoreError::Timeout {
-                what: "building a snapshot",
-                after: Duration::from_secs(60),
-            })?;
+            .map_err(|_| StoreError::Timeout { what: "building a snapshot", after: Duration::from_secs(60) })?;
         Ok(m.snapshot.map_or(0, |s| s.index))
     }
 
@@ -636,15 +492,8 @@ impl Store {
 
     /// Stops Raft and flushes the engine.
     pub async fn shutdown(&self) -> Result<(), StoreError> {
-        self.inner
-            .raft
-            .shutdown()
-            .await
-            .map_err(|e| StoreError::Stopped(e.to_string()))?;
-        self.inner
-            .shared
-            .hub
-            .reset(self.revision(), "replica shutting down");
+        self.inner.raft.shutdown().await.map_err(|e| StoreError::Stopped(e.to_string()))?;
+        self.inner.shared.hub.reset(self.revision(), "replica shutting down");
         self.inner.kv.flush().await?;
         Ok(())
     }
@@ -654,8 +503,5 @@ fn membership_response(
     log_id: &::openraft::LogId<u64>,
     m: Option<&::openraft::Membership<u64, Member>>,
 ) -> pb::MembershipResponse {
-    pb::MembershipResponse {
-        log_id: Some(codec::log_id_to_pb(log_id)),
-        membership: m.map(codec::membership_to_pb),
-    }
+    pb::MembershipResponse { log_id: Some(codec::log_id_to_pb(log_id)), membership: m.map(codec::membership_to_pb) }
 }

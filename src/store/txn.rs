@@ -12,9 +12,9 @@ use prost::Message;
 
 use super::kv::{Batch, Kv, KvError, Space};
 use crate::proto::v1::{
-    compare, event, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse,
-    Event, KeyValue, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    compare, event, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, Event, KeyValue,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
+    TxnResponse,
 };
 
 /// Prefix of user keys in [`Space::State`].
@@ -45,23 +45,11 @@ pub struct KeyRange {
 impl KeyRange {
     pub fn new(key: &[u8], range_end: &[u8]) -> KeyRange {
         if range_end.is_empty() {
-            KeyRange {
-                start: key.to_vec(),
-                end: None,
-                single: true,
-            }
+            KeyRange { start: key.to_vec(), end: None, single: true }
         } else if range_end == [0] {
-            KeyRange {
-                start: key.to_vec(),
-                end: None,
-                single: false,
-            }
+            KeyRange { start: key.to_vec(), end: None, single: false }
         } else {
-            KeyRange {
-                start: key.to_vec(),
-                end: Some(range_end.to_vec()),
-                single: false,
-            }
+            KeyRange { start: key.to_vec(), end: Some(range_end.to_vec()), single: false }
         }
     }
 
@@ -105,10 +93,7 @@ pub fn decode_record(key: &[u8], bytes: &[u8]) -> Option<KeyValue> {
 }
 
 fn encode_record(kv: &KeyValue) -> Vec<u8> {
-    let stored = KeyValue {
-        key: Vec::new(),
-        ..kv.clone()
-    };
+    let stored = KeyValue { key: Vec::new(), ..kv.clone() };
     stored.encode_to_vec()
 }
 
@@ -120,10 +105,7 @@ pub struct Overlay<'a> {
 
 impl<'a> Overlay<'a> {
     pub fn new(base: &'a dyn Kv) -> Overlay<'a> {
-        Overlay {
-            base,
-            pending: BTreeMap::new(),
-        }
+        Overlay { base, pending: BTreeMap::new() }
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
@@ -156,10 +138,7 @@ impl<'a> Overlay<'a> {
             Some(e) => Bound::Excluded(e.clone()),
             None => Bound::Unbounded,
         };
-        for (k, v) in self
-            .pending
-            .range((Bound::Included(range.start.clone()), pending_end))
-        {
+        for (k, v) in self.pending.range((Bound::Included(range.start.clone()), pending_end)) {
             match v {
                 Some(kv) => merged.insert(k.clone(), kv.clone()),
                 None => merged.remove(k),
@@ -192,35 +171,19 @@ pub fn validate(req: &TxnRequest) -> Result<(), TxnError> {
             return Err(TxnError::EmptyKey);
         }
         let key = String::from_utf8_lossy(&c.key).into_owned();
-        let target = compare::Target::try_from(c.target).map_err(|_| TxnError::InvalidCompare {
-            key: key.clone(),
-            reason: "unknown target",
-        })?;
-        compare::CompareResult::try_from(c.result).map_err(|_| TxnError::InvalidCompare {
-            key: key.clone(),
-            reason: "unknown result",
-        })?;
+        let target = compare::Target::try_from(c.target)
+            .map_err(|_| TxnError::InvalidCompare { key: key.clone(), reason: "unknown target" })?;
+        compare::CompareResult::try_from(c.result)
+            .map_err(|_| TxnError::InvalidCompare { key: key.clone(), reason: "unknown result" })?;
         let matches = matches!(
             (target, &c.target_union),
-            (
-                compare::Target::Version,
-                Some(compare::TargetUnion::Version(_)) | None
-            ) | (
-                compare::Target::Create,
-                Some(compare::TargetUnion::CreateRevision(_)) | None
-            ) | (
-                compare::Target::Mod,
-                Some(compare::TargetUnion::ModRevision(_)) | None
-            ) | (
-                compare::Target::Value,
-                Some(compare::TargetUnion::Value(_)) | None
-            )
+            (compare::Target::Version, Some(compare::TargetUnion::Version(_)) | None)
+                | (compare::Target::Create, Some(compare::TargetUnion::CreateRevision(_)) | None)
+                | (compare::Target::Mod, Some(compare::TargetUnion::ModRevision(_)) | None)
+                | (compare::Target::Value, Some(compare::TargetUnion::Value(_)) | None)
         );
         if !matches {
-            return Err(TxnError::InvalidCompare {
-                key,
-                reason: "target and value do not match",
-            });
+            return Err(TxnError::InvalidCompare { key, reason: "target and value do not match" });
         }
     }
     for ops in [&req.success, &req.failure] {
@@ -233,18 +196,12 @@ pub fn validate(req: &TxnRequest) -> Result<(), TxnError> {
                         return Err(TxnError::EmptyKey);
                     }
                     if written.contains(&p.key.as_slice()) {
-                        return Err(TxnError::DuplicateKey(
-                            String::from_utf8_lossy(&p.key).into_owned(),
-                        ));
+                        return Err(TxnError::DuplicateKey(String::from_utf8_lossy(&p.key).into_owned()));
                     }
                     written.push(&p.key);
                 }
-                Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => {
-                    return Err(TxnError::EmptyKey)
-                }
-                Some(request_op::Request::RequestRange(r))
-                    if r.key.is_empty() && r.range_end != [0] =>
-                {
+                Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => return Err(TxnError::EmptyKey),
+                Some(request_op::Request::RequestRange(r)) if r.key.is_empty() && r.range_end != [0] => {
                     return Err(TxnError::EmptyKey)
                 }
                 Some(_) => {}
@@ -286,25 +243,13 @@ fn compare_holds(c: &Compare, kv: Option<&KeyValue>) -> bool {
 }
 
 /// Serves a range request from a view. Pagination: `next_key` is the continue token.
-pub fn range(
-    view: &Overlay<'_>,
-    req: &RangeRequest,
-    header: ResponseHeader,
-) -> Result<RangeResponse, KvError> {
+pub fn range(view: &Overlay<'_>, req: &RangeRequest, header: ResponseHeader) -> Result<RangeResponse, KvError> {
     let all = view.range(&KeyRange::new(&req.key, &req.range_end))?;
     let count = all.len() as i64;
     if req.count_only {
-        return Ok(RangeResponse {
-            header: Some(header),
-            count,
-            ..Default::default()
-        });
+        return Ok(RangeResponse { header: Some(header), count, ..Default::default() });
     }
-    let limit = if req.limit > 0 {
-        req.limit as usize
-    } else {
-        usize::MAX
-    };
+    let limit = if req.limit > 0 { req.limit as usize } else { usize::MAX };
     let more = all.len() > limit;
     let mut kvs: Vec<KeyValue> = all.into_iter().take(limit).collect();
     if req.keys_only {
@@ -320,13 +265,7 @@ pub fn range(
         }
         _ => Vec::new(),
     };
-    Ok(RangeResponse {
-        header: Some(header),
-        kvs,
-        more,
-        count,
-        next_key,
-    })
+    Ok(RangeResponse { header: Some(header), kvs, more, count, next_key })
 }
 
 /// The outcome of applying one transaction.
@@ -338,12 +277,7 @@ pub struct Applied {
 }
 
 /// Applies a transaction at `current` revision. The revision rises by one if anything changed.
-pub fn apply(
-    view: &mut Overlay<'_>,
-    current: i64,
-    req: &TxnRequest,
-    member_id: u64,
-) -> Result<Applied, KvError> {
+pub fn apply(view: &mut Overlay<'_>, current: i64, req: &TxnRequest, member_id: u64) -> Result<Applied, KvError> {
     let mut succeeded = true;
     for c in &req.compare {
         let kv = view.get(&c.key)?;
@@ -352,11 +286,7 @@ pub fn apply(
             break;
         }
     }
-    let ops: &[RequestOp] = if succeeded {
-        &req.success
-    } else {
-        &req.failure
-    };
+    let ops: &[RequestOp] = if succeeded { &req.success } else { &req.failure };
     let rev = current + 1;
     let mut events = Vec::new();
     let mut responses = Vec::with_capacity(ops.len());
@@ -374,16 +304,10 @@ pub fn apply(
             }
             None => continue,
         };
-        responses.push(ResponseOp {
-            response: Some(resp),
-        });
+        responses.push(ResponseOp { response: Some(resp) });
     }
     let revision = if events.is_empty() { current } else { rev };
-    let header = ResponseHeader {
-        revision,
-        member_id,
-        raft_term: 0,
-    };
+    let header = ResponseHeader { revision, member_id, raft_term: 0 };
     for r in &mut responses {
         match &mut r.response {
             Some(response_op::Response::ResponseRange(x)) => x.header = Some(header),
@@ -392,23 +316,10 @@ pub fn apply(
             None => {}
         }
     }
-    Ok(Applied {
-        response: TxnResponse {
-            header: Some(header),
-            succeeded,
-            responses,
-        },
-        events,
-        revision,
-    })
+    Ok(Applied { response: TxnResponse { header: Some(header), succeeded, responses }, events, revision })
 }
 
-fn put(
-    view: &mut Overlay<'_>,
-    p: &PutRequest,
-    rev: i64,
-    events: &mut Vec<Event>,
-) -> Result<PutResponse, KvError> {
+fn put(view: &mut Overlay<'_>, p: &PutRequest, rev: i64, events: &mut Vec<Event>) -> Result<PutResponse, KvError> {
     let prev = view.get(&p.key)?;
     let kv = KeyValue {
         key: p.key.clone(),
@@ -418,15 +329,8 @@ fn put(
         version: prev.as_ref().map_or(1, |k| k.version + 1),
     };
     view.set(p.key.clone(), Some(kv.clone()));
-    events.push(Event {
-        r#type: event::EventType::Put as i32,
-        kv: Some(kv),
-        prev_kv: prev.clone(),
-    });
-    Ok(PutResponse {
-        header: None,
-        prev_kv: if p.prev_kv { prev } else { None },
-    })
+    events.push(Event { r#type: event::EventType::Put as i32, kv: Some(kv), prev_kv: prev.clone() });
+    Ok(PutResponse { header: None, prev_kv: if p.prev_kv { prev } else { None } })
 }
 
 fn delete(
@@ -438,16 +342,8 @@ fn delete(
     let victims = view.range(&KeyRange::new(&d.key, &d.range_end))?;
     for kv in &victims {
         view.set(kv.key.clone(), None);
-        let tomb = KeyValue {
-            key: kv.key.clone(),
-            mod_revision: rev,
-            ..Default::default()
-        };
-        events.push(Event {
-            r#type: event::EventType::Delete as i32,
-            kv: Some(tomb),
-            prev_kv: Some(kv.clone()),
-        });
+        let tomb = KeyValue { key: kv.key.clone(), mod_revision: rev, ..Default::default() };
+        events.push(Event { r#type: event::EventType::Delete as i32, kv: Some(tomb), prev_kv: Some(kv.clone()) });
     }
     Ok(DeleteRangeResponse {
         header: None,
@@ -473,13 +369,11 @@ mod tests {
 
     fn del_op(k: &str, end: &[u8]) -> RequestOp {
         RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(
-                DeleteRangeRequest {
-                    key: k.into(),
-                    range_end: end.to_vec(),
-                    prev_kv: true,
-                },
-            )),
+            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                key: k.into(),
+                range_end: end.to_vec(),
+                prev_kv: true,
+            })),
         }
     }
 
@@ -489,12 +383,7 @@ mod tests {
             compare::Target::Create => compare::TargetUnion::CreateRevision(v),
             _ => compare::TargetUnion::ModRevision(v),
         };
-        Compare {
-            result: result as i32,
-            target: target as i32,
-            key: k.into(),
-            target_union: Some(union),
-        }
+        Compare { result: result as i32, target: target as i32, key: k.into(), target_union: Some(union) }
     }
 
     /// Applies and commits one txn; returns the applied result and the new revision.
@@ -511,41 +400,18 @@ mod tests {
     fn revision_rises_once_per_changing_txn_and_keys_track_versions() {
         let kv = MemKv::new();
         let mut rev = 0;
-        let a = run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![put_op("a", "1"), put_op("b", "1")],
-                ..Default::default()
-            },
-        );
+        let a =
+            run(&kv, &mut rev, TxnRequest { success: vec![put_op("a", "1"), put_op("b", "1")], ..Default::default() });
         assert_eq!(a.revision, 1);
         assert_eq!(a.events.len(), 2);
-        let b = run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![put_op("a", "2")],
-                ..Default::default()
-            },
-        );
+        let b = run(&kv, &mut rev, TxnRequest { success: vec![put_op("a", "2")], ..Default::default() });
         assert_eq!(b.revision, 2);
         let view = Overlay::new(&kv);
         let got = view.get(b"a").unwrap().unwrap();
-        assert_eq!(
-            (got.create_revision, got.mod_revision, got.version),
-            (1, 2, 2)
-        );
+        assert_eq!((got.create_revision, got.mod_revision, got.version), (1, 2, 2));
         assert_eq!(got.value, b"2");
         // A txn that changes nothing keeps the revision.
-        let c = run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![del_op("zzz", b"")],
-                ..Default::default()
-            },
-        );
+        let c = run(&kv, &mut rev, TxnRequest { success: vec![del_op("zzz", b"")], ..Default::default() });
         assert_eq!(c.revision, 2);
         assert!(c.events.is_empty());
     }
@@ -554,37 +420,13 @@ mod tests {
     fn delete_then_recreate_resets_version_and_create_revision() {
         let kv = MemKv::new();
         let mut rev = 0;
-        run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![put_op("a", "1")],
-                ..Default::default()
-            },
-        );
-        let d = run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![del_op("a", b"")],
-                ..Default::default()
-            },
-        );
+        run(&kv, &mut rev, TxnRequest { success: vec![put_op("a", "1")], ..Default::default() });
+        let d = run(&kv, &mut rev, TxnRequest { success: vec![del_op("a", b"")], ..Default::default() });
         assert_eq!(d.events[0].kv.as_ref().unwrap().mod_revision, 2);
         assert_eq!(d.events[0].prev_kv.as_ref().unwrap().value, b"1");
-        run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![put_op("a", "x")],
-                ..Default::default()
-            },
-        );
+        run(&kv, &mut rev, TxnRequest { success: vec![put_op("a", "x")], ..Default::default() });
         let got = Overlay::new(&kv).get(b"a").unwrap().unwrap();
-        assert_eq!(
-            (got.create_revision, got.mod_revision, got.version),
-            (3, 3, 1)
-        );
+        assert_eq!((got.create_revision, got.mod_revision, got.version), (3, 3, 1));
     }
 
     #[test]
@@ -659,14 +501,7 @@ mod tests {
     fn ranges_inside_a_txn_see_its_earlier_writes() {
         let kv = MemKv::new();
         let mut rev = 0;
-        run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![put_op("p/1", "a"), put_op("p/3", "c")],
-                ..Default::default()
-            },
-        );
+        run(&kv, &mut rev, TxnRequest { success: vec![put_op("p/1", "a"), put_op("p/3", "c")], ..Default::default() });
         let t = run(
             &kv,
             &mut rev,
@@ -700,37 +535,15 @@ mod tests {
         let kv = MemKv::new();
         let mut rev = 0;
         let ops = (0..7).map(|i| put_op(&format!("r/{i}"), "v")).collect();
-        run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: ops,
-                ..Default::default()
-            },
-        );
-        run(
-            &kv,
-            &mut rev,
-            TxnRequest {
-                success: vec![put_op("s/0", "other")],
-                ..Default::default()
-            },
-        );
+        run(&kv, &mut rev, TxnRequest { success: ops, ..Default::default() });
+        run(&kv, &mut rev, TxnRequest { success: vec![put_op("s/0", "other")], ..Default::default() });
         let view = Overlay::new(&kv);
-        let mut req = RangeRequest {
-            key: b"r/".to_vec(),
-            range_end: prefix_end(b"r/"),
-            limit: 3,
-            ..Default::default()
-        };
+        let mut req =
+            RangeRequest { key: b"r/".to_vec(), range_end: prefix_end(b"r/"), limit: 3, ..Default::default() };
         let mut seen = Vec::new();
         loop {
             let page = range(&view, &req, ResponseHeader::default()).unwrap();
-            seen.extend(
-                page.kvs
-                    .iter()
-                    .map(|k| String::from_utf8(k.key.clone()).unwrap()),
-            );
+            seen.extend(page.kvs.iter().map(|k| String::from_utf8(k.key.clone()).unwrap()));
             if !page.more {
                 assert!(page.next_key.is_empty());
                 break;
@@ -741,12 +554,7 @@ mod tests {
         assert_eq!(seen, (0..7).map(|i| format!("r/{i}")).collect::<Vec<_>>());
         let count = range(
             &view,
-            &RangeRequest {
-                key: b"r/".to_vec(),
-                range_end: prefix_end(b"r/"),
-                count_only: true,
-                ..Default::default()
-            },
+            &RangeRequest { key: b"r/".to_vec(), range_end: prefix_end(b"r/"), count_only: true, ..Default::default() },
             ResponseHeader::default(),
         )
         .unwrap();
@@ -754,11 +562,7 @@ mod tests {
         assert!(count.kvs.is_empty());
         let all = range(
             &view,
-            &RangeRequest {
-                key: vec![],
-                range_end: vec![0],
-                ..Default::default()
-            },
+            &RangeRequest { key: vec![], range_end: vec![0], ..Default::default() },
             ResponseHeader::default(),
         )
         .unwrap();
@@ -768,24 +572,15 @@ mod tests {
     #[test]
     fn malformed_transactions_are_refused_before_the_log() {
         assert_eq!(
-            validate(&TxnRequest {
-                success: vec![put_op("a", "1"), put_op("a", "2")],
-                ..Default::default()
-            }),
+            validate(&TxnRequest { success: vec![put_op("a", "1"), put_op("a", "2")], ..Default::default() }),
             Err(TxnError::DuplicateKey("a".into()))
         );
         assert_eq!(
-            validate(&TxnRequest {
-                success: vec![put_op("", "1")],
-                ..Default::default()
-            }),
+            validate(&TxnRequest { success: vec![put_op("", "1")], ..Default::default() }),
             Err(TxnError::EmptyKey)
         );
         assert_eq!(
-            validate(&TxnRequest {
-                success: vec![RequestOp { request: None }],
-                ..Default::default()
-            }),
+            validate(&TxnRequest { success: vec![RequestOp { request: None }], ..Default::default() }),
             Err(TxnError::EmptyOp(0))
         );
         let bad = Compare {
@@ -795,10 +590,7 @@ mod tests {
             target_union: Some(compare::TargetUnion::Version(1)),
         };
         assert!(matches!(
-            validate(&TxnRequest {
-                compare: vec![bad],
-                ..Default::default()
-            }),
+            validate(&TxnRequest { compare: vec![bad], ..Default::default() }),
             Err(TxnError::InvalidCompare { .. })
         ));
     }

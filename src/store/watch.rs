@@ -25,11 +25,7 @@ pub enum WatchError {
     /// The start revision is older than the history window: re-list, then watch from the
     /// revision of the list.
     #[error("revision {requested} is compacted: the history window starts at {oldest}, the current revision is {current}; re-list and watch from the list's revision")]
-    Compacted {
-        requested: i64,
-        oldest: i64,
-        current: i64,
-    },
+    Compacted { requested: i64, oldest: i64, current: i64 },
     /// The watcher did not keep up. Every event before `resume` was delivered.
     #[error("watcher fell behind and was cut off; resume from revision {resume}")]
     Slow { resume: i64 },
@@ -48,15 +44,15 @@ pub struct WatchConfig {
 
 impl Default for WatchConfig {
     fn default() -> Self {
-        WatchConfig {
-            history_events: 100_000,
-            queue_len: 4096,
-        }
+        WatchConfig { history_events: 100_000, queue_len: 4096 }
     }
 }
 
 struct Watcher {
     range: KeyRange,
+    /// Revisions before this were not asked for (a replica can be behind the revision a
+    /// client resumes from).
+    start: i64,
     tx: mpsc::Sender<WatchBatch>,
     end: Arc<Mutex<Option<WatchError>>>,
 }
@@ -83,11 +79,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn matching(range: &KeyRange, events: &[Event]) -> Vec<Event> {
-    events
-        .iter()
-        .filter(|e| e.kv.as_ref().is_some_and(|kv| range.contains(&kv.key)))
-        .cloned()
-        .collect()
+    events.iter().filter(|e| e.kv.as_ref().is_some_and(|kv| range.contains(&kv.key))).cloned().collect()
 }
 
 impl WatchHub {
@@ -136,14 +128,14 @@ impl WatchHub {
             s.window_start = s.history.front().map_or(revision + 1, |(r, _)| *r);
         }
         s.watchers.retain(|_, w| {
+            if revision < w.start {
+                return !w.tx.is_closed();
+            }
             let mine = matching(&w.range, &events);
             if mine.is_empty() {
                 return !w.tx.is_closed();
             }
-            match w.tx.try_send(WatchBatch {
-                revision,
-                events: mine,
-            }) {
+            match w.tx.try_send(WatchBatch { revision, events: mine }) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     *lock(&w.end) = Some(WatchError::Slow { resume: revision });
@@ -171,11 +163,7 @@ impl WatchHub {
         let mut s = lock(&self.state);
         let start = if start <= 0 { s.current + 1 } else { start };
         if start <= s.current && start < s.window_start {
-            return Err(WatchError::Compacted {
-                requested: start,
-                oldest: s.window_start,
-                current: s.current,
-            });
+            return Err(WatchError::Compacted { requested: start, oldest: s.window_start, current: s.current });
         }
         let backlog = s
             .history
@@ -183,32 +171,15 @@ impl WatchHub {
             .filter(|(rev, _)| *rev >= start)
             .filter_map(|(rev, events)| {
                 let mine = matching(&range, events);
-                (!mine.is_empty()).then_some(WatchBatch {
-                    revision: *rev,
-                    events: mine,
-                })
+                (!mine.is_empty()).then_some(WatchBatch { revision: *rev, events: mine })
             })
             .collect();
         let (tx, rx) = mpsc::channel(self.config.queue_len.max(1));
         let end = Arc::new(Mutex::new(None));
         let id = s.next_id;
         s.next_id += 1;
-        s.watchers.insert(
-            id,
-            Watcher {
-                range,
-                tx,
-                end: end.clone(),
-            },
-        );
-        Ok(Watch {
-            backlog,
-            rx,
-            end,
-            hub: Arc::downgrade(self),
-            id,
-            start_current: s.current,
-        })
+        s.watchers.insert(id, Watcher { range, start, tx, end: end.clone() });
+        Ok(Watch { backlog, rx, end, hub: Arc::downgrade(self), id, start_current: s.current })
     }
 }
 
@@ -230,10 +201,9 @@ impl Watch {
         }
         match self.rx.recv().await {
             Some(b) => Ok(b),
-            None => Err(lock(&self.end).clone().unwrap_or(WatchError::Reset {
-                reason: "replica shutting down",
-                current: self.start_current,
-            })),
+            None => Err(lock(&self.end)
+                .clone()
+                .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current })),
         }
     }
 
@@ -259,11 +229,7 @@ mod tests {
     fn ev(key: &str, rev: i64) -> Event {
         Event {
             r#type: event::EventType::Put as i32,
-            kv: Some(KeyValue {
-                key: key.into(),
-                mod_revision: rev,
-                ..Default::default()
-            }),
+            kv: Some(KeyValue { key: key.into(), mod_revision: rev, ..Default::default() }),
             prev_kv: None,
         }
     }
@@ -274,49 +240,28 @@ mod tests {
 
     #[tokio::test]
     async fn watch_from_a_revision_in_the_window_replays_then_follows() {
-        let hub = WatchHub::new(
-            0,
-            WatchConfig {
-                history_events: 100,
-                queue_len: 16,
-            },
-        );
+        let hub = WatchHub::new(0, WatchConfig { history_events: 100, queue_len: 16 });
         for rev in 1..=5 {
             hub.publish(rev, vec![ev(&format!("k{rev}"), rev)]);
         }
         let mut w = hub.watch(all(), 3).unwrap();
         hub.publish(6, vec![ev("k6", 6)]);
-        let revs: Vec<i64> = [
-            w.next().await,
-            w.next().await,
-            w.next().await,
-            w.next().await,
-        ]
-        .into_iter()
-        .map(|b| b.unwrap().revision)
-        .collect();
+        let revs: Vec<i64> = [w.next().await, w.next().await, w.next().await, w.next().await]
+            .into_iter()
+            .map(|b| b.unwrap().revision)
+            .collect();
         assert_eq!(revs, vec![3, 4, 5, 6]);
     }
 
     #[tokio::test]
     async fn revision_older_than_the_window_is_compacted_with_the_current_revision() {
-        let hub = WatchHub::new(
-            0,
-            WatchConfig {
-                history_events: 3,
-                queue_len: 16,
-            },
-        );
+        let hub = WatchHub::new(0, WatchConfig { history_events: 3, queue_len: 16 });
         for rev in 1..=10 {
             hub.publish(rev, vec![ev("k", rev)]);
         }
         assert_eq!(hub.window_start(), 8);
         match hub.watch(all(), 2) {
-            Err(WatchError::Compacted {
-                requested: 2,
-                oldest: 8,
-                current: 10,
-            }) => {}
+            Err(WatchError::Compacted { requested: 2, oldest: 8, current: 10 }) => {}
             Err(other) => panic!("expected Compacted, got {other:?}"),
             Ok(_) => panic!("expected Compacted, got a watch"),
         }
@@ -324,6 +269,18 @@ mod tests {
         // The future is always watchable.
         assert!(hub.watch(all(), 11).is_ok());
         assert!(hub.watch(all(), 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_ahead_of_the_replica_skips_revisions_before_its_start() {
+        let hub = WatchHub::new(0, WatchConfig::default());
+        hub.publish(1, vec![ev("k", 1)]);
+        // The client saw revision 3 elsewhere; this replica is still at 1.
+        let mut w = hub.watch(all(), 4).unwrap();
+        hub.publish(2, vec![ev("k", 2)]);
+        hub.publish(3, vec![ev("k", 3)]);
+        hub.publish(4, vec![ev("k", 4)]);
+        assert_eq!(w.next().await.unwrap().revision, 4);
     }
 
     #[tokio::test]
@@ -340,13 +297,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_watcher_is_cut_off_resumably_without_stalling_others() {
-        let hub = WatchHub::new(
-            0,
-            WatchConfig {
-                history_events: 1000,
-                queue_len: 2,
-            },
-        );
+        let hub = WatchHub::new(0, WatchConfig { history_events: 1000, queue_len: 2 });
         let mut slow = hub.watch(all(), 0).unwrap();
         let mut fast = hub.watch(all(), 0).unwrap();
         for rev in 1..=5 {
@@ -373,13 +324,7 @@ mod tests {
         assert_eq!(hub.watcher_count(), 0);
         let mut w2 = hub.watch(all(), 0).unwrap();
         hub.reset(50, "snapshot installed");
-        assert!(matches!(
-            w2.next().await,
-            Err(WatchError::Reset { current: 50, .. })
-        ));
-        assert!(matches!(
-            hub.watch(all(), 10),
-            Err(WatchError::Compacted { .. })
-        ));
+        assert!(matches!(w2.next().await, Err(WatchError::Reset { current: 50, .. })));
+        assert!(matches!(hub.watch(all(), 10), Err(WatchError::Compacted { .. })));
     }
 }

@@ -32,25 +32,12 @@ impl TestCluster {
     async fn start(n: usize, tune: impl Fn(&mut StoreConfig)) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let faults = Faults::new();
-        let addrs: Vec<SocketAddr> = (0..n)
-            .map(|_| {
-                format!("127.0.0.1:{}", free_port().unwrap())
-                    .parse()
-                    .unwrap()
-            })
-            .collect();
+        let addrs: Vec<SocketAddr> =
+            (0..n).map(|_| format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap()).collect();
         let voters: BTreeMap<u64, Member> = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| {
-                (
-                    i as u64 + 1,
-                    Member {
-                        addr: a.to_string(),
-                        name: format!("replica-{}", i + 1),
-                    },
-                )
-            })
+            .map(|(i, a)| (i as u64 + 1, Member { addr: a.to_string(), name: format!("replica-{}", i + 1) }))
             .collect();
         let mut configs = Vec::new();
         let mut servers = Vec::new();
@@ -58,19 +45,9 @@ impl TestCluster {
             let mut c = test_config(i as u64 + 1, *addr, dir.path());
             tune(&mut c);
             configs.push(c.clone());
-            servers.push(Some(
-                Server::start(c, *addr, Some(voters.clone()), faults.clone())
-                    .await
-                    .unwrap(),
-            ));
+            servers.push(Some(Server::start(c, *addr, Some(voters.clone()), faults.clone()).await.unwrap()));
         }
-        let c = TestCluster {
-            _dir: dir,
-            faults,
-            configs,
-            addrs,
-            servers,
-        };
+        let c = TestCluster { _dir: dir, faults, configs, addrs, servers };
         c.leader().await;
         c
     }
@@ -89,8 +66,7 @@ impl TestCluster {
 
     /// Waits for a leader among the running, connected replicas and returns its index.
     async fn leader(&self) -> usize {
-        self.leader_among(&(0..self.servers.len()).collect::<Vec<_>>())
-            .await
+        self.leader_among(&(0..self.servers.len()).collect::<Vec<_>>()).await
     }
 
     async fn leader_among(&self, idx: &[usize]) -> usize {
@@ -126,14 +102,7 @@ impl TestCluster {
         // The previous instance releases the sled lock once its tasks have wound down.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Server::start(
-                self.configs[i].clone(),
-                self.addrs[i],
-                None,
-                self.faults.clone(),
-            )
-            .await
-            {
+            match Server::start(self.configs[i].clone(), self.addrs[i], None, self.faults.clone()).await {
                 Ok(s) => {
                     self.servers[i] = Some(s);
                     return;
@@ -160,10 +129,7 @@ impl TestCluster {
             })
             .await
             .unwrap();
-        r.kvs
-            .into_iter()
-            .map(|kv| String::from_utf8(kv.key).unwrap())
-            .collect()
+        r.kvs.into_iter().map(|kv| String::from_utf8(kv.key).unwrap()).collect()
     }
 }
 
@@ -214,28 +180,17 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
         let r = c
             .server(s)
             .store
-            .range(pb::RangeRequest {
-                key: b"a/".to_vec(),
-                range_end: prefix_end(b"a/"),
-                ..Default::default()
-            })
+            .range(pb::RangeRequest { key: b"a/".to_vec(), range_end: prefix_end(b"a/"), ..Default::default() })
             .await
             .unwrap();
-        let got: BTreeSet<String> = r
-            .kvs
-            .into_iter()
-            .map(|kv| String::from_utf8(kv.key).unwrap())
-            .collect();
+        let got: BTreeSet<String> = r.kvs.into_iter().map(|kv| String::from_utf8(kv.key).unwrap()).collect();
         assert_eq!(got, acked, "replica {s} lost acknowledged writes");
     }
     // The old leader comes back as a follower and catches up.
     c.restart(old).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while c.keys_on(old, "a/").await != acked {
-        assert!(
-            Instant::now() < deadline,
-            "restarted replica did not catch up"
-        );
+        assert!(Instant::now() < deadline, "restarted replica did not catch up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -250,23 +205,10 @@ async fn a_partitioned_old_leader_cannot_commit_or_serve_linearizable_reads() {
 
     // A write through the isolated leader fails; it never reports success.
     let w = c.server(old).store.txn(put("p/zombie", "x"), true).await;
-    assert!(
-        w.is_err(),
-        "write through a partitioned leader reported success: {w:?}"
-    );
+    assert!(w.is_err(), "write through a partitioned leader reported success: {w:?}");
     // So does a linearizable read.
-    let r = c
-        .server(old)
-        .store
-        .range(pb::RangeRequest {
-            key: b"p/before".to_vec(),
-            ..Default::default()
-        })
-        .await;
-    assert!(
-        r.is_err(),
-        "linearizable read on a partitioned leader succeeded: {r:?}"
-    );
+    let r = c.server(old).store.range(pb::RangeRequest { key: b"p/before".to_vec(), ..Default::default() }).await;
+    assert!(r.is_err(), "linearizable read on a partitioned leader succeeded: {r:?}");
 
     // The majority elects a new leader and keeps committing.
     let new = c.leader_among(&rest).await;
@@ -281,10 +223,7 @@ async fn a_partitioned_old_leader_cannot_commit_or_serve_linearizable_reads() {
             assert!(!keys.contains("p/zombie"), "the zombie write was committed");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "old leader never caught up after the heal"
-        );
+        assert!(Instant::now() < deadline, "old leader never caught up after the heal");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for s in 0..3 {
@@ -308,10 +247,7 @@ async fn a_follower_restarted_after_a_log_purge_catches_up_by_snapshot() {
     let client = c.client(&live);
     let value = "x".repeat(200);
     for i in 0..300 {
-        client
-            .put(format!("s/{i:04}"), value.clone())
-            .await
-            .unwrap();
+        client.put(format!("s/{i:04}"), value.clone()).await.unwrap();
     }
     let leader_status = c.server(c.leader_among(&live).await).store.status();
     assert!(
@@ -330,10 +266,7 @@ async fn a_follower_restarted_after_a_log_purge_catches_up_by_snapshot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let st = c.server(follower).store.status();
-    assert!(
-        st.snapshot_index > before.last_log_index,
-        "follower caught up without installing a snapshot: {st:?}"
-    );
+    assert!(st.snapshot_index > before.last_log_index, "follower caught up without installing a snapshot: {st:?}");
     assert_eq!(st.revision, c.server(c.leader().await).store.revision());
 }
 
@@ -345,11 +278,7 @@ async fn a_watcher_that_reconnects_from_its_last_revision_sees_every_event_once_
     let fallback = others(3, leader)[1];
     let mut stream = c
         .client(&[watched])
-        .watch(pb::WatchRequest {
-            key: b"w/".to_vec(),
-            range_end: prefix_end(b"w/"),
-            ..Default::default()
-        })
+        .watch(pb::WatchRequest { key: b"w/".to_vec(), range_end: prefix_end(b"w/"), ..Default::default() })
         .await
         .unwrap();
     let created = stream.message().await.unwrap().unwrap();
@@ -389,11 +318,7 @@ async fn a_watcher_that_reconnects_from_its_last_revision_sees_every_event_once_
         .await
         .unwrap();
     while seen.len() < 200 {
-        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
         assert!(!msg.canceled, "watch canceled: {}", msg.cancel_reason);
         for e in msg.events {
             let kv = e.kv.unwrap();
@@ -402,10 +327,7 @@ async fn a_watcher_that_reconnects_from_its_last_revision_sees_every_event_once_
     }
     writer.await.unwrap();
     let revs: Vec<i64> = seen.iter().map(|s| s.0).collect();
-    assert!(
-        revs.windows(2).all(|w| w[0] < w[1]),
-        "revisions out of order or repeated: {revs:?}"
-    );
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "revisions out of order or repeated: {seen:?}");
     assert!(revs[0] > start_rev);
     let keys: BTreeSet<&String> = seen.iter().map(|s| &s.1).collect();
     assert_eq!(keys.len(), 200, "every key exactly once");
@@ -431,11 +353,7 @@ async fn watch_from_a_compacted_revision_gets_a_distinct_error_with_the_current_
     assert!(msg.canceled);
     assert!(msg.compact_revision > 1, "{msg:?}");
     assert_eq!(msg.header.unwrap().revision, 30);
-    assert!(
-        msg.cancel_reason.contains("compacted"),
-        "{}",
-        msg.cancel_reason
-    );
+    assert!(msg.cancel_reason.contains("compacted"), "{}", msg.cancel_reason);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -443,32 +361,14 @@ async fn writes_and_linearizable_reads_work_through_any_follower() {
     let c = TestCluster::start(3, |_| {}).await;
     let leader = c.leader().await;
     let f = others(3, leader);
-    let resp = c
-        .server(f[0])
-        .store
-        .txn(put("f/1", "via-follower"), true)
-        .await
-        .unwrap();
+    let resp = c.server(f[0]).store.txn(put("f/1", "via-follower"), true).await.unwrap();
     assert!(resp.succeeded);
     // Immediately visible to a linearizable read on the other follower.
-    let r = c
-        .server(f[1])
-        .store
-        .range(pb::RangeRequest {
-            key: b"f/1".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let r = c.server(f[1]).store.range(pb::RangeRequest { key: b"f/1".to_vec(), ..Default::default() }).await.unwrap();
     assert_eq!(r.kvs[0].value, b"via-follower");
     assert!(r.header.unwrap().revision >= resp.header.unwrap().revision);
     // A request that was already forwarded once is not forwarded again.
-    let e = c
-        .server(f[0])
-        .store
-        .txn(put("f/2", "x"), false)
-        .await
-        .unwrap_err();
+    let e = c.server(f[0]).store.txn(put("f/2", "x"), false).await.unwrap_err();
     assert!(matches!(e, StoreError::NotLeader { .. }), "{e}");
 }
 
@@ -480,29 +380,16 @@ async fn a_learner_is_added_promoted_and_a_member_removed() {
         client.put(format!("m/{i}"), "v").await.unwrap();
     }
     // A fourth replica starts empty and is added as a learner through a follower.
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
-        .parse()
-        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
     let cfg = test_config(4, addr, c._dir.path());
     c.configs.push(cfg.clone());
     c.addrs.push(addr);
-    c.servers.push(Some(
-        Server::start(cfg, addr, None, c.faults.clone())
-            .await
-            .unwrap(),
-    ));
+    c.servers.push(Some(Server::start(cfg, addr, None, c.faults.clone()).await.unwrap()));
     let leader = c.leader_among(&[0, 1, 2]).await;
     let via = others(3, leader)[0];
     c.server(via)
         .store
-        .add_learner(
-            4,
-            Member {
-                addr: addr.to_string(),
-                name: "replica-4".into(),
-            },
-            true,
-        )
+        .add_learner(4, Member { addr: addr.to_string(), name: "replica-4".into() }, true)
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -514,34 +401,15 @@ async fn a_learner_is_added_promoted_and_a_member_removed() {
     assert!(st.members.iter().any(|m| m.id == 4 && !m.voter));
 
     // Promote it, then remove replica of index `via`.
-    c.server(leader)
-        .store
-        .change_membership([1, 2, 3, 4].into(), false)
-        .await
-        .unwrap();
+    c.server(leader).store.change_membership([1, 2, 3, 4].into(), false).await.unwrap();
     let removed = via as u64 + 1;
-    let remaining: BTreeSet<u64> = [1u64, 2, 3, 4]
-        .into_iter()
-        .filter(|i| *i != removed)
-        .collect();
+    let remaining: BTreeSet<u64> = [1u64, 2, 3, 4].into_iter().filter(|i| *i != removed).collect();
     let leader = c.leader().await;
-    c.server(leader)
-        .store
-        .change_membership(remaining.clone(), false)
-        .await
-        .unwrap();
+    c.server(leader).store.change_membership(remaining.clone(), false).await.unwrap();
     let st = c.server(c.leader().await).store.status();
-    let voters: BTreeSet<u64> = st
-        .members
-        .iter()
-        .filter(|m| m.voter)
-        .map(|m| m.id)
-        .collect();
+    let voters: BTreeSet<u64> = st.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
     assert_eq!(voters, remaining);
-    assert!(
-        !st.members.iter().any(|m| m.id == removed),
-        "removed member is gone entirely"
-    );
+    assert!(!st.members.iter().any(|m| m.id == removed), "removed member is gone entirely");
     // The cluster still commits without the removed replica.
     c.stop(via).await;
     let live: Vec<usize> = (0..4).filter(|i| *i != via).collect();

@@ -35,15 +35,8 @@ async fn all_keys(c: &ProcCluster, prefix: &str) -> BTreeSet<String> {
         ..Default::default()
     };
     loop {
-        let r = client
-            .range(req.clone())
-            .await
-            .unwrap_or_else(|e| panic!("range failed: {e}\n{}", log_tails(c)));
-        keys.extend(
-            r.kvs
-                .into_iter()
-                .map(|kv| String::from_utf8(kv.key).unwrap()),
-        );
+        let r = client.range(req.clone()).await.unwrap_or_else(|e| panic!("range failed: {e}\n{}", log_tails(c)));
+        keys.extend(r.kvs.into_iter().map(|kv| String::from_utf8(kv.key).unwrap()));
         if !r.more {
             return keys;
         }
@@ -56,9 +49,7 @@ async fn twenty_kill_9_cycles_under_write_load_lose_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
     let mut c = ProcCluster::start(exe, &dir.path().join("cluster"), 3, &[]).unwrap();
-    c.wait_leader(Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)));
+    c.wait_leader(Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)));
     let mut total_acked = 0usize;
     for cycle in 0..20 {
         let acked = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -84,10 +75,7 @@ async fn twenty_kill_9_cycles_under_write_load_lose_no_acknowledged_write() {
         // Even cycles kill the leader; odd cycles kill every replica at once, so that only
         // what reached the disks can survive.
         let victims: Vec<usize> = if cycle % 2 == 0 {
-            vec![c
-                .wait_leader(Duration::from_secs(30))
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)))]
+            vec![c.wait_leader(Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)))]
         } else {
             vec![0, 1, 2]
         };
@@ -106,21 +94,14 @@ async fn twenty_kill_9_cycles_under_write_load_lose_no_acknowledged_write() {
         if let Err(e) = c.wait_leader(Duration::from_secs(30)).await {
             for i in 0..3 {
                 if let Some(st) = c.exited(i) {
-                    panic!(
-                        "replica {} refused to start ({st}) in cycle {cycle}\n{}",
-                        i + 1,
-                        log_tails(&c)
-                    );
+                    panic!("replica {} refused to start ({st}) in cycle {cycle}\n{}", i + 1, log_tails(&c));
                 }
             }
             panic!("cycle {cycle}: {e}\n{}", log_tails(&c));
         }
         assert!(Instant::now() < deadline);
         let acked = acked.lock().unwrap().clone();
-        assert!(
-            !acked.is_empty(),
-            "cycle {cycle} acknowledged no write at all"
-        );
+        assert!(!acked.is_empty(), "cycle {cycle} acknowledged no write at all");
         let present = all_keys(&c, &format!("d/{cycle:02}/")).await;
         let lost: Vec<&String> = acked.iter().filter(|k| !present.contains(*k)).collect();
         assert!(
@@ -134,12 +115,7 @@ async fn twenty_kill_9_cycles_under_write_load_lose_no_acknowledged_write() {
     eprintln!("20 kill -9 cycles: {total_acked} acknowledged writes, none lost");
     // Nothing from earlier cycles went missing either.
     let present = all_keys(&c, "d/").await;
-    assert!(
-        present.len() >= total_acked,
-        "{} keys present, {} acknowledged",
-        present.len(),
-        total_acked
-    );
+    assert!(present.len() >= total_acked, "{} keys present, {} acknowledged", present.len(), total_acked);
     for i in 0..3 {
         assert!(c.exited(i).is_none(), "replica {} exited", i + 1);
     }

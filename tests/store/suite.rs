@@ -23,18 +23,14 @@ fn stores(kv: Arc<dyn Kv>) -> Result<(LogStore, StateMachine), StorageError<u64>
         ))
     };
     let log = LogStore::open(kv.clone()).map_err(wrap)?;
-    let sm = StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1)
-        .map_err(wrap)?;
+    let sm = StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1).map_err(wrap)?;
     Ok((log, sm))
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let kv: Arc<dyn Kv> =
-            Arc::new(SledKv::open(&dir.path().join("db"), 8 << 20).expect("open sled"));
+        let kv: Arc<dyn Kv> = Arc::new(SledKv::open(&dir.path().join("db"), 8 << 20).expect("open sled"));
         let (log, sm) = stores(kv)?;
         Ok((dir, log, sm))
     }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, Vote};
 use prost::Message;
-use tokio::sync::mpsc;
 
 use super::codec::{self, Entry};
 use super::{storage_err, StorageError, TypeConfig};
@@ -69,7 +68,7 @@ type FlushJob = LogFlushed<TypeConfig>;
 #[derive(Clone)]
 pub struct LogStore {
     kv: Arc<dyn Kv>,
-    flusher: mpsc::UnboundedSender<FlushJob>,
+    flusher: std::sync::mpsc::Sender<FlushJob>,
 }
 
 impl LogStore {
@@ -77,8 +76,12 @@ impl LogStore {
     /// acknowledged. Corruption anywhere else is refused.
     pub fn open(kv: Arc<dyn Kv>) -> Result<LogStore, StoreError> {
         verify_and_repair(kv.as_ref())?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(kv.clone(), rx));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let engine = kv.clone();
+        std::thread::Builder::new()
+            .name("log flusher".into())
+            .spawn(move || flusher(engine, rx))
+            .map_err(|e| StoreError::Stopped(format!("cannot start the log flusher thread: {e}")))?;
         Ok(LogStore { kv, flusher: tx })
     }
 
@@ -95,38 +98,29 @@ impl LogStore {
         }
     }
 
-    fn write_meta(
-        &self,
-        key: &[u8],
-        value: Option<Vec<u8>>,
-        subject: ErrorSubject<u64>,
-    ) -> Result<(), StorageError> {
+    fn write_meta(&self, key: &[u8], value: Option<Vec<u8>>, subject: ErrorSubject<u64>) -> Result<(), StorageError> {
         let mut b = Batch::default();
         match value {
             Some(v) => b.put(key.to_vec(), v),
             None => b.delete(key.to_vec()),
         }
-        self.kv
-            .write(Space::RaftMeta, b)
-            .map_err(|e| storage_err(subject, ErrorVerb::Write, e))
+        self.kv.write(Space::RaftMeta, b).map_err(|e| storage_err(subject, ErrorVerb::Write, e))
     }
 
     async fn flush(&self, subject: ErrorSubject<u64>) -> Result<(), StorageError> {
-        self.kv
-            .flush()
-            .await
-            .map_err(|e| storage_err(subject, ErrorVerb::Write, e))
+        self.kv.flush().await.map_err(|e| storage_err(subject, ErrorVerb::Write, e))
     }
 }
 
-/// Completes every queued append with one flush.
-async fn flusher(kv: Arc<dyn Kv>, mut rx: mpsc::UnboundedReceiver<FlushJob>) {
-    while let Some(first) = rx.recv().await {
+/// Completes every queued append with one flush. A dedicated thread: the flush blocks, and
+/// calling it directly skips a hop through the engine's own thread pool.
+fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {
+    while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while let Ok(more) = rx.try_recv() {
             jobs.push(more);
         }
-        let result = kv.flush().await;
+        let result = kv.flush_blocking();
         for job in jobs {
             let r = match &result {
                 Ok(()) => Ok(()),
@@ -141,16 +135,10 @@ async fn flusher(kv: Arc<dyn Kv>, mut rx: mpsc::UnboundedReceiver<FlushJob>) {
 /// at or below the committed index, cannot be repaired; a bad tail above it is truncated.
 fn verify_and_repair(kv: &dyn Kv) -> Result<(), StoreError> {
     let file = kv.location().to_path_buf();
-    let committed = match kv
-        .get(Space::RaftMeta, COMMITTED)
-        .map_err(StoreError::Engine)?
-    {
+    let committed = match kv.get(Space::RaftMeta, COMMITTED).map_err(StoreError::Engine)? {
         Some(b) => {
-            let id: pb::LogId =
-                codec::decode(&b, "committed log id").map_err(|e| StoreError::Corrupt {
-                    file: file.clone(),
-                    what: format!("committed marker: {e}"),
-                })?;
+            let id: pb::LogId = codec::decode(&b, "committed log id")
+                .map_err(|e| StoreError::Corrupt { file: file.clone(), what: format!("committed marker: {e}") })?;
             Some(id.index)
         }
         None => None,
@@ -165,14 +153,11 @@ fn verify_and_repair(kv: &dyn Kv) -> Result<(), StoreError> {
         })?;
         let problem = match decode_entry(&v) {
             Err(e) => Some(e.to_string()),
-            Ok(e) if e.log_id.index != index => Some(format!(
-                "entry stored at {index} claims index {}",
-                e.log_id.index
-            )),
+            Ok(e) if e.log_id.index != index => {
+                Some(format!("entry stored at {index} claims index {}", e.log_id.index))
+            }
             Ok(_) => match prev {
-                Some(p) if p + 1 != index => {
-                    Some(format!("gap in the log between {p} and {index}"))
-                }
+                Some(p) if p + 1 != index => Some(format!("gap in the log between {p} and {index}")),
                 _ => None,
             },
         };
@@ -192,16 +177,14 @@ fn verify_and_repair(kv: &dyn Kv) -> Result<(), StoreError> {
         if committed.is_some_and(|c| bad <= c) {
             return Err(StoreError::Corrupt {
                 file,
-                what: format!("committed log entry {bad} is damaged ({what}); restore this replica from a peer or a snapshot"),
+                what: format!(
+                    "committed log entry {bad} is damaged ({what}); restore this replica from a peer or a snapshot"
+                ),
             });
         }
         tracing::warn!(file = %file.display(), index = bad, problem = %what, "truncating a damaged, unacknowledged log tail");
         let mut batch = Batch::default();
-        for item in kv.scan(
-            Space::Log,
-            (Bound::Included(index_key(bad)), Bound::Unbounded),
-            false,
-        ) {
+        for item in kv.scan(Space::Log, (Bound::Included(index_key(bad)), Bound::Unbounded), false) {
             let (k, _) = item.map_err(StoreError::Engine)?;
             batch.delete(k);
         }
@@ -228,10 +211,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in self.kv.scan(Space::Log, (start, end), false) {
             let (_, v) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            out.push(
-                decode_entry(&v)
-                    .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?,
-            );
+            out.push(decode_entry(&v).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
         }
         Ok(out)
     }
@@ -242,26 +222,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged = self.read_log_id(LAST_PURGED)?;
-        let last = self
-            .kv
-            .scan(Space::Log, (Bound::Unbounded, Bound::Unbounded), true)
-            .next();
+        let last = self.kv.scan(Space::Log, (Bound::Unbounded, Bound::Unbounded), true).next();
         let last_log_id = match last {
             Some(item) => {
-                let (_, v) =
-                    item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                Some(
-                    decode_entry(&v)
-                        .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
-                        .log_id,
-                )
+                let (_, v) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Some(decode_entry(&v).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?.log_id)
             }
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -269,11 +238,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
-        self.write_meta(
-            VOTE,
-            Some(codec::vote_to_pb(vote).encode_to_vec()),
-            ErrorSubject::Vote,
-        )?;
+        self.write_meta(VOTE, Some(codec::vote_to_pb(vote).encode_to_vec()), ErrorSubject::Vote)?;
         // A vote must be durable before it is acted on.
         self.flush(ErrorSubject::Vote).await
     }
@@ -294,22 +259,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
         // Not flushed: a stale committed marker only makes a restart re-apply from the state
         // machine's own applied index, which is always safe.
-        self.write_meta(
-            COMMITTED,
-            committed.map(|c| codec::log_id_to_pb(&c).encode_to_vec()),
-            ErrorSubject::Store,
-        )
+        self.write_meta(COMMITTED, committed.map(|c| codec::log_id_to_pb(&c).encode_to_vec()), ErrorSubject::Store)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
         self.read_log_id(COMMITTED)
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -318,11 +275,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.put(index_key(e.log_id.index), encode_entry(&e));
         }
-        self.kv
-            .write(Space::Log, batch)
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // Acknowledged only once the flusher has made it durable.
-        if let Err(mpsc::error::SendError(job)) = self.flusher.send(callback) {
+        if let Err(std::sync::mpsc::SendError(job)) = self.flusher.send(callback) {
             job.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
         }
         Ok(())
@@ -330,39 +285,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         let mut batch = Batch::default();
-        for item in self.kv.scan(
-            Space::Log,
-            (Bound::Included(index_key(log_id.index)), Bound::Unbounded),
-            false,
-        ) {
+        for item in self.kv.scan(Space::Log, (Bound::Included(index_key(log_id.index)), Bound::Unbounded), false) {
             let (k, _) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             batch.delete(k);
         }
-        self.kv
-            .write(Space::Log, batch)
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         self.flush(ErrorSubject::Logs).await
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         // Record the purge point first: a crash in between leaves extra entries, never a hole.
-        self.write_meta(
-            LAST_PURGED,
-            Some(codec::log_id_to_pb(&log_id).encode_to_vec()),
-            ErrorSubject::Logs,
-        )?;
+        self.write_meta(LAST_PURGED, Some(codec::log_id_to_pb(&log_id).encode_to_vec()), ErrorSubject::Logs)?;
         let mut batch = Batch::default();
-        for item in self.kv.scan(
-            Space::Log,
-            (Bound::Unbounded, Bound::Included(index_key(log_id.index))),
-            false,
-        ) {
+        for item in self.kv.scan(Space::Log, (Bound::Unbounded, Bound::Included(index_key(log_id.index))), false) {
             let (k, _) = item.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             batch.delete(k);
         }
-        self.kv
-            .write(Space::Log, batch)
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
 
@@ -372,10 +311,7 @@ pub(crate) mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
     pub(crate) fn blank(index: u64) -> Entry {
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Blank,
-        }
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
     }
 
     fn put_raw(kv: &dyn Kv, index: u64, bytes: Vec<u8>) {
@@ -407,10 +343,7 @@ pub(crate) mod tests {
         }
         put_raw(&mid, 3, b"garbage!".to_vec());
         let err = verify_and_repair(&mid).unwrap_err().to_string();
-        assert!(
-            err.contains("log entry 3 is damaged") && err.contains("cannot be repaired"),
-            "{err}"
-        );
+        assert!(err.contains("log entry 3 is damaged") && err.contains("cannot be repaired"), "{err}");
 
         let tail = crate::store::kv::MemKv::new();
         for i in 1..=5 {
@@ -418,10 +351,7 @@ pub(crate) mod tests {
         }
         put_raw(&tail, 5, b"garbage!".to_vec());
         let mut b = Batch::default();
-        b.put(
-            COMMITTED.to_vec(),
-            codec::log_id_to_pb(&blank(5).log_id).encode_to_vec(),
-        );
+        b.put(COMMITTED.to_vec(), codec::log_id_to_pb(&blank(5).log_id).encode_to_vec());
         tail.write(Space::RaftMeta, b).unwrap();
         let err = verify_and_repair(&tail).unwrap_err().to_string();
         assert!(err.contains("committed log entry 5 is damaged"), "{err}");

@@ -31,22 +31,17 @@ impl fmt::Display for Member {
     }
 }
 
-/// The application command carried by the log: one transaction.
+/// The application command carried by the log: a batch of transactions.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Request(pub pb::TxnRequest);
+pub struct Request(pub pb::TxnBatch);
 
-/// What applying a log entry produced.
+/// What applying a log entry produced: one response per transaction.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Response(pub pb::TxnResponse);
+pub struct Response(pub pb::TxnBatchResponse);
 
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "txn({} compares, {} ops)",
-            self.0.compare.len(),
-            self.0.success.len() + self.0.failure.len()
-        )
+        write!(f, "txn batch of {}", self.0.txns.len())
     }
 }
 
@@ -61,15 +56,13 @@ macro_rules! serde_as_protobuf {
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let bytes: Vec<u8> = serde::de::Deserialize::deserialize(d)?;
-                <$inner>::decode(bytes.as_slice())
-                    .map($t)
-                    .map_err(serde::de::Error::custom)
+                <$inner>::decode(bytes.as_slice()).map($t).map_err(serde::de::Error::custom)
             }
         }
     };
 }
-serde_as_protobuf!(Request, pb::TxnRequest);
-serde_as_protobuf!(Response, pb::TxnResponse);
+serde_as_protobuf!(Request, pb::TxnBatch);
+serde_as_protobuf!(Response, pb::TxnBatchResponse);
 
 openraft::declare_raft_types!(
     pub TypeConfig:

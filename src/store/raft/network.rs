@@ -8,13 +8,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch,
-    Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use openraft::SnapshotSegmentId;
 use tonic::transport::{Channel, Endpoint};
@@ -38,10 +37,7 @@ impl Faults {
 
     /// Drops messages from `from` to `to` (one direction).
     pub fn cut(&self, from: u64, to: u64) {
-        self.cut
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((from, to));
+        self.cut.write().unwrap_or_else(|p| p.into_inner()).insert((from, to));
     }
 
     /// Cuts every link between `node` and `others`, both ways.
@@ -57,10 +53,7 @@ impl Faults {
     }
 
     pub fn is_cut(&self, from: u64, to: u64) -> bool {
-        self.cut
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&(from, to))
+        self.cut.read().unwrap_or_else(|p| p.into_inner()).contains(&(from, to))
     }
 }
 
@@ -81,12 +74,7 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(id: u64, faults: Arc<Faults>, connect_timeout: Duration) -> Arc<Peers> {
-        Arc::new(Peers {
-            id,
-            faults,
-            channels: Mutex::new(HashMap::new()),
-            connect_timeout,
-        })
+        Arc::new(Peers { id, faults, channels: Mutex::new(HashMap::new()), connect_timeout })
     }
 
     /// A channel to `addr` (host:port). Connection happens on first use.
@@ -116,11 +104,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> PeerClient {
-        PeerClient {
-            peers: self.peers.clone(),
-            target,
-            addr: node.addr.clone(),
-        }
+        PeerClient { peers: self.peers.clone(), target, addr: node.addr.clone() }
     }
 }
 
@@ -136,27 +120,16 @@ impl PeerClient {
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable> {
         let from = self.peers.id;
         if self.peers.faults.is_cut(from, self.target) {
-            return Err(Unreachable::new(&LinkCut {
-                from,
-                to: self.target,
-            }));
+            return Err(Unreachable::new(&LinkCut { from, to: self.target }));
         }
-        let ch = self
-            .peers
-            .channel(&self.addr)
-            .map_err(|e| Unreachable::new(&e))?;
-        Ok(RaftClient::new(ch)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20))
+        let ch = self.peers.channel(&self.addr).map_err(|e| Unreachable::new(&e))?;
+        Ok(RaftClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
     }
 
     /// Drops the reply if the link back to us is cut (asymmetric partitions).
     fn check_reply(&self) -> Result<(), Unreachable> {
         if self.peers.faults.is_cut(self.target, self.peers.id) {
-            return Err(Unreachable::new(&LinkCut {
-                from: self.target,
-                to: self.peers.id,
-            }));
+            return Err(Unreachable::new(&LinkCut { from: self.target, to: self.peers.id }));
         }
         Ok(())
     }
@@ -193,25 +166,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             entries: rpc.entries.iter().map(codec::entry_to_pb).collect(),
             leader_commit: codec::opt_log_id_to_pb(&rpc.leader_commit),
         };
-        let resp = self
-            .client()?
-            .append_entries(self.request(msg, &option))
-            .await
-            .map_err(|s| self.status_err(s))?;
+        let resp = self.client()?.append_entries(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         use pb::append_entries_response::Result as R;
         match resp.into_inner().result {
             Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
-            Some(R::PartialSuccess(p)) => Ok(AppendEntriesResponse::PartialSuccess(
-                codec::opt_log_id_from_pb(&p.matching).map_err(bad_reply)?,
-            )),
+            Some(R::PartialSuccess(p)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(codec::opt_log_id_from_pb(&p.matching).map_err(bad_reply)?))
+            }
             Some(R::Conflict(_)) => Ok(AppendEntriesResponse::Conflict),
-            Some(R::HigherVote(v)) => Ok(AppendEntriesResponse::HigherVote(
-                codec::vote_from_pb(&Some(v)).map_err(bad_reply)?,
-            )),
-            None => Err(bad_reply(CodecError::Missing(
-                "AppendEntriesResponse.result",
-            ))),
+            Some(R::HigherVote(v)) => {
+                Ok(AppendEntriesResponse::HigherVote(codec::vote_from_pb(&Some(v)).map_err(bad_reply)?))
+            }
+            None => Err(bad_reply(CodecError::Missing("AppendEntriesResponse.result"))),
         }
     }
 
@@ -227,54 +194,32 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             data: rpc.data,
             done: rpc.done,
         };
-        let resp = self
-            .client()?
-            .install_snapshot(self.request(msg, &option))
-            .await
-            .map_err(|s| self.status_err(s))?;
+        let resp = self.client()?.install_snapshot(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         use pb::install_snapshot_response::Result as R;
         match resp.into_inner().result {
-            Some(R::Vote(v)) => Ok(InstallSnapshotResponse {
-                vote: codec::vote_from_pb(&Some(v)).map_err(bad_reply)?,
-            }),
+            Some(R::Vote(v)) => Ok(InstallSnapshotResponse { vote: codec::vote_from_pb(&Some(v)).map_err(bad_reply)? }),
             Some(R::Mismatch(m)) => {
                 let seg = |s: Option<pb::SnapshotSegmentId>| {
                     let s = s.unwrap_or_default();
-                    SnapshotSegmentId {
-                        id: s.id,
-                        offset: s.offset,
-                    }
+                    SnapshotSegmentId { id: s.id, offset: s.offset }
                 };
-                let mismatch = SnapshotMismatch {
-                    expect: seg(m.expect),
-                    got: seg(m.got),
-                };
+                let mismatch = SnapshotMismatch { expect: seg(m.expect), got: seg(m.got) };
                 Err(RPCError::RemoteError(RemoteError::new(
                     self.target,
                     RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)),
                 )))
             }
-            None => Err(bad_reply(CodecError::Missing(
-                "InstallSnapshotResponse.result",
-            ))),
+            None => Err(bad_reply(CodecError::Missing("InstallSnapshotResponse.result"))),
         }
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<u64>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RpcErr> {
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RpcErr> {
         let msg = pb::VoteRequest {
             vote: Some(codec::vote_to_pb(&rpc.vote)),
             last_log_id: codec::opt_log_id_to_pb(&rpc.last_log_id),
         };
-        let resp = self
-            .client()?
-            .vote(self.request(msg, &option))
-            .await
-            .map_err(|s| self.status_err(s))?;
+        let resp = self.client()?.vote(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         let r = resp.into_inner();
         Ok(VoteResponse {

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use super::codec::{self, CodecError};
@@ -27,10 +25,7 @@ impl RaftService {
 
     fn check_link(&self, from: u64) -> Result<(), Status> {
         if self.faults.is_cut(from, self.id) {
-            return Err(Status::unavailable(format!(
-                "link {from} -> {} is cut",
-                self.id
-            )));
+            return Err(Status::unavailable(format!("link {from} -> {} is cut", self.id)));
         }
         Ok(())
     }
@@ -53,12 +48,8 @@ impl pb::raft_server::Raft for RaftService {
         let r = request.into_inner();
         let vote = codec::vote_from_pb(&r.vote).map_err(invalid)?;
         self.check_link(vote.leader_id.node_id)?;
-        let entries = r
-            .entries
-            .into_iter()
-            .map(codec::entry_from_pb)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
+        let entries =
+            r.entries.into_iter().map(codec::entry_from_pb).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
         let req = AppendEntriesRequest {
             vote,
             prev_log_id: codec::opt_log_id_from_pb(&r.prev_log_id).map_err(invalid)?,
@@ -68,28 +59,20 @@ impl pb::raft_server::Raft for RaftService {
         use pb::append_entries_response::Result as R;
         let result = match self.raft.append_entries(req).await.map_err(fatal)? {
             AppendEntriesResponse::Success => R::Success(pb::Blank {}),
-            AppendEntriesResponse::PartialSuccess(m) => R::PartialSuccess(pb::PartialSuccess {
-                matching: codec::opt_log_id_to_pb(&m),
-            }),
+            AppendEntriesResponse::PartialSuccess(m) => {
+                R::PartialSuccess(pb::PartialSuccess { matching: codec::opt_log_id_to_pb(&m) })
+            }
             AppendEntriesResponse::Conflict => R::Conflict(pb::Blank {}),
             AppendEntriesResponse::HigherVote(v) => R::HigherVote(codec::vote_to_pb(&v)),
         };
-        Ok(Response::new(pb::AppendEntriesResponse {
-            result: Some(result),
-        }))
+        Ok(Response::new(pb::AppendEntriesResponse { result: Some(result) }))
     }
 
-    async fn vote(
-        &self,
-        request: Request<pb::VoteRequest>,
-    ) -> Result<Response<pb::VoteResponse>, Status> {
+    async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
         let r = request.into_inner();
         let vote = codec::vote_from_pb(&r.vote).map_err(invalid)?;
         self.check_link(vote.leader_id.node_id)?;
-        let req = VoteRequest {
-            vote,
-            last_log_id: codec::opt_log_id_from_pb(&r.last_log_id).map_err(invalid)?,
-        };
+        let req = VoteRequest { vote, last_log_id: codec::opt_log_id_from_pb(&r.last_log_id).map_err(invalid)? };
         let resp = self.raft.vote(req).await.map_err(fatal)?;
         Ok(Response::new(pb::VoteResponse {
             vote: Some(codec::vote_to_pb(&resp.vote)),
@@ -106,37 +89,19 @@ impl pb::raft_server::Raft for RaftService {
         let vote = codec::vote_from_pb(&r.vote).map_err(invalid)?;
         self.check_link(vote.leader_id.node_id)?;
         let meta = codec::snapshot_meta_from_pb(
-            r.meta
-                .as_ref()
-                .ok_or_else(|| invalid(CodecError::Missing("InstallSnapshotRequest.meta")))?,
+            r.meta.as_ref().ok_or_else(|| invalid(CodecError::Missing("InstallSnapshotRequest.meta")))?,
         )
         .map_err(invalid)?;
-        let req = InstallSnapshotRequest {
-            vote,
-            meta,
-            offset: r.offset,
-            data: r.data,
-            done: r.done,
-        };
+        let req = InstallSnapshotRequest { vote, meta, offset: r.offset, data: r.data, done: r.done };
         use pb::install_snapshot_response::Result as R;
         let result = match self.raft.install_snapshot(req).await {
             Ok(resp) => R::Vote(codec::vote_to_pb(&resp.vote)),
-            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m))) => {
-                R::Mismatch(pb::SnapshotMismatch {
-                    expect: Some(pb::SnapshotSegmentId {
-                        id: m.expect.id,
-                        offset: m.expect.offset,
-                    }),
-                    got: Some(pb::SnapshotSegmentId {
-                        id: m.got.id,
-                        offset: m.got.offset,
-                    }),
-                })
-            }
+            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m))) => R::Mismatch(pb::SnapshotMismatch {
+                expect: Some(pb::SnapshotSegmentId { id: m.expect.id, offset: m.expect.offset }),
+                got: Some(pb::SnapshotSegmentId { id: m.got.id, offset: m.got.offset }),
+            }),
             Err(e) => return Err(fatal(e)),
         };
-        Ok(Response::new(pb::InstallSnapshotResponse {
-            result: Some(result),
-        }))
+        Ok(Response::new(pb::InstallSnapshotResponse { result: Some(result) }))
     }
 }

@@ -12,8 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StoredMembership,
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
 };
 use prost::Message;
 
@@ -66,57 +65,33 @@ struct Persisted {
 }
 
 fn read_persisted(kv: &dyn Kv) -> Result<Persisted, StoreError> {
-    let corrupt = |what: String| StoreError::Corrupt {
-        file: kv.location().to_path_buf(),
-        what,
-    };
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
     let applied = match kv.get(Space::State, APPLIED).map_err(StoreError::Engine)? {
         Some(b) => {
-            let id: pb::LogId =
-                codec::decode(&b, "applied log id").map_err(|e| corrupt(e.to_string()))?;
+            let id: pb::LogId = codec::decode(&b, "applied log id").map_err(|e| corrupt(e.to_string()))?;
             Some(codec::log_id_from_pb(&id).map_err(|e| corrupt(e.to_string()))?)
         }
         None => None,
     };
-    let membership = match kv
-        .get(Space::State, MEMBERSHIP)
-        .map_err(StoreError::Engine)?
-    {
+    let membership = match kv.get(Space::State, MEMBERSHIP).map_err(StoreError::Engine)? {
         Some(b) => {
-            let m: pb::StoredMembership =
-                codec::decode(&b, "membership").map_err(|e| corrupt(e.to_string()))?;
+            let m: pb::StoredMembership = codec::decode(&b, "membership").map_err(|e| corrupt(e.to_string()))?;
             codec::stored_membership_from_pb(&m).map_err(|e| corrupt(e.to_string()))?
         }
         None => StoredMembership::default(),
     };
     let revision = match kv.get(Space::State, REVISION).map_err(StoreError::Engine)? {
-        Some(b) => i64::from_be_bytes(
-            b.as_slice()
-                .try_into()
-                .map_err(|_| corrupt("revision is not 8 bytes".into()))?,
-        ),
+        Some(b) => i64::from_be_bytes(b.as_slice().try_into().map_err(|_| corrupt("revision is not 8 bytes".into()))?),
         None => 0,
     };
-    Ok(Persisted {
-        applied,
-        membership,
-        revision,
-    })
+    Ok(Persisted { applied, membership, revision })
 }
 
-fn meta_batch(
-    batch: &mut Batch,
-    applied: &Option<LogId<u64>>,
-    m: &StoredMembership<u64, Member>,
-    revision: i64,
-) {
+fn meta_batch(batch: &mut Batch, applied: &Option<LogId<u64>>, m: &StoredMembership<u64, Member>, revision: i64) {
     if let Some(a) = applied {
         batch.put(APPLIED.to_vec(), codec::log_id_to_pb(a).encode_to_vec());
     }
-    batch.put(
-        MEMBERSHIP.to_vec(),
-        codec::stored_membership_to_pb(m).encode_to_vec(),
-    );
+    batch.put(MEMBERSHIP.to_vec(), codec::stored_membership_to_pb(m).encode_to_vec());
     batch.put(REVISION.to_vec(), revision.to_be_bytes().to_vec());
 }
 
@@ -136,17 +111,8 @@ impl StateMachine {
                 p = read_persisted(kv.as_ref())?;
             }
         }
-        let shared = Arc::new(Shared {
-            revision: RwLock::new(p.revision),
-            hub: shared_hub(p.revision),
-            member_id,
-        });
-        Ok(StateMachine {
-            kv,
-            shared,
-            last_applied: p.applied,
-            membership: p.membership,
-        })
+        let shared = Arc::new(Shared { revision: RwLock::new(p.revision), hub: shared_hub(p.revision), member_id });
+        Ok(StateMachine { kv, shared, last_applied: p.applied, membership: p.membership })
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -157,32 +123,22 @@ impl StateMachine {
 type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
 
 fn read_snapshot(kv: &dyn Kv) -> Result<Option<StoredSnapshot>, StoreError> {
-    let corrupt = |what: String| StoreError::Corrupt {
-        file: kv.location().to_path_buf(),
-        what,
-    };
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
     let (Some(meta), Some(data)) = (
-        kv.get(Space::Snapshot, SNAP_META)
-            .map_err(StoreError::Engine)?,
-        kv.get(Space::Snapshot, SNAP_DATA)
-            .map_err(StoreError::Engine)?,
+        kv.get(Space::Snapshot, SNAP_META).map_err(StoreError::Engine)?,
+        kv.get(Space::Snapshot, SNAP_DATA).map_err(StoreError::Engine)?,
     ) else {
         return Ok(None);
     };
-    let meta: pb::SnapshotMeta =
-        codec::decode(&meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
+    let meta: pb::SnapshotMeta = codec::decode(&meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
     let meta = codec::snapshot_meta_from_pb(&meta).map_err(|e| corrupt(e.to_string()))?;
     Ok(Some((meta, data)))
 }
 
 /// Replaces the whole state with the snapshot's, in one atomic batch.
 fn install(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result<i64, StoreError> {
-    let corrupt = |what: String| StoreError::Corrupt {
-        file: kv.location().to_path_buf(),
-        what,
-    };
-    let snap: pb::SnapshotData =
-        codec::decode(data, "snapshot data").map_err(|e| corrupt(e.to_string()))?;
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
+    let snap: pb::SnapshotData = codec::decode(data, "snapshot data").map_err(|e| corrupt(e.to_string()))?;
     if snap.format_version != SNAPSHOT_FORMAT {
         return Err(corrupt(format!(
             "snapshot format {} is not supported (want {SNAPSHOT_FORMAT})",
@@ -197,21 +153,9 @@ fn install(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result
     for kv_ in &snap.kvs {
         let mut key = vec![USER_PREFIX];
         key.extend_from_slice(&kv_.key);
-        batch.put(
-            key,
-            pb::KeyValue {
-                key: Vec::new(),
-                ..kv_.clone()
-            }
-            .encode_to_vec(),
-        );
+        batch.put(key, pb::KeyValue { key: Vec::new(), ..kv_.clone() }.encode_to_vec());
     }
-    meta_batch(
-        &mut batch,
-        &meta.last_log_id,
-        &meta.last_membership,
-        snap.revision,
-    );
+    meta_batch(&mut batch, &meta.last_log_id, &meta.last_membership, snap.revision);
     kv.write(Space::State, batch).map_err(StoreError::Engine)?;
     Ok(snap.revision)
 }
@@ -223,9 +167,7 @@ fn store_err(subject: ErrorSubject<u64>, verb: ErrorVerb) -> impl Fn(StoreError)
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, Member>), StorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, Member>), StorageError> {
         Ok((self.last_applied, self.membership.clone()))
     }
 
@@ -244,13 +186,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             match entry.payload {
                 EntryPayload::Blank => responses.push(Response::default()),
                 EntryPayload::Normal(req) => {
-                    let applied = txn::apply(&mut view, revision, &req.0, self.shared.member_id)
-                        .map_err(err)?;
-                    revision = applied.revision;
-                    if !applied.events.is_empty() {
-                        published.push((applied.revision, applied.events));
+                    let mut out = Vec::with_capacity(req.0.txns.len());
+                    for t in &req.0.txns {
+                        let applied = txn::apply(&mut view, revision, t, self.shared.member_id).map_err(err)?;
+                        revision = applied.revision;
+                        if !applied.events.is_empty() {
+                            published.push((applied.revision, applied.events));
+                        }
+                        out.push(applied.response);
                     }
-                    responses.push(Response(applied.response));
+                    responses.push(Response(pb::TxnBatchResponse { responses: out }));
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -290,17 +235,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         let revision = {
             let mut rev = self.shared.write();
-            let r = install(self.kv.as_ref(), meta, &data).map_err(store_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-            ))?;
+            let r = install(self.kv.as_ref(), meta, &data)
+                .map_err(store_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
             *rev = r;
             r
         };
-        self.kv
-            .flush()
-            .await
-            .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.hub.reset(revision, "snapshot installed");
@@ -308,25 +248,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let snap = read_snapshot(self.kv.as_ref())
-            .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
-        Ok(snap.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        let snap = read_snapshot(self.kv.as_ref()).map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        Ok(snap.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
-fn save_snapshot(
-    kv: &dyn Kv,
-    meta: &SnapshotMeta<u64, Member>,
-    data: &[u8],
-) -> Result<(), StoreError> {
+fn save_snapshot(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result<(), StoreError> {
     let mut batch = Batch::default();
-    batch.put(
-        SNAP_META.to_vec(),
-        codec::snapshot_meta_to_pb(meta).encode_to_vec(),
-    );
+    batch.put(SNAP_META.to_vec(), codec::snapshot_meta_to_pb(meta).encode_to_vec());
     batch.put(SNAP_DATA.to_vec(), data.to_vec());
     kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)
 }
@@ -339,38 +268,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let _guard = self.shared.read();
             let p = read_persisted(self.kv.as_ref()).map_err(&err)?;
             let view = Overlay::new(self.kv.as_ref());
-            let kvs = view
-                .range(&txn::KeyRange::new(b"", &[0]))
-                .map_err(|e| err(StoreError::Engine(e)))?;
+            let kvs = view.range(&txn::KeyRange::new(b"", &[0])).map_err(|e| err(StoreError::Engine(e)))?;
             (p, kvs)
         };
-        let data = pb::SnapshotData {
-            format_version: SNAPSHOT_FORMAT,
-            revision: persisted.revision,
-            kvs,
-        }
-        .encode_to_vec();
+        let data =
+            pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: persisted.revision, kvs }.encode_to_vec();
         let snapshot_id = match &persisted.applied {
-            Some(l) => format!(
-                "{}-{}-{}-r{}",
-                l.leader_id.term, l.leader_id.node_id, l.index, persisted.revision
-            ),
+            Some(l) => format!("{}-{}-{}-r{}", l.leader_id.term, l.leader_id.node_id, l.index, persisted.revision),
             None => format!("empty-r{}", persisted.revision),
         };
-        let meta = SnapshotMeta {
-            last_log_id: persisted.applied,
-            last_membership: persisted.membership,
-            snapshot_id,
-        };
+        let meta = SnapshotMeta { last_log_id: persisted.applied, last_membership: persisted.membership, snapshot_id };
         save_snapshot(self.kv.as_ref(), &meta, &data)
             .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
-        self.kv
-            .flush()
-            .await
-            .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }

@@ -1,0 +1,237 @@
+//! Group commit at the proposal level. openraft 0.9 appends one entry per client write and
+//! waits for its flush before taking the next, so concurrent transactions are gathered here
+//! and proposed together as one log entry: one append, one flush and one replication round for
+//! the whole batch. Each transaction still applies at its own revision.
+//!
+//! On a follower the gathered batch is forwarded to the leader in one call, and the leader
+//! gathers forwarded batches with its own. A batch that was forwarded once is never forwarded
+//! again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+
+use super::raft::network::Peers;
+use super::raft::{Raft, Request};
+use super::{StoreError, FORWARDED_HEADER};
+use crate::proto::v1 as pb;
+
+/// A failure shared by every transaction of a batch.
+#[derive(Debug, Clone)]
+pub(crate) enum ProposeError {
+    NoLeader,
+    NotLeader { leader: Option<u64> },
+    Forwarded { addr: String, status: tonic::Status },
+    Timeout,
+    Failed(String),
+}
+
+impl ProposeError {
+    pub(crate) fn into_store(self, id: u64, timeout: Duration) -> StoreError {
+        match self {
+            ProposeError::NoLeader => StoreError::NoLeader(timeout),
+            ProposeError::NotLeader { leader } => StoreError::NotLeader { id, leader },
+            ProposeError::Forwarded { addr, status } => StoreError::Forwarded { addr, status },
+            ProposeError::Timeout => StoreError::Timeout { what: "the write", after: timeout },
+            ProposeError::Failed(e) => StoreError::Stopped(e),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<pb::TxnResponse>, ProposeError>>;
+
+struct Pending {
+    txns: Vec<pb::TxnRequest>,
+    may_forward: bool,
+    reply: Reply,
+}
+
+pub(crate) struct Proposer {
+    tx: mpsc::Sender<Pending>,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    raft: Raft,
+    peers: Arc<Peers>,
+    timeout: Duration,
+}
+
+impl Proposer {
+    /// `max_batch` transactions at most per entry; `in_flight` batches dispatched at once.
+    pub(crate) fn start(
+        raft: Raft,
+        peers: Arc<Peers>,
+        max_batch: usize,
+        in_flight: usize,
+        timeout: Duration,
+    ) -> Proposer {
+        let (tx, rx) = mpsc::channel(4096);
+        let ctx = Ctx { raft, peers, timeout };
+        tokio::spawn(run(ctx, rx, max_batch.max(1), Arc::new(Semaphore::new(in_flight.max(1)))));
+        Proposer { tx }
+    }
+
+    /// Proposes `txns` (in order, adjacent in the log). `may_forward` is false for a batch a
+    /// follower already forwarded to us.
+    pub(crate) async fn propose(
+        &self,
+        txns: Vec<pb::TxnRequest>,
+        may_forward: bool,
+    ) -> Result<Vec<pb::TxnResponse>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { txns, may_forward, reply })
+            .await
+            .map_err(|_| ProposeError::Failed("proposer stopped".into()))?;
+        rx.await.map_err(|_| ProposeError::Failed("proposal dropped".into()))?
+    }
+}
+
+async fn run(ctx: Ctx, mut rx: mpsc::Receiver<Pending>, max_batch: usize, slots: Arc<Semaphore>) {
+    while let Some(first) = rx.recv().await {
+        // While every slot is busy, more proposals queue up and join this batch.
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut count = first.txns.len();
+        let mut batch = vec![first];
+        while count < max_batch {
+            match rx.try_recv() {
+                Ok(p) => {
+                    count += p.txns.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            dispatch(&ctx, batch).await;
+        });
+    }
+}
+
+/// Hands each pending its slice of the responses.
+fn deliver(batch: Vec<Pending>, result: Result<Vec<pb::TxnResponse>, ProposeError>) {
+    match result {
+        Ok(responses) => {
+            let mut it = responses.into_iter();
+            for p in batch {
+                let mine: Vec<pb::TxnResponse> = it.by_ref().take(p.txns.len()).collect();
+                let r = if mine.len() == p.txns.len() {
+                    Ok(mine)
+                } else {
+                    Err(ProposeError::Failed("the state machine returned fewer responses than transactions".into()))
+                };
+                let _ = p.reply.send(r);
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn all_txns(batch: &[Pending]) -> Vec<pb::TxnRequest> {
+    batch.iter().flat_map(|p| p.txns.iter().cloned()).collect()
+}
+
+async fn dispatch(ctx: &Ctx, batch: Vec<Pending>) {
+    let deadline = Instant::now() + ctx.timeout;
+    loop {
+        let (state, leader, addr, me) = {
+            let m = ctx.raft.metrics();
+            let m = m.borrow();
+            let addr =
+                m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+            (m.state, m.current_leader, addr, m.id)
+        };
+        if state == ServerState::Leader {
+            let write = ctx.raft.client_write(Request(pb::TxnBatch { txns: all_txns(&batch) }));
+            let result = match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), write).await {
+                Err(_) => Err(ProposeError::Timeout),
+                Ok(Ok(resp)) => {
+                    let term = resp.log_id.leader_id.term;
+                    let mut out = resp.data.0.responses;
+                    for r in &mut out {
+                        if let Some(h) = r.header.as_mut() {
+                            h.raft_term = term;
+                        }
+                    }
+                    Ok(out)
+                }
+                // Never proposed here, or truncated before it could commit: safe to send on.
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    if wait_for_leader(ctx, deadline).await {
+                        continue;
+                    }
+                    Err(ProposeError::NoLeader)
+                }
+                Ok(Err(e)) => Err(ProposeError::Failed(e.to_string())),
+            };
+            return deliver(batch, result);
+        }
+        match (leader, addr) {
+            (Some(l), Some(addr)) if l != me => {
+                // What was forwarded to us already goes no further.
+                let (fwd, refused): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.may_forward);
+                deliver(refused, Err(ProposeError::NotLeader { leader: Some(l) }));
+                if fwd.is_empty() {
+                    return;
+                }
+                let result = forward(ctx, l, &addr, all_txns(&fwd), deadline).await;
+                return deliver(fwd, result);
+            }
+            _ => {
+                if !wait_for_leader(ctx, deadline).await {
+                    return deliver(batch, Err(ProposeError::NoLeader));
+                }
+            }
+        }
+    }
+}
+
+async fn forward(
+    ctx: &Ctx,
+    leader: u64,
+    addr: &str,
+    txns: Vec<pb::TxnRequest>,
+    deadline: Instant,
+) -> Result<Vec<pb::TxnResponse>, ProposeError> {
+    let unavailable =
+        |msg: String| ProposeError::Forwarded { addr: addr.into(), status: tonic::Status::unavailable(msg) };
+    if ctx.peers.faults.is_cut(ctx.peers.id, leader) {
+        return Err(unavailable(format!("link {} -> {leader} is cut", ctx.peers.id)));
+    }
+    let ch = ctx.peers.channel(addr).map_err(|e| unavailable(e.to_string()))?;
+    let mut req = tonic::Request::new(pb::TxnBatch { txns });
+    req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    let resp = pb::kv_client::KvClient::new(ch)
+        .forward_txns(req)
+        .await
+        .map_err(|status| ProposeError::Forwarded { addr: addr.into(), status })?;
+    if ctx.peers.faults.is_cut(leader, ctx.peers.id) {
+        return Err(unavailable(format!("link {leader} -> {} is cut", ctx.peers.id)));
+    }
+    Ok(resp.into_inner().responses)
+}
+
+/// Waits until some replica other than a non-leading self is known to lead.
+async fn wait_for_leader(ctx: &Ctx, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    ctx.raft
+        .wait(Some(left))
+        .metrics(|m| m.current_leader.is_some_and(|l| l != m.id || m.state == ServerState::Leader), "a leader")
+        .await
+        .is_ok()
+}
