@@ -193,7 +193,8 @@ fn median_ms(mut v: Vec<Duration>) -> (f64, f64) {
 async fn keel_kills(cluster: &mut ProcCluster, kills: usize) -> anyhow::Result<Vec<Duration>> {
     let mut out = Vec::new();
     for k in 0..kills {
-        let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+        // Kill the leader of a healthy cluster: every replica caught up.
+        let leader = cluster.wait_caught_up(Duration::from_secs(20)).await?;
         // Clients that talk to the surviving replicas only: one that keeps calling the dead
         // leader would only measure its own connect timeouts.
         let survivors: Vec<String> =

@@ -214,6 +214,40 @@ impl ProcCluster {
         }
     }
 
+    /// Waits for an agreed leader and for every running replica to hold the leader's whole log
+    /// (an idle, healthy cluster). Returns the leader's index.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> Result<usize, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        let client = self.client(Duration::from_millis(500));
+        loop {
+            let leader = self.wait_leader(deadline.saturating_duration_since(Instant::now())).await?;
+            let want = client.status_of(leader).await.map(|s| s.last_log_index).unwrap_or(u64::MAX);
+            let mut all = true;
+            let mut seen = Vec::new();
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !n.is_running() {
+                    continue;
+                }
+                let applied = client.status_of(i).await.map(|s| s.applied_index).unwrap_or(0);
+                seen.push(format!("replica {} applied {applied}", n.id));
+                if applied < want {
+                    all = false;
+                }
+            }
+            if all {
+                return Ok(leader);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(format!(
+                    "replicas did not catch up within {timeout:?}: leader {} has log index {want}; {}",
+                    leader + 1,
+                    seen.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Kills every node.
     pub fn kill_all(&mut self) {
         for i in 0..self.nodes.len() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -212,6 +212,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             None => Err(bad_reply(CodecError::Missing("InstallSnapshotResponse.result"))),
         }
+    }
+
+    /// After an unreachable peer, retry soon: a restarted replica should catch up within a
+    /// heartbeat or two, not after openraft's default half second.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(Duration::from_millis(100)))
     }
 
     async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RpcErr> {
