@@ -223,6 +223,9 @@ impl Store {
     /// Initializes a new cluster with these voters. Does nothing if this replica already has
     /// state (it was initialized before, or joined).
     pub async fn initialize(&self, voters: BTreeMap<u64, Member>) -> Result<(), StoreError> {
+        if self.inner.raft.is_initialized().await.map_err(|e| StoreError::Stopped(e.to_string()))? {
+            return Ok(());
+        }
         match self.inner.raft.initialize(voters).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),

@@ -3,5 +3,6 @@
 
 mod bench_smoke;
 mod cluster;
+mod corruption;
 mod durability;
 mod suite;
