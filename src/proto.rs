@@ -6,6 +6,8 @@
 /// Keel's own API, package `keel.v1`.
 pub mod v1 {
     tonic::include_proto!("keel.v1");
+    // serde with Kubernetes' JSON names (pbjson), for manifests and printing only.
+    include!(concat!(env!("OUT_DIR"), "/keel.v1.serde.rs"));
 }
 
 /// The encoded file descriptor set of `keel.v1`, served by gRPC reflection.

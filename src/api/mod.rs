@@ -1,0 +1,9 @@
+//! Shared vocabulary of the object API: the Kubernetes-shaped types, the kind registry and
+//! manifest parsing. Knows nothing of Raft or storage.
+
+mod intstr;
+pub mod kinds;
+pub mod manifest;
+pub mod validation;
+
+pub use intstr::{int_or_string, IntOrString};
