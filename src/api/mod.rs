@@ -1,9 +1,12 @@
 //! Shared vocabulary of the object API: the Kubernetes-shaped types, the kind registry and
 //! manifest parsing. Knows nothing of Raft or storage.
 
+pub mod defaults;
 mod intstr;
 pub mod kinds;
 pub mod manifest;
+pub mod object;
+pub mod selector;
 pub mod validation;
 
 pub use intstr::{int_or_string, IntOrString};

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod kv;
+pub mod objects;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -36,6 +37,8 @@ pub struct Server {
     pub store: Store,
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Creates the default namespaces; it retries until the cluster has a leader.
+    bootstrap: tokio::task::JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -65,6 +68,7 @@ impl Server {
             .tcp_nodelay(true)
             .add_service(store.raft_service())
             .add_service(pb::kv_server::KvServer::new(kv::KvService::new(store.clone())))
+            .add_service(pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone())))
             .add_service(pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())))
             .add_service(health)
             .add_service(reflection);
@@ -74,7 +78,8 @@ impl Server {
         if let Some(voters) = initial_cluster {
             store.initialize(voters).await?;
         }
-        Ok(Server { store, addr, task, stop: Some(stop_tx) })
+        let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone()));
+        Ok(Server { store, addr, task, bootstrap, stop: Some(stop_tx) })
     }
 
     /// Stops serving and shuts the store down.
@@ -82,6 +87,7 @@ impl Server {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        self.bootstrap.abort();
         self.store.shutdown().await?;
         self.task.abort();
         Ok(())

@@ -195,13 +195,7 @@ impl Store {
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| StoreError::Stopped(e.to_string()))?;
-        let proposer = proposer::Proposer::start(
-            raft.clone(),
-            peers.clone(),
-            config.max_batch,
-            config.max_in_flight,
-            config.write_timeout,
-        );
+        let proposer = proposer::Proposer::start(raft.clone(), peers.clone(), config.max_batch, config.max_in_flight);
         Ok(Store { inner: Arc::new(Inner { id: config.id, raft, kv, shared, peers, proposer, config }) })
     }
 
@@ -293,13 +287,8 @@ impl Store {
             txn::validate(r)?;
         }
         let timeout = self.inner.config.write_timeout;
-        // The proposer bounds its own work by the same timeout; this guards the queue too.
-        match tokio::time::timeout(timeout + Duration::from_millis(100), self.inner.proposer.propose(reqs, may_forward))
-            .await
-        {
-            Err(_) => Err(StoreError::Timeout { what: "the write", after: timeout }),
-            Ok(r) => r.map_err(|e| e.into_store(self.inner.id, timeout)),
-        }
+        let deadline = Instant::now() + timeout;
+        self.inner.proposer.propose(reqs, may_forward, deadline).await.map_err(|e| e.into_store(self.inner.id, timeout))
     }
 
     /// Confirms with a quorum that this replica leads and returns the index a read must wait

@@ -48,6 +48,9 @@ struct Pending {
     txns: Vec<pb::TxnRequest>,
     may_forward: bool,
     reply: Reply,
+    /// When the caller stops waiting. Nothing is proposed or forwarded for it after that,
+    /// so a write reported as timed out cannot be started later.
+    deadline: Instant,
 }
 
 pub(crate) struct Proposer {
@@ -58,20 +61,13 @@ pub(crate) struct Proposer {
 struct Ctx {
     raft: Raft,
     peers: Arc<Peers>,
-    timeout: Duration,
 }
 
 impl Proposer {
     /// `max_batch` transactions at most per entry; `in_flight` batches dispatched at once.
-    pub(crate) fn start(
-        raft: Raft,
-        peers: Arc<Peers>,
-        max_batch: usize,
-        in_flight: usize,
-        timeout: Duration,
-    ) -> Proposer {
+    pub(crate) fn start(raft: Raft, peers: Arc<Peers>, max_batch: usize, in_flight: usize) -> Proposer {
         let (tx, rx) = mpsc::channel(4096);
-        let ctx = Ctx { raft, peers, timeout };
+        let ctx = Ctx { raft, peers };
         tokio::spawn(run(ctx, rx, max_batch.max(1), Arc::new(Semaphore::new(in_flight.max(1)))));
         Proposer { tx }
     }
@@ -82,13 +78,18 @@ impl Proposer {
         &self,
         txns: Vec<pb::TxnRequest>,
         may_forward: bool,
+        deadline: Instant,
     ) -> Result<Vec<pb::TxnResponse>, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Pending { txns, may_forward, reply })
-            .await
-            .map_err(|_| ProposeError::Failed("proposer stopped".into()))?;
-        rx.await.map_err(|_| ProposeError::Failed("proposal dropped".into()))?
+        let pending = Pending { txns, may_forward, reply, deadline };
+        let wait = async {
+            self.tx.send(pending).await.map_err(|_| ProposeError::Failed("proposer stopped".into()))?;
+            rx.await.map_err(|_| ProposeError::Failed("proposal dropped".into()))?
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(ProposeError::Timeout),
+        }
     }
 }
 
@@ -142,9 +143,14 @@ fn all_txns(batch: &[Pending]) -> Vec<pb::TxnRequest> {
     batch.iter().flat_map(|p| p.txns.iter().cloned()).collect()
 }
 
-async fn dispatch(ctx: &Ctx, batch: Vec<Pending>) {
-    let deadline = Instant::now() + ctx.timeout;
+async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>) {
+    let Some(deadline) = batch.iter().map(|p| p.deadline).min() else { return };
     loop {
+        // Whoever stopped waiting gets nothing started on their behalf.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() || Instant::now() >= deadline {
+            return deliver(batch, Err(ProposeError::Timeout));
+        }
         let (state, leader, addr, me) = {
             let m = ctx.raft.metrics();
             let m = m.borrow();

@@ -1,0 +1,535 @@
+//! The `keel.v1.Objects` service: Kubernetes-shaped objects over the store.
+//!
+//! Every write runs admission (defaulting, then validation) and one store transaction that
+//! compares the object's revision, so writers never overwrite each other blindly. Keys are
+//! `/registry/<resource>/<namespace>/<name>`; `metadata.resourceVersion` is the key's
+//! mod_revision and is never stored inside the value.
+
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::status::from_store;
+use crate::api::kinds::{self, KindInfo};
+use crate::api::selector::{FieldSelector, LabelSelector};
+use crate::api::{defaults, object, validation};
+use crate::proto::v1 as pb;
+use crate::store::{prefix_end, KeyRange, Store, WatchError};
+
+pub const DEFAULT_NAMESPACES: &[&str] = &["default", "kube-system"];
+
+pub struct ObjectsService {
+    store: Store,
+}
+
+impl ObjectsService {
+    pub fn new(store: Store) -> ObjectsService {
+        ObjectsService { store }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// `deployments.apps` or `pods`, as Kubernetes names a resource in its messages.
+fn resource_name(info: &KindInfo) -> String {
+    match info.api_version.split_once('/') {
+        Some((group, _)) => format!("{}.{group}", info.resource),
+        None => info.resource.to_string(),
+    }
+}
+
+fn key(info: &KindInfo, namespace: &str, name: &str) -> String {
+    if info.namespaced {
+        format!("/registry/{}/{namespace}/{name}", info.resource)
+    } else {
+        format!("/registry/{}/{name}", info.resource)
+    }
+}
+
+fn prefix(info: &KindInfo, namespace: &str) -> String {
+    if info.namespaced && !namespace.is_empty() {
+        format!("/registry/{}/{namespace}/", info.resource)
+    } else {
+        format!("/registry/{}/", info.resource)
+    }
+}
+
+fn lookup_kind(kind: &str) -> Result<&'static KindInfo, Status> {
+    kinds::by_name(kind).ok_or_else(|| Status::not_found(format!("the server doesn't have a resource type {kind:?}")))
+}
+
+fn decode(kv: &pb::KeyValue) -> Result<pb::Object, Status> {
+    let mut obj = pb::Object::decode(kv.value.as_slice()).map_err(|e| {
+        Status::internal(format!("stored object at {} is damaged: {e}", String::from_utf8_lossy(&kv.key)))
+    })?;
+    if let Some(m) = object::meta_mut(&mut obj) {
+        m.resource_version = kv.mod_revision.to_string();
+    }
+    object::set_type_meta(&mut obj);
+    Ok(obj)
+}
+
+fn encode(obj: &pb::Object) -> Vec<u8> {
+    let mut stored = obj.clone();
+    if let Some(m) = object::meta_mut(&mut stored) {
+        m.resource_version.clear();
+    }
+    stored.encode_to_vec()
+}
+
+fn invalid(info: &KindInfo, name: &str, errors: Vec<validation::FieldError>) -> Status {
+    let summary = errors.iter().map(|e| format!("{}: {}", e.field, e.detail)).collect::<Vec<_>>().join(", ");
+    let details = pb::FieldViolations {
+        kind: info.name.to_string(),
+        name: name.to_string(),
+        violations: errors.into_iter().map(|e| pb::FieldViolation { field: e.field, detail: e.detail }).collect(),
+    };
+    Status::with_details(
+        tonic::Code::InvalidArgument,
+        format!("The {} {name:?} is invalid: {summary}", info.name),
+        details.encode_to_vec().into(),
+    )
+}
+
+fn conflict(info: &KindInfo, name: &str) -> Status {
+    Status::aborted(format!(
+        "Operation cannot be fulfilled on {} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
+        resource_name(info)
+    ))
+}
+
+fn not_found(info: &KindInfo, name: &str) -> Status {
+    Status::not_found(format!("{} {name:?} not found", resource_name(info)))
+}
+
+fn put(key: &str, value: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest { key: key.into(), value, prev_kv: false })),
+    }
+}
+
+fn delete(key: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: key.into(),
+            range_end: Vec::new(),
+            prev_kv: false,
+        })),
+    }
+}
+
+fn mod_equals(key: &str, rev: i64) -> pb::Compare {
+    pb::Compare {
+        result: pb::compare::CompareResult::Equal as i32,
+        target: pb::compare::Target::Mod as i32,
+        key: key.into(),
+        target_union: Some(pb::compare::TargetUnion::ModRevision(rev)),
+    }
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let id = uuid::Uuid::new_v4();
+    id.as_bytes().iter().take(5).map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+}
+
+impl ObjectsService {
+    async fn read(&self, key: &str) -> Result<Option<pb::KeyValue>, Status> {
+        let r =
+            self.store.range(pb::RangeRequest { key: key.into(), ..Default::default() }).await.map_err(from_store)?;
+        Ok(r.kvs.into_iter().next())
+    }
+
+    /// Checks that a namespaced object's namespace exists and is not terminating; returns the
+    /// namespace key and revision to compare in the write.
+    async fn check_namespace(&self, namespace: &str) -> Result<(String, i64), Status> {
+        let ns_key = key(kinds::info(kinds::Kind::Namespace), "", namespace);
+        let kv = self
+            .read(&ns_key)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("namespaces {namespace:?} not found")))?;
+        let ns = decode(&kv)?;
+        if object::meta(&ns).is_some_and(|m| !m.deletion_timestamp.is_empty()) {
+            return Err(Status::failed_precondition(format!(
+                "unable to create new content in namespace {namespace} because it is being terminated"
+            )));
+        }
+        Ok((ns_key, kv.mod_revision))
+    }
+
+    /// Admission for a create: names, defaults, validation, server-owned metadata.
+    fn admit_new(&self, mut obj: pb::Object) -> Result<(pb::Object, &'static KindInfo), Status> {
+        let info = object::info(&obj).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        {
+            let m = object::meta_mut(&mut obj).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+            if info.namespaced {
+                if m.namespace.is_empty() {
+                    m.namespace = "default".into();
+                }
+            } else {
+                m.namespace.clear();
+            }
+            if m.name.is_empty() && !m.generate_name.is_empty() {
+                m.name = format!("{}{}", m.generate_name, random_suffix());
+            }
+            m.uid = uuid::Uuid::new_v4().to_string();
+            m.creation_timestamp = now();
+            m.deletion_timestamp.clear();
+            m.resource_version.clear();
+        }
+        let has_spec = object::has_status(&obj);
+        if let Some(m) = object::meta_mut(&mut obj) {
+            m.generation = if has_spec { 1 } else { 0 };
+        }
+        object::set_type_meta(&mut obj);
+        defaults::apply(&mut obj);
+        let errors = validation::validate(&obj);
+        if !errors.is_empty() {
+            let name = object::meta(&obj).map(|m| m.name.clone()).unwrap_or_default();
+            return Err(invalid(info, &name, errors));
+        }
+        Ok((obj, info))
+    }
+
+    async fn create_object(&self, obj: pb::Object) -> Result<pb::Object, Status> {
+        let (mut obj, info) = self.admit_new(obj)?;
+        let (namespace, name) = object::meta(&obj).map(|m| (m.namespace.clone(), m.name.clone())).unwrap_or_default();
+        let k = key(info, &namespace, &name);
+        let mut compare = vec![mod_equals(&k, 0)];
+        if info.namespaced {
+            let (ns_key, ns_rev) = self.check_namespace(&namespace).await?;
+            compare.push(mod_equals(&ns_key, ns_rev));
+        }
+        let txn = pb::TxnRequest { compare, success: vec![put(&k, encode(&obj))], failure: vec![] };
+        let resp = self.store.txn(txn, true).await.map_err(from_store)?;
+        if !resp.succeeded {
+            return match self.read(&k).await? {
+                Some(_) => Err(Status::already_exists(format!("{} {name:?} already exists", resource_name(info)))),
+                None => Err(Status::aborted(format!("namespace {namespace:?} changed during the create; retry"))),
+            };
+        }
+        if let Some(m) = object::meta_mut(&mut obj) {
+            m.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+        }
+        Ok(obj)
+    }
+
+    async fn update_object(&self, obj: pb::Object, status_only: bool) -> Result<pb::Object, Status> {
+        let info = object::info(&obj).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        let m = object::meta(&obj).cloned().unwrap_or_default();
+        let namespace =
+            if info.namespaced && m.namespace.is_empty() { "default".to_string() } else { m.namespace.clone() };
+        let k = key(info, &namespace, &m.name);
+        let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &m.name))?;
+        if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
+            return Err(conflict(info, &m.name));
+        }
+        let current = decode(&kv)?;
+        let mut next = if status_only {
+            let mut n = current.clone();
+            object::copy_status(&obj, &mut n);
+            n
+        } else {
+            object::with_status_of(&obj, &current)
+        };
+        let cur_meta = object::meta(&current).cloned().unwrap_or_default();
+        let spec_changed = object::spec_changed(&current, &next);
+        if let Some(nm) = object::meta_mut(&mut next) {
+            nm.namespace = if info.namespaced { namespace.clone() } else { String::new() };
+            nm.uid = cur_meta.uid.clone();
+            nm.creation_timestamp = cur_meta.creation_timestamp.clone();
+            nm.deletion_timestamp = cur_meta.deletion_timestamp.clone();
+            nm.generate_name = cur_meta.generate_name.clone();
+            nm.generation = cur_meta.generation + i64::from(spec_changed && !status_only && cur_meta.generation > 0);
+            nm.resource_version = cur_meta.resource_version.clone();
+        }
+        object::set_type_meta(&mut next);
+        defaults::apply(&mut next);
+        let errors = validation::validate(&next);
+        if !errors.is_empty() {
+            return Err(invalid(info, &m.name, errors));
+        }
+        if next == current {
+            return Ok(current);
+        }
+        let finished = object::meta(&next).is_some_and(|m| !m.deletion_timestamp.is_empty() && m.finalizers.is_empty());
+        let op = if finished { delete(&k) } else { put(&k, encode(&next)) };
+        let txn = pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
+        let resp = self.store.txn(txn, true).await.map_err(from_store)?;
+        if !resp.succeeded {
+            return Err(conflict(info, &m.name));
+        }
+        if let Some(nm) = object::meta_mut(&mut next) {
+            nm.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+        }
+        Ok(next)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+fn field_value(obj: &pb::Object, field: &str) -> String {
+    let m = object::meta(obj);
+    match field {
+        "metadata.name" => m.map(|m| m.name.clone()).unwrap_or_default(),
+        "metadata.namespace" => m.map(|m| m.namespace.clone()).unwrap_or_default(),
+        "spec.nodeName" => object::pod_fields(obj).map(|f| f.0.to_string()).unwrap_or_default(),
+        "status.phase" => object::pod_fields(obj).map(|f| f.1.to_string()).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+struct Filter {
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn parse(labels: &str, fields: &str) -> Result<Filter, Status> {
+        Ok(Filter {
+            labels: LabelSelector::parse(labels).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            fields: FieldSelector::parse(fields).map_err(|e| Status::invalid_argument(e.to_string()))?,
+        })
+    }
+
+    fn matches(&self, obj: &pb::Object) -> bool {
+        let empty = Default::default();
+        let labels = object::meta(obj).map_or(&empty, |m| &m.labels);
+        self.labels.matches(labels) && self.fields.matches(|f| field_value(obj, f))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+#[tonic::async_trait]
+impl pb::objects_server::Objects for ObjectsService {
+    async fn create(&self, request: Request<pb::CreateRequest>) -> Result<Response<pb::Object>, Status> {
+        let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        self.create_object(obj).await.map(Response::new)
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Object>, Status> {
+        let r = request.into_inner().r#ref.unwrap_or_default();
+        let info = lookup_kind(&r.kind)?;
+        let ns = if r.namespace.is_empty() { "default" } else { r.namespace.as_str() };
+        let kv = self.read(&key(info, ns, &r.name)).await?.ok_or_else(|| not_found(info, &r.name))?;
+        decode(&kv).map(Response::new)
+    }
+
+    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let r = request.into_inner();
+        let info = lookup_kind(&r.kind)?;
+        let filter = Filter::parse(&r.label_selector, &r.field_selector)?;
+        let p = prefix(info, &r.namespace);
+        let start = if r.r#continue.is_empty() {
+            p.clone().into_bytes()
+        } else {
+            unhex(&r.r#continue)
+                .filter(|k| k.starts_with(p.as_bytes()))
+                .ok_or_else(|| Status::invalid_argument("continue: not a token from a previous list of this kind"))?
+        };
+        let resp = self
+            .store
+            .range(pb::RangeRequest {
+                key: start,
+                range_end: prefix_end(p.as_bytes()),
+                limit: r.limit.max(0),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_store)?;
+        let mut items = Vec::new();
+        for kv in &resp.kvs {
+            let obj = decode(kv)?;
+            if filter.matches(&obj) {
+                items.push(obj);
+            }
+        }
+        Ok(Response::new(pb::ListResponse {
+            items,
+            resource_version: resp.header.map_or(0, |h| h.revision).to_string(),
+            r#continue: if resp.more { hex(&resp.next_key) } else { String::new() },
+        }))
+    }
+
+    async fn update(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::Object>, Status> {
+        let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        self.update_object(obj, false).await.map(Response::new)
+    }
+
+    async fn update_status(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::Object>, Status> {
+        let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        self.update_object(obj, true).await.map(Response::new)
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = request.into_inner();
+        let reference = r.r#ref.unwrap_or_default();
+        let info = lookup_kind(&reference.kind)?;
+        let ns = if reference.namespace.is_empty() { "default" } else { reference.namespace.as_str() };
+        if info.kind == kinds::Kind::Namespace && DEFAULT_NAMESPACES.contains(&reference.name.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "namespaces {:?} is forbidden: this namespace may not be deleted",
+                reference.name
+            )));
+        }
+        let k = key(info, ns, &reference.name);
+        let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &reference.name))?;
+        if !r.resource_version.is_empty() && r.resource_version != kv.mod_revision.to_string() {
+            return Err(conflict(info, &reference.name));
+        }
+        let mut obj = decode(&kv)?;
+        let policy = match r.propagation_policy.as_str() {
+            "" | "Background" => None,
+            "Foreground" => Some("foregroundDeletion"),
+            "Orphan" => Some("orphan"),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "propagationPolicy: Unsupported value: {other:?}: supported values: \"Background\", \"Foreground\", \"Orphan\""
+                )))
+            }
+        };
+        let mut holds = false;
+        if let Some(m) = object::meta_mut(&mut obj) {
+            if let Some(f) = policy {
+                if !m.finalizers.iter().any(|x| x == f) {
+                    m.finalizers.push(f.to_string());
+                }
+            }
+            holds = !m.finalizers.is_empty();
+            if holds && m.deletion_timestamp.is_empty() {
+                m.deletion_timestamp = now();
+            }
+        }
+        let op = if holds { put(&k, encode(&obj)) } else { delete(&k) };
+        let txn = pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
+        let resp = self.store.txn(txn, true).await.map_err(from_store)?;
+        if !resp.succeeded {
+            return Err(conflict(info, &reference.name));
+        }
+        if holds {
+            if let Some(m) = object::meta_mut(&mut obj) {
+                m.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+            }
+        }
+        Ok(Response::new(pb::DeleteResponse { object: Some(obj), deleted: !holds }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<pb::WatchObjectsRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        let info = lookup_kind(&r.kind)?;
+        let filter = Filter::parse(&r.label_selector, &r.field_selector)?;
+        let start = match r.resource_version.as_str() {
+            "" | "0" => 0,
+            v => {
+                v.parse::<i64>()
+                    .map_err(|_| Status::invalid_argument(format!("resourceVersion: Invalid value: {v:?}")))?
+                    + 1
+            }
+        };
+        let p = prefix(info, &r.namespace);
+        let mut watch = self.store.watch(KeyRange::prefix(p.as_bytes()), start).map_err(|e| match e {
+            WatchError::Compacted { requested, oldest, .. } => Status::out_of_range(format!(
+                "too old resource version: {} ({}); re-list and watch from the list's resourceVersion",
+                requested - 1,
+                oldest - 1
+            )),
+            other => super::status::from_watch(&other),
+        })?;
+        let (tx, rx) = mpsc::channel(256);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut bookmark = tokio::time::interval(Duration::from_secs(1));
+            bookmark.tick().await;
+            loop {
+                let batch = tokio::select! {
+                    b = watch.next() => b,
+                    _ = bookmark.tick(), if r.allow_bookmarks => {
+                        let ev = pb::WatchEvent { r#type: "BOOKMARK".into(), object: None, resource_version: store.revision().to_string() };
+                        if tx.send(Ok(ev)).await.is_err() { return; }
+                        continue;
+                    }
+                };
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(super::status::from_watch(&e))).await;
+                        return;
+                    }
+                };
+                for e in batch.events {
+                    let is_delete = e.r#type == pb::event::EventType::Delete as i32;
+                    let decoded = |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(decode);
+                    let new = if is_delete { None } else { decoded(&e.kv) };
+                    let old = decoded(&e.prev_kv);
+                    let (new, old) = match (new.transpose(), old.transpose()) {
+                        (Ok(n), Ok(o)) => (n, o),
+                        (Err(s), _) | (_, Err(s)) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
+                    };
+                    let rev = batch.revision.to_string();
+                    let was = old.as_ref().is_some_and(|o| filter.matches(o));
+                    let (kind, mut obj) = match new {
+                        Some(n) if filter.matches(&n) => (if was { "MODIFIED" } else { "ADDED" }, n),
+                        Some(n) if was => ("DELETED", n),
+                        Some(_) => continue,
+                        None if was => ("DELETED", old.unwrap_or_default()),
+                        None => continue,
+                    };
+                    if let Some(m) = object::meta_mut(&mut obj) {
+                        m.resource_version = rev.clone();
+                    }
+                    if tx
+                        .send(Ok(pb::WatchEvent { r#type: kind.into(), object: Some(obj), resource_version: rev }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Creates `default` and `kube-system` if they do not exist, retrying until the cluster
+/// has a leader. Every replica runs it; the create is idempotent.
+pub async fn ensure_default_namespaces(store: Store) {
+    let svc = ObjectsService::new(store);
+    for name in DEFAULT_NAMESPACES {
+        let ns = pb::Object {
+            kind: Some(pb::object::Kind::Namespace(pb::Namespace {
+                metadata: Some(pb::ObjectMeta { name: name.to_string(), ..Default::default() }),
+                ..Default::default()
+            })),
+        };
+        loop {
+            match svc.create_object(ns.clone()).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+                Err(s) => {
+                    tracing::debug!(namespace = name, error = %s, "default namespace not created yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The Objects API against a real replica (store + gRPC) on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use keel::api::manifest;
+use keel::harness::free_port;
+use keel::proto::v1 as pb;
+use keel::proto::v1::objects_client::ObjectsClient;
+use keel::server::Server;
+use keel::store::{Faults, StoreConfig};
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Api {
+    _dir: tempfile::TempDir,
+    _server: Server,
+    client: ObjectsClient<Channel>,
+}
+
+async fn start() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
+    let mut cfg = StoreConfig::new(1, addr.to_string(), dir.path().join("node1"));
+    cfg.cache_bytes = 16 << 20;
+    let members = [(1, keel::store::Member { addr: addr.to_string(), name: "replica-1".into() })].into();
+    let server = Server::start(cfg, addr, Some(members), Faults::new()).await.unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = ObjectsClient::new(ch);
+    // The default namespaces appear once the replica leads.
+    for _ in 0..100 {
+        let l = client.list(pb::ListRequest { kind: "ns".into(), ..Default::default() }).await;
+        if l.is_ok_and(|l| l.into_inner().items.len() == 2) {
+            return Api { _dir: dir, _server: server, client };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("default namespaces never appeared");
+}
+
+fn parse(yaml: &str) -> pb::Object {
+    let docs = manifest::split(yaml);
+    manifest::parse_document("test.yaml", &docs[0]).unwrap()
+}
+
+fn deployment(name: &str, labels: &str, image: &str) -> pb::Object {
+    parse(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels: {labels}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      containers:\n      - {{name: main, image: \"{image}\"}}\n"
+    ))
+}
+
+fn meta(o: &pb::Object) -> pb::ObjectMeta {
+    keel::api::object::meta(o).cloned().unwrap()
+}
+
+fn deploy_spec(o: &pb::Object) -> pb::DeploymentSpec {
+    match &o.kind {
+        Some(pb::object::Kind::Deployment(d)) => d.spec.clone().unwrap(),
+        _ => panic!("not a deployment"),
+    }
+}
+
+fn r(kind: &str, ns: &str, name: &str) -> Option<pb::ObjectRef> {
+    Some(pb::ObjectRef { kind: kind.into(), namespace: ns.into(), name: name.into() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_defaults_and_get_round_trip_with_server_metadata() {
+    let mut api = start().await;
+    let created = api
+        .client
+        .create(pb::CreateRequest { object: Some(deployment("web", "{app: web}", "nginx:1.14.2")) })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = meta(&created);
+    assert_eq!(m.namespace, "default");
+    assert!(!m.uid.is_empty() && !m.creation_timestamp.is_empty());
+    assert_eq!(m.generation, 1);
+    assert!(m.resource_version.parse::<i64>().unwrap() > 0);
+    assert_eq!(deploy_spec(&created).replicas, Some(1), "defaulted");
+    let got = api.client.get(pb::GetRequest { r#ref: r("deploy", "default", "web") }).await.unwrap().into_inner();
+    assert_eq!(got, created);
+
+    let dup = api
+        .client
+        .create(pb::CreateRequest { object: Some(deployment("web", "{app: web}", "nginx")) })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert!(dup.message().contains("deployments.apps \"web\" already exists"), "{}", dup.message());
+
+    let mut elsewhere = deployment("web", "{app: web}", "nginx");
+    keel::api::object::meta_mut(&mut elsewhere).unwrap().namespace = "nope".into();
+    let e = api.client.create(pb::CreateRequest { object: Some(elsewhere) }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("namespaces \"nope\" not found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_errors_carry_kubectl_style_messages_and_field_details() {
+    let mut api = start().await;
+    let mut bad = deployment("web", "{app: web}", "nginx");
+    if let Some(pb::object::Kind::Deployment(d)) = bad.kind.as_mut() {
+        d.spec.as_mut().unwrap().template.as_mut().unwrap().spec.as_mut().unwrap().containers[0].image.clear();
+    }
+    let e = api.client.create(pb::CreateRequest { object: Some(bad) }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "The Deployment \"web\" is invalid: spec.template.spec.containers[0].image: Required value"
+    );
+    let details = pb::FieldViolations::decode(e.details()).unwrap();
+    assert_eq!(details.violations[0].field, "spec.template.spec.containers[0].image");
+    // Nothing was written.
+    let e = api.client.get(pb::GetRequest { r#ref: r("deployments", "default", "web") }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_compare_resource_version_and_keep_spec_and_status_apart() {
+    let mut api = start().await;
+    let v1 = api
+        .client
+        .create(pb::CreateRequest { object: Some(deployment("web", "{app: web}", "nginx:1")) })
+        .await
+        .unwrap()
+        .into_inner();
+    // A no-op update writes nothing.
+    let same = api.client.update(pb::UpdateRequest { object: Some(v1.clone()) }).await.unwrap().into_inner();
+    assert_eq!(meta(&same).resource_version, meta(&v1).resource_version);
+    // A spec change bumps generation; a status sent through Update is ignored.
+    let mut v2 = deployment("web", "{app: web}", "nginx:2");
+    keel::api::object::meta_mut(&mut v2).unwrap().resource_version = meta(&v1).resource_version.clone();
+    if let Some(pb::object::Kind::Deployment(d)) = v2.kind.as_mut() {
+        d.status = Some(pb::DeploymentStatus { replicas: 9, ..Default::default() });
+    }
+    let v2 = api.client.update(pb::UpdateRequest { object: Some(v2) }).await.unwrap().into_inner();
+    assert_eq!(meta(&v2).generation, 2);
+    assert_eq!(meta(&v2).uid, meta(&v1).uid);
+    let Some(pb::object::Kind::Deployment(d)) = &v2.kind else { panic!() };
+    assert_eq!(d.status.as_ref().map_or(0, |s| s.replicas), 0, "status is not writable through Update");
+    // A stale resourceVersion conflicts.
+    let stale = api.client.update(pb::UpdateRequest { object: Some(v1.clone()) }).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert!(stale.message().contains("the object has been modified"));
+    // UpdateStatus changes status only, without a generation bump.
+    let mut st = v2.clone();
+    if let Some(pb::object::Kind::Deployment(d)) = st.kind.as_mut() {
+        d.status = Some(pb::DeploymentStatus { replicas: 3, ..Default::default() });
+        d.spec.as_mut().unwrap().replicas = Some(50);
+    }
+    let v3 = api.client.update_status(pb::UpdateRequest { object: Some(st) }).await.unwrap().into_inner();
+    assert_eq!(meta(&v3).generation, 2);
+    assert_eq!(deploy_spec(&v3).replicas, Some(1), "spec is not writable through UpdateStatus");
+    let Some(pb::object::Kind::Deployment(d)) = &v3.kind else { panic!() };
+    assert_eq!(d.status.as_ref().unwrap().replicas, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_label_and_field_selectors_and_pages() {
+    let mut api = start().await;
+    for (i, tier) in ["a", "b", "a", "b", "a"].iter().enumerate() {
+        let d = deployment(&format!("d{i}"), &format!("{{tier: {tier}}}"), "nginx");
+        api.client.create(pb::CreateRequest { object: Some(d) }).await.unwrap();
+    }
+    let names = |l: &pb::ListResponse| l.items.iter().map(|o| meta(o).name).collect::<Vec<_>>();
+    let all =
+        api.client.list(pb::ListRequest { kind: "deploy".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(names(&all), ["d0", "d1", "d2", "d3", "d4"]);
+    let a = api
+        .client
+        .list(pb::ListRequest {
+            kind: "deploy".into(),
+            label_selector: "tier in (a),tier!=b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(&a), ["d0", "d2", "d4"]);
+    let one = api
+        .client
+        .list(pb::ListRequest {
+            kind: "deploy".into(),
+            field_selector: "metadata.name=d3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(&one), ["d3"]);
+    let mut seen = Vec::new();
+    let mut cont = String::new();
+    loop {
+        let page = api
+            .client
+            .list(pb::ListRequest { kind: "deploy".into(), limit: 2, r#continue: cont.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.items.len() <= 2);
+        seen.extend(names(&page));
+        if page.r#continue.is_empty() {
+            break;
+        }
+        cont = page.r#continue;
+    }
+    assert_eq!(seen, names(&all));
+    let e = api
+        .client
+        .list(pb::ListRequest { kind: "deploy".into(), field_selector: "spec.replicas=1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizers_hold_a_deleted_object_until_the_last_one_goes() {
+    let mut api = start().await;
+    let mut d = deployment("held", "{app: held}", "nginx");
+    keel::api::object::meta_mut(&mut d).unwrap().finalizers = vec!["example.com/cleanup".into()];
+    api.client.create(pb::CreateRequest { object: Some(d) }).await.unwrap();
+    let del = api
+        .client
+        .delete(pb::DeleteRequest { r#ref: r("deploy", "", "held"), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!del.deleted);
+    let held = api.client.get(pb::GetRequest { r#ref: r("deploy", "", "held") }).await.unwrap().into_inner();
+    assert!(!meta(&held).deletion_timestamp.is_empty());
+    let mut release = held.clone();
+    keel::api::object::meta_mut(&mut release).unwrap().finalizers.clear();
+    api.client.update(pb::UpdateRequest { object: Some(release) }).await.unwrap();
+    let gone = api.client.get(pb::GetRequest { r#ref: r("deploy", "", "held") }).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    // Foreground deletion is recorded as Kubernetes does, with a finalizer.
+    api.client.create(pb::CreateRequest { object: Some(deployment("fg", "{app: fg}", "nginx")) }).await.unwrap();
+    let fg = api
+        .client
+        .delete(pb::DeleteRequest {
+            r#ref: r("deploy", "", "fg"),
+            propagation_policy: "Foreground".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta(&fg.object.unwrap()).finalizers, ["foregroundDeletion"]);
+    let e =
+        api.client.delete(pb::DeleteRequest { r#ref: r("ns", "", "default"), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_a_list_sees_added_modified_and_deleted_in_order() {
+    let mut api = start().await;
+    let list =
+        api.client.list(pb::ListRequest { kind: "deploy".into(), ..Default::default() }).await.unwrap().into_inner();
+    let mut stream = api
+        .client
+        .watch(pb::WatchObjectsRequest {
+            kind: "deploy".into(),
+            resource_version: list.resource_version.clone(),
+            label_selector: "team=x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let created = api
+        .client
+        .create(pb::CreateRequest { object: Some(deployment("w", "{team: x}", "nginx:1")) })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = created.clone();
+    if let Some(pb::object::Kind::Deployment(d)) = next.kind.as_mut() {
+        d.spec.as_mut().unwrap().replicas = Some(3);
+    }
+    api.client.update(pb::UpdateRequest { object: Some(next) }).await.unwrap();
+    // Leaving the selector is a DELETED for this watcher; an object it never saw is skipped.
+    api.client.create(pb::CreateRequest { object: Some(deployment("other", "{team: y}", "nginx")) }).await.unwrap();
+    api.client.delete(pb::DeleteRequest { r#ref: r("deploy", "", "w"), ..Default::default() }).await.unwrap();
+    let mut types = Vec::new();
+    let mut revs = Vec::new();
+    while types.len() < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+        revs.push(ev.resource_version.parse::<i64>().unwrap());
+        types.push(ev.r#type.clone());
+        assert_eq!(meta(ev.object.as_ref().unwrap()).name, "w");
+    }
+    assert_eq!(types, ["ADDED", "MODIFIED", "DELETED"]);
+    assert!(revs.windows(2).all(|w| w[0] < w[1]));
+    // Bookmarks arrive when asked for.
+    let mut marks = api
+        .client
+        .watch(pb::WatchObjectsRequest { kind: "pods".into(), allow_bookmarks: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = tokio::time::timeout(Duration::from_secs(5), marks.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(ev.r#type, "BOOKMARK");
+    let _ = HashMap::<(), ()>::new();
+}
