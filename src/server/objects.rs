@@ -240,6 +240,8 @@ impl ObjectsService {
             object::with_status_of(&obj, &current)
         };
         let cur_meta = object::meta(&current).cloned().unwrap_or_default();
+        // Compare defaulted to defaulted, so that re-sending a manifest is not a change.
+        defaults::apply(&mut next);
         let spec_changed = object::spec_changed(&current, &next);
         if let Some(nm) = object::meta_mut(&mut next) {
             nm.namespace = if info.namespaced { namespace.clone() } else { String::new() };

@@ -13,10 +13,13 @@ use prost::Message;
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod keelctl;
+
 struct Api {
     _dir: tempfile::TempDir,
     _server: Server,
     client: ObjectsClient<Channel>,
+    addr: String,
 }
 
 async fn start() -> Api {
@@ -32,7 +35,7 @@ async fn start() -> Api {
     for _ in 0..100 {
         let l = client.list(pb::ListRequest { kind: "ns".into(), ..Default::default() }).await;
         if l.is_ok_and(|l| l.into_inner().items.len() == 2) {
-            return Api { _dir: dir, _server: server, client };
+            return Api { _dir: dir, _server: server, client, addr: addr.to_string() };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
