@@ -11,5 +11,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The generated-client examples (examples/python_*.py) need grpcio from PyPI.
+if ! python3 -c "import grpc, grpc_tools, grpc_reflection" 2>/dev/null; then
+  python3 -m pip install --quiet --root-user-action=ignore grpcio grpcio-tools grpcio-reflection
+fi
 command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
 cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked

@@ -61,6 +61,11 @@ impl Server {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        // Many clients (grpcurl, Python's grpcio-reflection) still speak v1alpha.
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
         // Small gRPC frames must not wait for Nagle's algorithm.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -71,7 +76,8 @@ impl Server {
             .add_service(pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone())))
             .add_service(pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())))
             .add_service(health)
-            .add_service(reflection);
+            .add_service(reflection)
+            .add_service(reflection_alpha);
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 mod keelctl;
+mod python;
 
 struct Api {
     _dir: tempfile::TempDir,
