@@ -18,6 +18,23 @@ use crate::proto::{etcd, v1 as pb};
 pub enum BenchCommand {
     /// Puts against three replicas (fsync on), beside etcd, plus leader-kill recovery.
     Store(StoreBench),
+    /// ConfigMap creates through the whole Objects API, beside raw store puts and etcd puts.
+    Api(ApiBench),
+}
+
+#[derive(Args, Clone)]
+pub struct ApiBench {
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub conns_per_replica: usize,
+    /// The etcd binary to compare with ("" skips etcd).
+    #[arg(long, default_value = "etcd")]
+    pub etcd: String,
 }
 
 #[derive(Args, Clone)]
@@ -56,13 +73,57 @@ pub struct StoreBench {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Store(b) => store(b).await,
+        BenchCommand::Api(b) => api(b).await,
     }
+}
+
+async fn api(b: ApiBench) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("keel-bench-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    println!(
+        "keel bench api: 3 replicas, {} clients, {}-byte values, {} s per run",
+        b.clients, b.value_size, b.seconds
+    );
+    let mut rows = Vec::new();
+    {
+        let cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
+        cluster.wait_caught_up(Duration::from_secs(20)).await?;
+        let chans = channels(&cluster.addrs(), b.conns_per_replica)?;
+        // Let the default namespaces appear before creating into one of them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let objects = Target::Objects(chans.iter().cloned().map(pb::objects_client::ObjectsClient::new).collect());
+        let f = put_load(&objects, b.clients, b.seconds, b.value_size, "api").await;
+        rows.push(("keel Objects.Create (ConfigMap)", f));
+        let raw = Target::Keel(chans.into_iter().map(pb::kv_client::KvClient::new).collect());
+        let f = put_load(&raw, b.clients, b.seconds, b.value_size, "raw").await;
+        rows.push(("keel raw store put", f));
+    }
+    if !b.etcd.is_empty() {
+        let e = Etcd::start(&b.etcd, &dir.join("etcd"))?;
+        e.leader(Duration::from_secs(30)).await?;
+        let t = Target::Etcd(
+            channels(&e.client_addrs, b.conns_per_replica)?.into_iter().map(etcd::kv_client::KvClient::new).collect(),
+        );
+        let f = put_load(&t, b.clients, b.seconds, b.value_size, "etcd").await;
+        rows.push(("etcd put", f));
+    }
+    println!();
+    println!("| path | writes/s | p50 ms | p99 ms | errors |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, f) in &rows {
+        println!("| {name} | {:.0} | {:.2} | {:.2} | {} |", f.per_sec, f.p50_ms, f.p99_ms, f.errors);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 #[derive(Clone)]
 enum Target {
     Keel(Vec<pb::kv_client::KvClient<Channel>>),
     Etcd(Vec<etcd::kv_client::KvClient<Channel>>),
+    /// The full object API: each put creates a ConfigMap holding the value.
+    Objects(Vec<pb::objects_client::ObjectsClient<Channel>>),
 }
 
 impl Target {
@@ -70,6 +131,7 @@ impl Target {
         match self {
             Target::Keel(c) => c.len(),
             Target::Etcd(c) => c.len(),
+            Target::Objects(c) => c.len(),
         }
     }
 
@@ -85,6 +147,18 @@ impl Target {
                 let mut req = tonic::Request::new(etcd::PutRequest { key, value, ..Default::default() });
                 req.set_timeout(timeout);
                 c[conn % c.len()].clone().put(req).await.map(|_| ())
+            }
+            Target::Objects(c) => {
+                let name = String::from_utf8_lossy(&key).trim_start_matches("bench/").replace('/', "-");
+                let cm = pb::ConfigMap {
+                    metadata: Some(pb::ObjectMeta { name, namespace: "default".into(), ..Default::default() }),
+                    data: [("v".to_string(), String::from_utf8_lossy(&value).into_owned())].into(),
+                    ..Default::default()
+                };
+                let object = pb::Object { kind: Some(pb::object::Kind::ConfigMap(cm)) };
+                let mut req = tonic::Request::new(pb::CreateRequest { object: Some(object) });
+                req.set_timeout(timeout);
+                c[conn % c.len()].clone().create(req).await.map(|_| ())
             }
         }
     }

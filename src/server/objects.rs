@@ -142,17 +142,23 @@ fn random_suffix() -> String {
 
 impl ObjectsService {
     async fn read(&self, key: &str) -> Result<Option<pb::KeyValue>, Status> {
-        let r =
-            self.store.range(pb::RangeRequest { key: key.into(), ..Default::default() }).await.map_err(from_store)?;
+        self.read_with(key, false).await
+    }
+
+    /// A stale (`serializable`) read is only for values that a transaction then compares, so a
+    /// stale answer fails the write instead of deciding it.
+    async fn read_with(&self, key: &str, serializable: bool) -> Result<Option<pb::KeyValue>, Status> {
+        let req = pb::RangeRequest { key: key.into(), serializable, ..Default::default() };
+        let r = self.store.range(req).await.map_err(from_store)?;
         Ok(r.kvs.into_iter().next())
     }
 
     /// Checks that a namespaced object's namespace exists and is not terminating; returns the
     /// namespace key and revision to compare in the write.
-    async fn check_namespace(&self, namespace: &str) -> Result<(String, i64), Status> {
+    async fn check_namespace(&self, namespace: &str, serializable: bool) -> Result<(String, i64), Status> {
         let ns_key = key(kinds::info(kinds::Kind::Namespace), "", namespace);
         let kv = self
-            .read(&ns_key)
+            .read_with(&ns_key, serializable)
             .await?
             .ok_or_else(|| Status::not_found(format!("namespaces {namespace:?} not found")))?;
         let ns = decode(&kv)?;
@@ -202,23 +208,31 @@ impl ObjectsService {
         let (mut obj, info) = self.admit_new(obj)?;
         let (namespace, name) = object::meta(&obj).map(|m| (m.namespace.clone(), m.name.clone())).unwrap_or_default();
         let k = key(info, &namespace, &name);
-        let mut compare = vec![mod_equals(&k, 0)];
-        if info.namespaced {
-            let (ns_key, ns_rev) = self.check_namespace(&namespace).await?;
-            compare.push(mod_equals(&ns_key, ns_rev));
+        let value = encode(&obj);
+        // First with a local read of the namespace (the transaction compares its revision, so
+        // a stale read only fails the write), then once more with a linearizable read.
+        for serializable in [true, false] {
+            let mut compare = vec![mod_equals(&k, 0)];
+            if info.namespaced {
+                let (ns_key, ns_rev) = match self.check_namespace(&namespace, serializable).await {
+                    Err(e) if serializable && e.code() == tonic::Code::NotFound => continue,
+                    other => other?,
+                };
+                compare.push(mod_equals(&ns_key, ns_rev));
+            }
+            let txn = pb::TxnRequest { compare, success: vec![put(&k, value.clone())], failure: vec![] };
+            let resp = self.store.txn(txn, true).await.map_err(from_store)?;
+            if resp.succeeded {
+                if let Some(m) = object::meta_mut(&mut obj) {
+                    m.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+                }
+                return Ok(obj);
+            }
+            if self.read(&k).await?.is_some() {
+                return Err(Status::already_exists(format!("{} {name:?} already exists", resource_name(info))));
+            }
         }
-        let txn = pb::TxnRequest { compare, success: vec![put(&k, encode(&obj))], failure: vec![] };
-        let resp = self.store.txn(txn, true).await.map_err(from_store)?;
-        if !resp.succeeded {
-            return match self.read(&k).await? {
-                Some(_) => Err(Status::already_exists(format!("{} {name:?} already exists", resource_name(info)))),
-                None => Err(Status::aborted(format!("namespace {namespace:?} changed during the create; retry"))),
-            };
-        }
-        if let Some(m) = object::meta_mut(&mut obj) {
-            m.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
-        }
-        Ok(obj)
+        Err(Status::aborted(format!("namespace {namespace:?} changed during the create; retry")))
     }
 
     async fn update_object(&self, obj: pb::Object, status_only: bool) -> Result<pb::Object, Status> {

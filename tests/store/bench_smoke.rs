@@ -22,3 +22,23 @@ fn store_benchmark_runs_keel_and_etcd_and_prints_the_comparison() {
     assert!(text.contains("keel/etcd"), "no comparison column: {text}");
     assert!(text.contains("  keel: median") && text.contains("  etcd: median"), "no leader-kill figures: {text}");
 }
+
+#[test]
+fn api_benchmark_compares_object_creates_with_raw_puts_and_etcd() {
+    let e2e = std::env::var("KEEL_E2E").is_ok_and(|v| v == "1");
+    let have_etcd = Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_etcd {
+        assert!(!e2e, "KEEL_E2E=1 but etcd is not installed (scripts/setup.sh installs etcd-server)");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["bench", "api", "--seconds", "0.5", "--clients", "4"])
+        .output()
+        .expect("run keel bench api");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["| keel Objects.Create (ConfigMap) |", "| keel raw store put |", "| etcd put |"] {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row} row: {text}"));
+        assert!(line.ends_with("| 0 |"), "errors in {line}");
+    }
+}
