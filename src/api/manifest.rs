@@ -405,6 +405,12 @@ spec:
     fn validation_errors_read_like_kubectl() {
         let e = one(&DEPLOYMENT.replace("image: nginx:1.14.2", "image: <your-image>")).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("spec.template.spec.containers[0].image"));
+        let e = one(
+            &DEPLOYMENT.replace("        ports:\n", "        resources: {limits: {memory: 2GB}}\n        ports:\n")
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("spec.template.spec.containers[0].resources.limits[memory]"), "{e}");
+        assert!(e.message.contains("\"2GB\""), "{e}");
         let e = one("apiVersion: v1\nkind: Namespace\nmetadata:\n  labels: {a: b}\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("metadata.name"));
         assert!(e.message.contains("Required value"));

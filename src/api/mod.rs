@@ -6,6 +6,7 @@ mod intstr;
 pub mod kinds;
 pub mod manifest;
 pub mod object;
+pub mod quantity;
 pub mod selector;
 pub mod validation;
 

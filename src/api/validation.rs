@@ -109,6 +109,35 @@ fn pod_spec(spec: Option<&pb::PodSpec>, path: &str, out: &mut Vec<FieldError>) {
                     format!("Invalid value: {:?}: not a valid image reference", c.image),
                 ));
             }
+            if let Some(res) = &c.resources {
+                for (what, map) in [("limits", &res.limits), ("requests", &res.requests)] {
+                    let mut names: Vec<&String> = map.keys().collect();
+                    names.sort();
+                    for name in names {
+                        let field = format!("{p}.resources.{what}[{name}]");
+                        match crate::api::quantity::Quantity::parse(&map[name]) {
+                            Err(e) => out.push(fe(field, format!("Invalid value: {:?}: {e}", map[name]))),
+                            Ok(q) if q.milli < 0 => out.push(fe(
+                                field,
+                                format!("Invalid value: {:?}: must be greater than or equal to 0", map[name]),
+                            )),
+                            Ok(_) => {}
+                        }
+                    }
+                }
+                for (name, limit) in &res.limits {
+                    if let (Some(req), Ok(l)) = (res.requests.get(name), crate::api::quantity::Quantity::parse(limit)) {
+                        if crate::api::quantity::Quantity::parse(req).is_ok_and(|r| r > l) {
+                            out.push(fe(
+                                format!("{p}.resources.requests[{name}]"),
+                                format!(
+                                    "Invalid value: {req:?}: must be less than or equal to {name} limit of {limit}"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
             let mut ports = HashSet::new();
             for (j, port) in c.ports.iter().enumerate() {
                 if !(1..=65535).contains(&port.container_port) {
