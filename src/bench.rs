@@ -22,26 +22,9 @@ pub enum BenchCommand {
     Api(ApiBench),
 }
 
+/// The load every benchmark shares.
 #[derive(Args, Clone)]
-pub struct ApiBench {
-    #[arg(long, default_value_t = 64)]
-    pub clients: usize,
-    #[arg(long, default_value_t = 5.0)]
-    pub seconds: f64,
-    #[arg(long, default_value_t = 256)]
-    pub value_size: usize,
-    #[arg(long, default_value_t = 4)]
-    pub conns_per_replica: usize,
-    /// The etcd binary to compare with ("" skips etcd).
-    #[arg(long, default_value = "etcd")]
-    pub etcd: String,
-}
-
-#[derive(Args, Clone)]
-pub struct StoreBench {
-    /// Concurrent clients, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
-    pub clients: Vec<usize>,
+pub struct LoadArgs {
     /// Seconds per run.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -50,12 +33,29 @@ pub struct StoreBench {
     /// gRPC connections per replica shared by the clients.
     #[arg(long, default_value_t = 4)]
     pub conns_per_replica: usize,
-    /// Leader kills to time (0 skips).
-    #[arg(long, default_value_t = 10)]
-    pub kills: usize,
     /// The etcd binary to compare with ("" skips etcd).
     #[arg(long, default_value = "etcd")]
     pub etcd: String,
+}
+
+#[derive(Args, Clone)]
+pub struct ApiBench {
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct StoreBench {
+    /// Concurrent clients, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub clients: Vec<usize>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Leader kills to time (0 skips).
+    #[arg(long, default_value_t = 10)]
+    pub kills: usize,
     /// Replicas per cluster (3 for the comparison; 1 shows the cost without replication).
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
@@ -83,29 +83,32 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     println!(
         "keel bench api: 3 replicas, {} clients, {}-byte values, {} s per run",
-        b.clients, b.value_size, b.seconds
+        b.clients, b.load.value_size, b.load.seconds
     );
     let mut rows = Vec::new();
     {
         let cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
         cluster.wait_caught_up(Duration::from_secs(20)).await?;
-        let chans = channels(&cluster.addrs(), b.conns_per_replica)?;
+        let chans = channels(&cluster.addrs(), b.load.conns_per_replica)?;
         // Let the default namespaces appear before creating into one of them.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let objects = Target::Objects(chans.iter().cloned().map(pb::objects_client::ObjectsClient::new).collect());
-        let f = put_load(&objects, b.clients, b.seconds, b.value_size, "api").await;
+        let f = put_load(&objects, b.clients, b.load.seconds, b.load.value_size, "api").await;
         rows.push(("keel Objects.Create (ConfigMap)", f));
         let raw = Target::Keel(chans.into_iter().map(pb::kv_client::KvClient::new).collect());
-        let f = put_load(&raw, b.clients, b.seconds, b.value_size, "raw").await;
+        let f = put_load(&raw, b.clients, b.load.seconds, b.load.value_size, "raw").await;
         rows.push(("keel raw store put", f));
     }
-    if !b.etcd.is_empty() {
-        let e = Etcd::start(&b.etcd, &dir.join("etcd"))?;
+    if !b.load.etcd.is_empty() {
+        let e = Etcd::start(&b.load.etcd, &dir.join("etcd"))?;
         e.leader(Duration::from_secs(30)).await?;
         let t = Target::Etcd(
-            channels(&e.client_addrs, b.conns_per_replica)?.into_iter().map(etcd::kv_client::KvClient::new).collect(),
+            channels(&e.client_addrs, b.load.conns_per_replica)?
+                .into_iter()
+                .map(etcd::kv_client::KvClient::new)
+                .collect(),
         );
-        let f = put_load(&t, b.clients, b.seconds, b.value_size, "etcd").await;
+        let f = put_load(&t, b.clients, b.load.seconds, b.load.value_size, "etcd").await;
         rows.push(("etcd put", f));
     }
     println!();
@@ -428,15 +431,16 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
 
     println!(
         "keel bench store: {} replicas on loopback, fsync on, {}-byte values, {} s per run",
-        b.replicas, b.value_size, b.seconds
+        b.replicas, b.load.value_size, b.load.seconds
     );
     let mut cluster = ProcCluster::start(&exe, &dir.join("keel"), b.replicas, &b.server_args)?;
     let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
     let addrs = if b.leader_only { vec![cluster.nodes[leader].addr.clone()] } else { cluster.addrs() };
-    let keel =
-        Target::Keel(channels(&addrs, b.conns_per_replica)?.into_iter().map(pb::kv_client::KvClient::new).collect());
+    let keel = Target::Keel(
+        channels(&addrs, b.load.conns_per_replica)?.into_iter().map(pb::kv_client::KvClient::new).collect(),
+    );
     for &c in &b.clients {
-        let f = put_load(&keel, c, b.seconds, b.value_size, &format!("c{c}")).await;
+        let f = put_load(&keel, c, b.load.seconds, b.load.value_size, &format!("c{c}")).await;
         println!(
             "  keel {c:>4} clients: {:>8.0} writes/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} errors)",
             f.per_sec, f.p50_ms, f.p99_ms, f.errors
@@ -450,15 +454,18 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
     drop(cluster);
 
     let mut etcd_kill = None;
-    if !b.etcd.is_empty() {
-        let mut e = Etcd::start(&b.etcd, &dir.join("etcd"))?;
+    if !b.load.etcd.is_empty() {
+        let mut e = Etcd::start(&b.load.etcd, &dir.join("etcd"))?;
         e.leader(Duration::from_secs(30)).await?;
         let target = Target::Etcd(
-            channels(&e.client_addrs, b.conns_per_replica)?.into_iter().map(etcd::kv_client::KvClient::new).collect(),
+            channels(&e.client_addrs, b.load.conns_per_replica)?
+                .into_iter()
+                .map(etcd::kv_client::KvClient::new)
+                .collect(),
         );
         debug_assert!(target.conns() > 0);
         for row in rows.iter_mut() {
-            let f = put_load(&target, row.0, b.seconds, b.value_size, &format!("c{}", row.0)).await;
+            let f = put_load(&target, row.0, b.load.seconds, b.load.value_size, &format!("c{}", row.0)).await;
             println!(
                 "  etcd {:>4} clients: {:>8.0} writes/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} errors)",
                 row.0, f.per_sec, f.p50_ms, f.p99_ms, f.errors
