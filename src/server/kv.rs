@@ -33,6 +33,11 @@ fn single(op: pb::request_op::Request) -> pb::TxnRequest {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
+enum Next {
+    Batch(Result<crate::store::WatchBatch, WatchError>),
+    Progress(i64),
+}
+
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
@@ -102,21 +107,30 @@ impl pb::kv_server::Kv for KvService {
                         return;
                     }
                     loop {
-                        let next = match progress {
-                            Some(p) => tokio::time::timeout(p, watch.next()).await.ok(),
-                            None => Some(watch.next().await),
+                        let idle = tokio::time::sleep(progress.unwrap_or(Duration::MAX));
+                        let next = tokio::select! {
+                            biased;
+                            // A client that went away ends the watch, even on a quiet range.
+                            _ = tx.closed() => return,
+                            b = watch.next() => Next::Batch(b),
+                            _ = idle, if progress.is_some() => {
+                                // Read the revision first: everything up to it is already queued
+                                // for this watch, so a queued batch goes out before any notice.
+                                let rev = store.watch_revision();
+                                match watch.try_next() {
+                                    Some(b) => Next::Batch(b),
+                                    None => Next::Progress(rev),
+                                }
+                            }
                         };
                         let msg = match next {
-                            // Idle: a progress notification with the current revision.
-                            None => pb::WatchResponse {
-                                header: Some(pb::ResponseHeader {
-                                    revision: store.revision(),
-                                    member_id: store.id(),
-                                    raft_term: 0,
-                                }),
+                            // Idle: a progress notification with a revision up to which every
+                            // event was delivered.
+                            Next::Progress(revision) => pb::WatchResponse {
+                                header: Some(pb::ResponseHeader { revision, member_id: store.id(), raft_term: 0 }),
                                 ..Default::default()
                             },
-                            Some(Ok(batch)) => {
+                            Next::Batch(Ok(batch)) => {
                                 let mut events = batch.events;
                                 if !prev_kv {
                                     for e in &mut events {
@@ -133,7 +147,7 @@ impl pb::kv_server::Kv for KvService {
                                     ..Default::default()
                                 }
                             }
-                            Some(Err(e)) => {
+                            Next::Batch(Err(e)) => {
                                 let (compact, resume) = match &e {
                                     WatchError::Slow { resume } => (0, *resume),
                                     WatchError::Reset { current, .. } => (current + 1, 0),

@@ -350,11 +350,14 @@ impl pb::objects_server::Objects for ObjectsService {
         let info = lookup_kind(&r.kind)?;
         let filter = Filter::parse(&r.label_selector, &r.field_selector)?;
         let p = prefix(info, &r.namespace);
-        let start = if r.r#continue.is_empty() {
-            p.clone().into_bytes()
+        // The token carries the first page's revision, so that every page reports it and a
+        // watch from it replays whatever changed while the pages were read.
+        let (first_rev, start) = if r.r#continue.is_empty() {
+            (None, p.clone().into_bytes())
         } else {
             unhex(&r.r#continue)
-                .filter(|k| k.starts_with(p.as_bytes()))
+                .filter(|t| t.len() > 8 && t[8..].starts_with(p.as_bytes()))
+                .map(|t| (Some(i64::from_be_bytes(t[..8].try_into().unwrap_or_default())), t[8..].to_vec()))
                 .ok_or_else(|| Status::invalid_argument("continue: not a token from a previous list of this kind"))?
         };
         let resp = self
@@ -374,10 +377,16 @@ impl pb::objects_server::Objects for ObjectsService {
                 items.push(obj);
             }
         }
+        let rev = first_rev.unwrap_or_else(|| resp.header.map_or(0, |h| h.revision));
+        let token = |next: &[u8]| {
+            let mut t = rev.to_be_bytes().to_vec();
+            t.extend_from_slice(next);
+            hex(&t)
+        };
         Ok(Response::new(pb::ListResponse {
             items,
-            resource_version: resp.header.map_or(0, |h| h.revision).to_string(),
-            r#continue: if resp.more { hex(&resp.next_key) } else { String::new() },
+            resource_version: rev.to_string(),
+            r#continue: if resp.more { token(&resp.next_key) } else { String::new() },
         }))
     }
 
@@ -452,11 +461,12 @@ impl pb::objects_server::Objects for ObjectsService {
         let filter = Filter::parse(&r.label_selector, &r.field_selector)?;
         let start = match r.resource_version.as_str() {
             "" | "0" => 0,
-            v => {
-                v.parse::<i64>()
-                    .map_err(|_| Status::invalid_argument(format!("resourceVersion: Invalid value: {v:?}")))?
-                    + 1
-            }
+            v => v
+                .parse::<i64>()
+                .ok()
+                .filter(|rv| *rv >= 0)
+                .and_then(|rv| rv.checked_add(1))
+                .ok_or_else(|| Status::invalid_argument(format!("resourceVersion: Invalid value: {v:?}")))?,
         };
         let p = prefix(info, &r.namespace);
         let mut watch = self.store.watch(KeyRange::prefix(p.as_bytes()), start).map_err(|e| match e {
@@ -474,56 +484,77 @@ impl pb::objects_server::Objects for ObjectsService {
             bookmark.tick().await;
             loop {
                 let batch = tokio::select! {
+                    biased;
+                    // A client that went away ends the watch, even on a quiet range.
+                    _ = tx.closed() => return,
                     b = watch.next() => b,
                     _ = bookmark.tick(), if r.allow_bookmarks => {
-                        let ev = pb::WatchEvent { r#type: "BOOKMARK".into(), object: None, resource_version: store.revision().to_string() };
+                        // Every event up to `rev` is queued for this watch already: send them
+                        // first, so that the bookmark never runs ahead of what was delivered.
+                        let rev = store.watch_revision();
+                        while let Some(b) = watch.try_next() {
+                            if !send_batch(&tx, &filter, b).await {
+                                return;
+                            }
+                        }
+                        let ev = pb::WatchEvent { r#type: "BOOKMARK".into(), object: None, resource_version: rev.to_string() };
                         if tx.send(Ok(ev)).await.is_err() { return; }
                         continue;
                     }
                 };
-                let batch = match batch {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(super::status::from_watch(&e))).await;
-                        return;
-                    }
-                };
-                for e in batch.events {
-                    let is_delete = e.r#type == pb::event::EventType::Delete as i32;
-                    let decoded = |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(decode);
-                    let new = if is_delete { None } else { decoded(&e.kv) };
-                    let old = decoded(&e.prev_kv);
-                    let (new, old) = match (new.transpose(), old.transpose()) {
-                        (Ok(n), Ok(o)) => (n, o),
-                        (Err(s), _) | (_, Err(s)) => {
-                            let _ = tx.send(Err(s)).await;
-                            return;
-                        }
-                    };
-                    let rev = batch.revision.to_string();
-                    let was = old.as_ref().is_some_and(|o| filter.matches(o));
-                    let (kind, mut obj) = match new {
-                        Some(n) if filter.matches(&n) => (if was { "MODIFIED" } else { "ADDED" }, n),
-                        Some(n) if was => ("DELETED", n),
-                        Some(_) => continue,
-                        None if was => ("DELETED", old.unwrap_or_default()),
-                        None => continue,
-                    };
-                    if let Some(m) = object::meta_mut(&mut obj) {
-                        m.resource_version = rev.clone();
-                    }
-                    if tx
-                        .send(Ok(pb::WatchEvent { r#type: kind.into(), object: Some(obj), resource_version: rev }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                if !send_batch(&tx, &filter, batch).await {
+                    return;
                 }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Sends one batch's events that pass the filter, mapping selector transitions (an object
+/// that stops matching is DELETED for this watcher). False when the watch is over.
+async fn send_batch(
+    tx: &mpsc::Sender<Result<pb::WatchEvent, Status>>,
+    filter: &Filter,
+    batch: Result<crate::store::WatchBatch, WatchError>,
+) -> bool {
+    let batch = match batch {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = tx.send(Err(super::status::from_watch(&e))).await;
+            return false;
+        }
+    };
+    for e in batch.events {
+        let is_delete = e.r#type == pb::event::EventType::Delete as i32;
+        let decoded = |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(decode);
+        let new = if is_delete { None } else { decoded(&e.kv) };
+        let old = decoded(&e.prev_kv);
+        let (new, old) = match (new.transpose(), old.transpose()) {
+            (Ok(n), Ok(o)) => (n, o),
+            (Err(s), _) | (_, Err(s)) => {
+                let _ = tx.send(Err(s)).await;
+                return false;
+            }
+        };
+        let rev = batch.revision.to_string();
+        let was = old.as_ref().is_some_and(|o| filter.matches(o));
+        let (kind, mut obj) = match new {
+            Some(n) if filter.matches(&n) => (if was { "MODIFIED" } else { "ADDED" }, n),
+            Some(n) if was => ("DELETED", n),
+            Some(_) => continue,
+            None if was => ("DELETED", old.unwrap_or_default()),
+            None => continue,
+        };
+        if let Some(m) = object::meta_mut(&mut obj) {
+            m.resource_version = rev.clone();
+        }
+        if tx.send(Ok(pb::WatchEvent { r#type: kind.into(), object: Some(obj), resource_version: rev })).await.is_err()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// Creates `default` and `kube-system` if they do not exist, retrying until the cluster

@@ -363,6 +363,12 @@ impl Store {
         self.inner.shared.hub.watch(range, start_revision)
     }
 
+    /// The newest revision whose events every watch has been handed. A watcher that drains
+    /// its queue after reading this has seen everything up to it (for bookmarks).
+    pub fn watch_revision(&self) -> i64 {
+        self.inner.shared.hub.current_revision()
+    }
+
     /// The revision of this replica's applied state.
     pub fn revision(&self) -> i64 {
         *self.inner.shared.read()

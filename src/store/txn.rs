@@ -31,6 +31,8 @@ pub enum TxnError {
     InvalidCompare { key: String, reason: &'static str },
     #[error("request op {0} has no operation")]
     EmptyOp(usize),
+    #[error("range starting at {0:?} ends at or before its start")]
+    EmptyRange(String),
 }
 
 /// A key range as etcd defines it: an empty end means one key, `[0]` means every key from
@@ -121,6 +123,10 @@ impl<'a> Overlay<'a> {
         if range.single {
             return Ok(self.get(&range.start)?.into_iter().collect());
         }
+        // An inverted range is empty (as in etcd); BTreeMap::range would panic on it.
+        if range.end.as_ref().is_some_and(|end| end.as_slice() <= range.start.as_slice()) {
+            return Ok(Vec::new());
+        }
         let start = Bound::Included(user_key(&range.start));
         let end = match &range.end {
             Some(e) => Bound::Excluded(user_key(e)),
@@ -188,6 +194,7 @@ pub fn validate(req: &TxnRequest) -> Result<(), TxnError> {
     }
     for ops in [&req.success, &req.failure] {
         let mut written: Vec<&[u8]> = Vec::new();
+        let mut deleted: Vec<KeyRange> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             match &op.request {
                 None => return Err(TxnError::EmptyOp(i)),
@@ -195,18 +202,39 @@ pub fn validate(req: &TxnRequest) -> Result<(), TxnError> {
                     if p.key.is_empty() {
                         return Err(TxnError::EmptyKey);
                     }
-                    if written.contains(&p.key.as_slice()) {
+                    if written.contains(&p.key.as_slice()) || deleted.iter().any(|d| d.contains(&p.key)) {
                         return Err(TxnError::DuplicateKey(String::from_utf8_lossy(&p.key).into_owned()));
                     }
                     written.push(&p.key);
                 }
-                Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => return Err(TxnError::EmptyKey),
-                Some(request_op::Request::RequestRange(r)) if r.key.is_empty() && r.range_end != [0] => {
-                    return Err(TxnError::EmptyKey)
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    if d.key.is_empty() {
+                        return Err(TxnError::EmptyKey);
+                    }
+                    check_range(&d.key, &d.range_end)?;
+                    let range = KeyRange::new(&d.key, &d.range_end);
+                    // etcd refuses a put and a delete of the same key in one transaction.
+                    if let Some(k) = written.iter().find(|k| range.contains(k)) {
+                        return Err(TxnError::DuplicateKey(String::from_utf8_lossy(k).into_owned()));
+                    }
+                    deleted.push(range);
                 }
-                Some(_) => {}
+                Some(request_op::Request::RequestRange(r)) => {
+                    if r.key.is_empty() && r.range_end != [0] {
+                        return Err(TxnError::EmptyKey);
+                    }
+                    check_range(&r.key, &r.range_end)?;
+                }
             }
         }
+    }
+    Ok(())
+}
+
+/// A range end must be empty (one key), `[0]` (every key from `key`) or above `key`.
+pub fn check_range(key: &[u8], range_end: &[u8]) -> Result<(), TxnError> {
+    if !range_end.is_empty() && range_end != [0] && range_end <= key {
+        return Err(TxnError::EmptyRange(String::from_utf8_lossy(key).into_owned()));
     }
     Ok(())
 }
@@ -593,6 +621,15 @@ mod tests {
             validate(&TxnRequest { compare: vec![bad], ..Default::default() }),
             Err(TxnError::InvalidCompare { .. })
         ));
+    }
+
+    #[test]
+    fn an_inverted_range_is_empty_and_never_panics_with_pending_writes() {
+        let kv = MemKv::new();
+        let mut view = Overlay::new(&kv);
+        let mut events = Vec::new();
+        put(&mut view, &PutRequest { key: "a".into(), value: "1".into(), prev_kv: false }, 1, &mut events).unwrap();
+        assert!(view.range(&KeyRange::new(b"c", b"b")).unwrap().is_empty());
     }
 
     #[test]

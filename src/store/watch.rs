@@ -207,6 +207,20 @@ impl Watch {
         }
     }
 
+    /// The next batch if one is already queued, without waiting.
+    pub fn try_next(&mut self) -> Option<Result<WatchBatch, WatchError>> {
+        if let Some(b) = self.backlog.pop_front() {
+            return Some(Ok(b));
+        }
+        match self.rx.try_recv() {
+            Ok(b) => Some(Ok(b)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(lock(&self.end)
+                .clone()
+                .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current }))),
+        }
+    }
+
     /// The revision the hub was at when this watch started.
     pub fn started_at(&self) -> i64 {
         self.start_current

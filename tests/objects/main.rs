@@ -197,6 +197,7 @@ async fn list_filters_by_label_and_field_selectors_and_pages() {
     assert_eq!(names(&one), ["d3"]);
     let mut seen = Vec::new();
     let mut cont = String::new();
+    let mut first_rv = None;
     loop {
         let page = api
             .client
@@ -205,6 +206,10 @@ async fn list_filters_by_label_and_field_selectors_and_pages() {
             .unwrap()
             .into_inner();
         assert!(page.items.len() <= 2);
+        // Every page reports the first page's revision, even after other writes.
+        assert_eq!(*first_rv.get_or_insert(page.resource_version.clone()), page.resource_version);
+        let cm = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {generateName: between-pages-}\n");
+        api.client.create(pb::CreateRequest { object: Some(cm) }).await.unwrap();
         seen.extend(names(&page));
         if page.r#continue.is_empty() {
             break;
