@@ -11,6 +11,8 @@ pub fn from_store(e: StoreError) -> Status {
             Code::Unavailable
         }
         StoreError::Timeout { .. } => Code::DeadlineExceeded,
+        // Not UNAVAILABLE: that code promises the write was never applied.
+        StoreError::Indeterminate(_) => Code::Unknown,
         StoreError::Forwarded { status, .. } => return Status::new(status.code(), e.to_string()),
         StoreError::Membership(_) => Code::FailedPrecondition,
         StoreError::Engine(_)

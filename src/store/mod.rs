@@ -70,6 +70,8 @@ pub enum StoreError {
     Membership(String),
     #[error("raft stopped on this replica: {0}")]
     Stopped(String),
+    #[error("{0}; the write may or may not have been applied")]
+    Indeterminate(String),
 }
 
 /// Configuration of one replica's store. Every timeout is a field, so tests can run fast.

@@ -24,10 +24,17 @@ use crate::proto::v1 as pb;
 #[derive(Debug, Clone)]
 pub(crate) enum ProposeError {
     NoLeader,
-    NotLeader { leader: Option<u64> },
-    Forwarded { addr: String, status: tonic::Status },
+    NotLeader {
+        leader: Option<u64>,
+    },
+    Forwarded {
+        addr: String,
+        status: tonic::Status,
+    },
     Timeout,
     Failed(String),
+    /// The write was proposed or sent, and then its answer was lost: it may have applied.
+    Indeterminate(String),
 }
 
 impl ProposeError {
@@ -38,6 +45,7 @@ impl ProposeError {
             ProposeError::Forwarded { addr, status } => StoreError::Forwarded { addr, status },
             ProposeError::Timeout => StoreError::Timeout { what: "the write", after: timeout },
             ProposeError::Failed(e) => StoreError::Stopped(e),
+            ProposeError::Indeterminate(e) => StoreError::Indeterminate(e),
         }
     }
 }
@@ -84,7 +92,8 @@ impl Proposer {
         let pending = Pending { txns, may_forward, reply, deadline };
         let wait = async {
             self.tx.send(pending).await.map_err(|_| ProposeError::Failed("proposer stopped".into()))?;
-            rx.await.map_err(|_| ProposeError::Failed("proposal dropped".into()))?
+            rx.await
+                .map_err(|_| ProposeError::Indeterminate("the proposal was dropped before it was answered".into()))?
         };
         match tokio::time::timeout_at(deadline, wait).await {
             Ok(r) => r,
@@ -179,7 +188,8 @@ async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>) {
                     }
                     Err(ProposeError::NoLeader)
                 }
-                Ok(Err(e)) => Err(ProposeError::Failed(e.to_string())),
+                // Proposed, then raft stopped: the entry may still commit elsewhere.
+                Ok(Err(e)) => Err(ProposeError::Indeterminate(e.to_string())),
             };
             return deliver(batch, result);
         }
@@ -224,7 +234,11 @@ async fn forward(
         .await
         .map_err(|status| ProposeError::Forwarded { addr: addr.into(), status })?;
     if ctx.peers.faults.is_cut(leader, ctx.peers.id) {
-        return Err(unavailable(format!("link {leader} -> {} is cut", ctx.peers.id)));
+        // The leader ran it; only the answer was lost.
+        return Err(ProposeError::Indeterminate(format!(
+            "the answer from {addr} was lost (link {leader} -> {} is cut)",
+            ctx.peers.id
+        )));
     }
     Ok(resp.into_inner().responses)
 }

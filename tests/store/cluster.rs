@@ -431,3 +431,24 @@ async fn a_learner_is_added_promoted_and_a_member_removed() {
     };
     assert!(counts.values().all(|n| *n == 21), "{counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_write_whose_answer_is_lost_is_reported_as_indeterminate_not_unavailable() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let follower = others(3, leader)[0];
+    // The follower can reach the leader, but nothing comes back.
+    c.faults.cut(leader as u64 + 1, follower as u64 + 1);
+    let e = c.server(follower).store.txn(put("i/lost-answer", "v"), true).await.unwrap_err();
+    assert!(matches!(e, StoreError::Indeterminate(_)), "{e}");
+    assert_eq!(keel::server::status::from_store(e).code(), tonic::Code::Unknown);
+    c.faults.heal();
+    // It did apply: "indeterminate" was the honest answer.
+    let r = c
+        .server(leader)
+        .store
+        .range(pb::RangeRequest { key: b"i/lost-answer".to_vec(), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(r.kvs.len(), 1);
+}
