@@ -121,6 +121,27 @@ impl StoreConfig {
     }
 }
 
+/// A request marked as forwarded once (the receiver never forwards it again).
+pub(crate) fn forwarded_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    req.set_timeout(timeout);
+    req
+}
+
+/// Waits until some replica other than a non-leading self is known to lead; false if none
+/// is by the deadline.
+pub(crate) async fn await_leader(raft: &Raft, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    raft.wait(Some(left))
+        .metrics(|m| m.current_leader.is_some_and(|l| l != m.id || m.state == ServerState::Leader), "a leader")
+        .await
+        .is_ok()
+}
+
 struct Inner {
     id: u64,
     raft: Raft,
@@ -242,14 +263,11 @@ impl Store {
     }
 
     async fn wait_for_leader(&self, deadline: Instant) -> Result<(), StoreError> {
-        let wait = Self::remaining(deadline);
-        self.inner
-            .raft
-            .wait(Some(wait))
-            .metrics(|m| m.current_leader.is_some_and(|l| l != m.id || m.state == ServerState::Leader), "a leader")
-            .await
-            .map(|_| ())
-            .map_err(|_| StoreError::NoLeader(self.inner.config.write_timeout))
+        if await_leader(&self.inner.raft, deadline).await {
+            Ok(())
+        } else {
+            Err(StoreError::NoLeader(self.inner.config.write_timeout))
+        }
     }
 
     fn leader_addr(f: &ForwardToLeader<u64, Member>) -> Option<(u64, String)> {
@@ -257,23 +275,14 @@ impl Store {
     }
 
     fn forward_channel(&self, leader: u64, addr: &str) -> Result<tonic::transport::Channel, StoreError> {
-        if self.inner.peers.faults.is_cut(self.inner.id, leader) {
-            return Err(StoreError::Forwarded {
-                addr: addr.into(),
-                status: tonic::Status::unavailable(format!("link {} -> {leader} is cut", self.inner.id)),
-            });
-        }
         self.inner
             .peers
-            .channel(addr)
-            .map_err(|e| StoreError::Forwarded { addr: addr.into(), status: tonic::Status::unavailable(e.to_string()) })
+            .forward_channel(leader, addr)
+            .map_err(|status| StoreError::Forwarded { addr: addr.into(), status })
     }
 
     fn forwarded<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
-        req.set_timeout(timeout);
-        req
+        forwarded_request(msg, timeout)
     }
 
     /// Runs a transaction. On a follower it is forwarded to the leader, unless `may_forward`

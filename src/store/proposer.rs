@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::raft::network::Peers;
 use super::raft::{Raft, Request};
-use super::{StoreError, FORWARDED_HEADER};
+use super::{await_leader, forwarded_request, StoreError};
 use crate::proto::v1 as pb;
 
 /// A failure shared by every transaction of a batch.
@@ -183,7 +183,7 @@ async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>) {
                 }
                 // Never proposed here, or truncated before it could commit: safe to send on.
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                    if wait_for_leader(ctx, deadline).await {
+                    if await_leader(&ctx.raft, deadline).await {
                         continue;
                     }
                     Err(ProposeError::NoLeader)
@@ -205,7 +205,7 @@ async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>) {
                 return deliver(fwd, result);
             }
             _ => {
-                if !wait_for_leader(ctx, deadline).await {
+                if !await_leader(&ctx.raft, deadline).await {
                     return deliver(batch, Err(ProposeError::NoLeader));
                 }
             }
@@ -220,19 +220,10 @@ async fn forward(
     txns: Vec<pb::TxnRequest>,
     deadline: Instant,
 ) -> Result<Vec<pb::TxnResponse>, ProposeError> {
-    let unavailable =
-        |msg: String| ProposeError::Forwarded { addr: addr.into(), status: tonic::Status::unavailable(msg) };
-    if ctx.peers.faults.is_cut(ctx.peers.id, leader) {
-        return Err(unavailable(format!("link {} -> {leader} is cut", ctx.peers.id)));
-    }
-    let ch = ctx.peers.channel(addr).map_err(|e| unavailable(e.to_string()))?;
-    let mut req = tonic::Request::new(pb::TxnBatch { txns });
-    req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
-    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    let resp = pb::kv_client::KvClient::new(ch)
-        .forward_txns(req)
-        .await
-        .map_err(|status| ProposeError::Forwarded { addr: addr.into(), status })?;
+    let forwarded = |status| ProposeError::Forwarded { addr: addr.into(), status };
+    let ch = ctx.peers.forward_channel(leader, addr).map_err(forwarded)?;
+    let req = forwarded_request(pb::TxnBatch { txns }, deadline.saturating_duration_since(Instant::now()));
+    let resp = pb::kv_client::KvClient::new(ch).forward_txns(req).await.map_err(forwarded)?;
     if ctx.peers.faults.is_cut(leader, ctx.peers.id) {
         // The leader ran it; only the answer was lost.
         return Err(ProposeError::Indeterminate(format!(
@@ -241,17 +232,4 @@ async fn forward(
         )));
     }
     Ok(resp.into_inner().responses)
-}
-
-/// Waits until some replica other than a non-leading self is known to lead.
-async fn wait_for_leader(ctx: &Ctx, deadline: Instant) -> bool {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return false;
-    }
-    ctx.raft
-        .wait(Some(left))
-        .metrics(|m| m.current_leader.is_some_and(|l| l != m.id || m.state == ServerState::Leader), "a leader")
-        .await
-        .is_ok()
 }

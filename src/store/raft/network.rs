@@ -94,6 +94,17 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// A channel for forwarding a request to the leader, refused (UNAVAILABLE, nothing sent)
+    /// when the test fault table cuts the link.
+    pub fn forward_channel(&self, leader: u64, addr: &str) -> Result<Channel, tonic::Status> {
+        if self.faults.is_cut(self.id, leader) {
+            return Err(tonic::Status::unavailable(format!("link {} -> {leader} is cut", self.id)));
+        }
+        self.channel(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+}
+
 /// Creates one [`PeerClient`] per target for openraft.
 #[derive(Clone)]
 pub struct Network {
