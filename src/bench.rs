@@ -90,8 +90,9 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
         let cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
         cluster.wait_caught_up(Duration::from_secs(20)).await?;
         let chans = channels(&cluster.addrs(), b.load.conns_per_replica)?;
-        // Let the default namespaces appear before creating into one of them.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        for addr in cluster.addrs() {
+            crate::harness::wait_default_namespaces(&addr, Duration::from_secs(20)).await?;
+        }
         let objects = Target::Objects(chans.iter().cloned().map(pb::objects_client::ObjectsClient::new).collect());
         let f = put_load(&objects, b.clients, b.load.seconds, b.load.value_size, "api").await;
         rows.push(("keel Objects.Create (ConfigMap)", f));

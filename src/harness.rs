@@ -30,6 +30,47 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
     move |source| HarnessError::Io { what, source }
 }
 
+/// Waits until the replica at `addr` serves the default namespaces (it leads or follows a
+/// leader, and the start-up creates went through).
+pub async fn wait_default_namespaces(addr: &str, timeout: Duration) -> Result<(), HarnessError> {
+    use crate::proto::v1 as pb;
+    let deadline = Instant::now() + timeout;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
+    let mut client = pb::objects_client::ObjectsClient::new(endpoint.connect_lazy());
+    loop {
+        let mut ready = true;
+        for ns in crate::server::objects::DEFAULT_NAMESPACES {
+            let r = pb::ObjectRef { kind: "ns".into(), namespace: String::new(), name: ns.to_string() };
+            ready &= client.get(pb::GetRequest { r#ref: Some(r) }).await.is_ok();
+        }
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(format!(
+                "{addr} did not serve the default namespaces within {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One in-process replica (a single-voter cluster) on a free 127.0.0.1 port, with its data
+/// under `data_dir`, returned once it serves the default namespaces.
+pub async fn single_replica(data_dir: &Path) -> Result<(crate::server::Server, String), HarnessError> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let listen = addr.parse().map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
+    let mut config = crate::store::StoreConfig::new(1, addr.clone(), data_dir);
+    config.cache_bytes = 16 << 20;
+    let members = [(1, crate::store::Member { addr: addr.clone(), name: "replica-1".into() })].into();
+    let server = crate::server::Server::start(config, listen, Some(members), crate::store::Faults::new())
+        .await
+        .map_err(|e| HarnessError::Timeout(format!("replica failed to start: {e}")))?;
+    wait_default_namespaces(&addr, Duration::from_secs(10)).await?;
+    Ok((server, addr))
+}
+
 /// A free port on 127.0.0.1 (the kernel picks it; we release it for the child to bind).
 pub fn free_port() -> Result<u16, HarnessError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("bind 127.0.0.1:0"))?;

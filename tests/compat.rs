@@ -69,27 +69,10 @@ struct Cluster {
 }
 
 async fn start() -> Cluster {
-    use keel::proto::v1 as pb;
     let dir = tempfile::tempdir().unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", keel::harness::free_port().unwrap()).parse().unwrap();
-    let cfg = keel::store::StoreConfig::new(1, addr.to_string(), dir.path().join("n1"));
-    let members = [(1, keel::store::Member { addr: addr.to_string(), name: "r1".into() })].into();
-    let server = keel::server::Server::start(cfg, addr, Some(members), keel::store::Faults::new()).await.unwrap();
+    let (server, addr) = keel::harness::single_replica(&dir.path().join("n1")).await.unwrap();
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut client = keel::proto::v1::objects_client::ObjectsClient::new(ch);
-    for _ in 0..100 {
-        if client
-            .get(pb::GetRequest {
-                r#ref: Some(pb::ObjectRef { kind: "ns".into(), namespace: String::new(), name: "default".into() }),
-            })
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    Cluster { _dir: dir, _server: server, client }
+    Cluster { _dir: dir, _server: server, client: keel::proto::v1::objects_client::ObjectsClient::new(ch) }
 }
 
 fn namespace_object(name: &str) -> keel::proto::v1::Object {

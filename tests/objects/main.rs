@@ -4,11 +4,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use keel::api::manifest;
-use keel::harness::free_port;
 use keel::proto::v1 as pb;
 use keel::proto::v1::objects_client::ObjectsClient;
 use keel::server::Server;
-use keel::store::{Faults, StoreConfig};
 use prost::Message;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -25,22 +23,9 @@ struct Api {
 
 async fn start() -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
-    let mut cfg = StoreConfig::new(1, addr.to_string(), dir.path().join("node1"));
-    cfg.cache_bytes = 16 << 20;
-    let members = [(1, keel::store::Member { addr: addr.to_string(), name: "replica-1".into() })].into();
-    let server = Server::start(cfg, addr, Some(members), Faults::new()).await.unwrap();
+    let (server, addr) = keel::harness::single_replica(&dir.path().join("node1")).await.unwrap();
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut client = ObjectsClient::new(ch);
-    // The default namespaces appear once the replica leads.
-    for _ in 0..100 {
-        let l = client.list(pb::ListRequest { kind: "ns".into(), ..Default::default() }).await;
-        if l.is_ok_and(|l| l.into_inner().items.len() == 2) {
-            return Api { _dir: dir, _server: server, client, addr: addr.to_string() };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("default namespaces never appeared");
+    Api { _dir: dir, _server: server, client: ObjectsClient::new(ch), addr }
 }
 
 fn parse(yaml: &str) -> pb::Object {
