@@ -267,7 +267,6 @@ impl ObjectsService {
             nm.resource_version = cur_meta.resource_version.clone();
         }
         object::set_type_meta(&mut next);
-        defaults::apply(&mut next);
         let errors = validation::validate(&next);
         if !errors.is_empty() {
             return Err(invalid(info, &m.name, errors));
