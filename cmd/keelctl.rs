@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create or update objects from manifests (files, directories, or - for stdin).
-    Apply(FileArgs),
+    Apply(ApplyArgs),
     /// Create objects from manifests; fails if one exists.
     Create(FileArgs),
     /// List objects of a kind, or show one.
@@ -50,6 +50,18 @@ struct FileArgs {
     recursive: bool,
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
+}
+
+#[derive(clap::Args)]
+struct ApplyArgs {
+    #[command(flatten)]
+    files: FileArgs,
+    /// Apply every object in one transaction: all of them or none.
+    #[arg(long)]
+    atomic: bool,
+    /// "server": admit and merge on the server, report, write nothing. "none" (default).
+    #[arg(long, default_value = "none", value_parser = ["none", "server"])]
+    dry_run: String,
 }
 
 #[derive(clap::Args)]
@@ -128,8 +140,8 @@ async fn main() -> anyhow::Result<()> {
     let api = cli::Api::new(&cli.server)?;
     match cli.command {
         Command::Apply(a) => {
-            let objects = cli::read_manifests(&cli::manifest_files(&a.files, a.recursive)?)?;
-            cli::apply(&api, objects, &a.namespace).await?;
+            let objects = cli::read_manifests(&cli::manifest_files(&a.files.files, a.files.recursive)?)?;
+            cli::apply(&api, objects, &a.files.namespace, a.atomic, a.dry_run == "server").await?;
         }
         Command::Create(a) => {
             let objects = cli::read_manifests(&cli::manifest_files(&a.files, a.recursive)?)?;

@@ -4,7 +4,7 @@
 //! shared/compat/README.md (and tests/compat-invalid.txt) must be refused with file,
 //! document, field path and line.
 //!
-//! Accepted documents are then created through the Objects API of a real replica, each file
+//! Accepted documents are then applied through the Objects API of a real replica, each file
 //! in a fresh namespace (unless the document names its own, which is created first).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -85,35 +85,22 @@ fn namespace_object(name: &str) -> keel::proto::v1::Object {
     }
 }
 
-/// Creates the object, making its namespace first; an object whose name is already taken is
-/// replaced.
+/// Applies the object, together with its namespace, in one Apply transaction. A name that
+/// another document already took (a shared namespace such as kube-system, or two documents of
+/// one file) is merged over, as re-applying with kubectl would.
 async fn apply(c: &mut Cluster, file_ns: &str, mut obj: keel::proto::v1::Object) -> Result<(), tonic::Status> {
     use keel::proto::v1 as pb;
     let info = keel::api::object::info(&obj).unwrap();
+    let mut objects = Vec::new();
     if info.namespaced {
         let m = keel::api::object::meta_mut(&mut obj).unwrap();
         if m.namespace.is_empty() {
             m.namespace = file_ns.to_string();
         }
-        let ns = m.namespace.clone();
-        match c.client.create(pb::CreateRequest { object: Some(namespace_object(&ns)) }).await {
-            Ok(_) => {}
-            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-            Err(s) => return Err(s),
-        }
+        objects.push(namespace_object(&m.namespace));
     }
-    match c.client.create(pb::CreateRequest { object: Some(obj.clone()) }).await {
-        Ok(_) => Ok(()),
-        // A name another document already took (a shared namespace such as kube-system, or
-        // two documents of one file): replace it, as re-applying would.
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            let m = keel::api::object::meta(&obj).unwrap();
-            let r = pb::ObjectRef { kind: info.name.into(), namespace: m.namespace.clone(), name: m.name.clone() };
-            c.client.delete(pb::DeleteRequest { r#ref: Some(r), ..Default::default() }).await?;
-            c.client.create(pb::CreateRequest { object: Some(obj) }).await.map(|_| ())
-        }
-        Err(s) => Err(s),
-    }
+    objects.push(obj);
+    c.client.apply(pb::ApplyRequest { objects, dry_run: false }).await.map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,10 @@
 //! Shared vocabulary of the object API: the Kubernetes-shaped types, the kind registry and
 //! manifest parsing. Knows nothing of Raft or storage.
 
+pub mod apply;
 pub mod defaults;
 mod intstr;
+pub mod json;
 pub mod kinds;
 pub mod manifest;
 pub mod object;

@@ -147,40 +147,49 @@ pub fn display_name(obj: &pb::Object) -> String {
     }
 }
 
-/// Creates each object, or replaces its spec when it exists. Prints one line per object.
-pub async fn apply(api: &Api, objects: Vec<pb::Object>, namespace: &str) -> anyhow::Result<()> {
-    for mut obj in objects {
-        set_namespace(&mut obj, namespace)?;
-        let info = object::info(&obj).context("object without a kind")?;
-        let m = object::meta(&obj).cloned().unwrap_or_default();
-        let r = pb::ObjectRef { kind: info.name.into(), namespace: m.namespace.clone(), name: m.name.clone() };
-        let current = api.call(|mut c| {
-            let r = r.clone();
-            async move { c.get(pb::GetRequest { r#ref: Some(r) }).await }
-        });
-        let label = display_name(&obj);
-        match current.await {
-            Err(s) if s.code() == Code::NotFound => {
-                create(api, obj).await?;
-                println!("{label} created");
-            }
-            Err(s) => return Err(status_error(s)),
-            Ok(cur) => {
-                if let Some(om) = object::meta_mut(&mut obj) {
-                    om.resource_version = object::meta(&cur).map(|m| m.resource_version.clone()).unwrap_or_default();
-                }
-                let updated = api
-                    .call(|mut c| {
-                        let o = obj.clone();
-                        async move { c.update(pb::UpdateRequest { object: Some(o) }).await }
-                    })
-                    .await
-                    .map_err(status_error)?;
-                let same = object::meta(&updated).map(|m| &m.resource_version)
-                    == object::meta(&cur).map(|m| &m.resource_version);
-                println!("{label} {}", if same { "unchanged" } else { "configured" });
+/// Applies manifests through the server's three-way merge, one object per transaction, or
+/// (with `atomic`) all of them in one. Prints one line per object, as kubectl does; with one
+/// object per transaction, a failure does not stop the others.
+pub async fn apply(
+    api: &Api,
+    objects: Vec<pb::Object>,
+    namespace: &str,
+    atomic: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let mut objects = objects;
+    for obj in &mut objects {
+        set_namespace(obj, namespace)?;
+    }
+    let suffix = if dry_run { " (server dry run)" } else { "" };
+    let send = |objects: Vec<pb::Object>| {
+        // Applying the same manifests twice ends in the same state, so it is safe to retry.
+        api.call(move |mut c| {
+            let objects = objects.clone();
+            async move { c.apply(pb::ApplyRequest { objects, dry_run }).await }
+        })
+    };
+    let print = |r: pb::ApplyResponse| {
+        for res in r.results {
+            if let Some(o) = res.object {
+                println!("{} {}{suffix}", display_name(&o), res.action);
             }
         }
+    };
+    if atomic {
+        let n = objects.len();
+        print(send(objects).await.map_err(status_error).context(format!("none of the {n} objects was applied"))?);
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for obj in objects {
+        match send(vec![obj]).await {
+            Ok(r) => print(r),
+            Err(s) => failed.push(status_error(s).to_string()),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("\n"));
     }
     Ok(())
 }

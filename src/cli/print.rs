@@ -6,28 +6,7 @@ use crate::api::object;
 use crate::proto::v1 as pb;
 
 fn inner_json(obj: &pb::Object) -> serde_json::Value {
-    use pb::object::Kind as K;
-    let v = match obj.kind.as_ref() {
-        Some(K::Namespace(o)) => serde_json::to_value(o),
-        Some(K::Node(o)) => serde_json::to_value(o),
-        Some(K::Pod(o)) => serde_json::to_value(o),
-        Some(K::Service(o)) => serde_json::to_value(o),
-        Some(K::Endpoints(o)) => serde_json::to_value(o),
-        Some(K::ConfigMap(o)) => serde_json::to_value(o),
-        Some(K::Secret(o)) => serde_json::to_value(o),
-        Some(K::Event(o)) => serde_json::to_value(o),
-        Some(K::Lease(o)) => serde_json::to_value(o),
-        Some(K::ReplicaSet(o)) => serde_json::to_value(o),
-        Some(K::ReplicationController(o)) => serde_json::to_value(o),
-        Some(K::Deployment(o)) => serde_json::to_value(o),
-        Some(K::DaemonSet(o)) => serde_json::to_value(o),
-        Some(K::StatefulSet(o)) => serde_json::to_value(o),
-        Some(K::ControllerRevision(o)) => serde_json::to_value(o),
-        Some(K::Job(o)) => serde_json::to_value(o),
-        Some(K::CronJob(o)) => serde_json::to_value(o),
-        None => Ok(serde_json::Value::Null),
-    };
-    v.unwrap_or(serde_json::Value::Null)
+    crate::api::json::to_value(obj)
 }
 
 pub fn to_json(obj: &pb::Object) -> String {

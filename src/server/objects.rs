@@ -5,6 +5,7 @@
 //! `/registry/<resource>/<namespace>/<name>`; `metadata.resourceVersion` is the key's
 //! mod_revision and is never stored inside the value.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::status::from_store;
 use crate::api::kinds::{self, KindInfo};
 use crate::api::selector::{FieldSelector, LabelSelector};
-use crate::api::{defaults, object, validation};
+use crate::api::{apply, defaults, object, validation};
 use crate::proto::v1 as pb;
 use crate::store::{prefix_end, KeyRange, Store, WatchError};
 
@@ -235,6 +236,45 @@ impl ObjectsService {
         Err(Status::aborted(format!("namespace {namespace:?} changed during the create; retry")))
     }
 
+    /// The object an update of `current` to `obj` stores: status (or, for UpdateStatus,
+    /// everything but status) and server-owned metadata come from `current`; defaulted and
+    /// validated; generation bumped when the spec changed.
+    fn prepare_update(
+        &self,
+        info: &'static KindInfo,
+        namespace: &str,
+        current: &pb::Object,
+        obj: &pb::Object,
+        status_only: bool,
+    ) -> Result<pb::Object, Status> {
+        let mut next = if status_only {
+            let mut n = current.clone();
+            object::copy_status(obj, &mut n);
+            n
+        } else {
+            object::with_status_of(obj, current)
+        };
+        let cur_meta = object::meta(current).cloned().unwrap_or_default();
+        // Compare defaulted to defaulted, so that re-sending a manifest is not a change.
+        defaults::apply(&mut next);
+        let spec_changed = object::spec_changed(current, &next);
+        if let Some(nm) = object::meta_mut(&mut next) {
+            nm.namespace = if info.namespaced { namespace.to_string() } else { String::new() };
+            nm.uid = cur_meta.uid.clone();
+            nm.creation_timestamp = cur_meta.creation_timestamp.clone();
+            nm.deletion_timestamp = cur_meta.deletion_timestamp.clone();
+            nm.generate_name = cur_meta.generate_name.clone();
+            nm.generation = cur_meta.generation + i64::from(spec_changed && !status_only && cur_meta.generation > 0);
+            nm.resource_version = cur_meta.resource_version.clone();
+        }
+        object::set_type_meta(&mut next);
+        let errors = validation::validate(&next);
+        if !errors.is_empty() {
+            return Err(invalid(info, &cur_meta.name, errors));
+        }
+        Ok(next)
+    }
+
     async fn update_object(&self, obj: pb::Object, status_only: bool) -> Result<pb::Object, Status> {
         let info = object::info(&obj).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
         let m = object::meta(&obj).cloned().unwrap_or_default();
@@ -246,37 +286,15 @@ impl ObjectsService {
             return Err(conflict(info, &m.name));
         }
         let current = decode(&kv)?;
-        let mut next = if status_only {
-            let mut n = current.clone();
-            object::copy_status(&obj, &mut n);
-            n
-        } else {
-            object::with_status_of(&obj, &current)
-        };
-        let cur_meta = object::meta(&current).cloned().unwrap_or_default();
-        // Compare defaulted to defaulted, so that re-sending a manifest is not a change.
-        defaults::apply(&mut next);
-        let spec_changed = object::spec_changed(&current, &next);
-        if let Some(nm) = object::meta_mut(&mut next) {
-            nm.namespace = if info.namespaced { namespace.clone() } else { String::new() };
-            nm.uid = cur_meta.uid.clone();
-            nm.creation_timestamp = cur_meta.creation_timestamp.clone();
-            nm.deletion_timestamp = cur_meta.deletion_timestamp.clone();
-            nm.generate_name = cur_meta.generate_name.clone();
-            nm.generation = cur_meta.generation + i64::from(spec_changed && !status_only && cur_meta.generation > 0);
-            nm.resource_version = cur_meta.resource_version.clone();
-        }
-        object::set_type_meta(&mut next);
-        let errors = validation::validate(&next);
-        if !errors.is_empty() {
-            return Err(invalid(info, &m.name, errors));
-        }
+        let mut next = self.prepare_update(info, &namespace, &current, &obj, status_only)?;
         if next == current {
             return Ok(current);
         }
-        let finished = object::meta(&next).is_some_and(|m| !m.deletion_timestamp.is_empty() && m.finalizers.is_empty());
-        let op = if finished { delete(&k) } else { put(&k, encode(&next)) };
-        let txn = pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
+        let txn = pb::TxnRequest {
+            compare: vec![mod_equals(&k, kv.mod_revision)],
+            success: vec![write_op(&k, &next)],
+            failure: vec![],
+        };
         let resp = self.store.txn(txn, true).await.map_err(from_store)?;
         if !resp.succeeded {
             return Err(conflict(info, &m.name));
@@ -286,6 +304,146 @@ impl ObjectsService {
         }
         Ok(next)
     }
+
+    /// A namespace that new objects may go into: its key and revision to compare, or None
+    /// when it does not exist yet but `batch` (the same transaction) creates it.
+    async fn namespace_for_create(
+        &self,
+        namespace: &str,
+        batch: &HashSet<String>,
+    ) -> Result<Option<(String, i64)>, Status> {
+        match self.check_namespace(namespace, false).await {
+            Err(e) if e.code() == tonic::Code::NotFound && batch.contains(namespace) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// What applying one manifest does, from a linearizable read of its current state.
+    async fn plan_apply(&self, manifest: &pb::Object, batch: &HashSet<String>) -> Result<Planned, Status> {
+        let info = object::info(manifest).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        let m = object::meta(manifest).cloned().unwrap_or_default();
+        if m.name.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "The {} \"\" is invalid: metadata.name: Required value: apply needs a name (generateName is for create)",
+                info.name
+            )));
+        }
+        let namespace = match (info.namespaced, m.namespace.is_empty()) {
+            (false, _) => String::new(),
+            (true, true) => "default".to_string(),
+            (true, false) => m.namespace.clone(),
+        };
+        let mut manifest = manifest.clone();
+        if let Some(mm) = object::meta_mut(&mut manifest) {
+            mm.namespace.clone_from(&namespace);
+        }
+        let k = key(info, &namespace, &m.name);
+        let Some(kv) = self.read(&k).await? else {
+            let (obj, _) = self.admit_new(apply::for_create(&manifest))?;
+            let mut compare = vec![mod_equals(&k, 0)];
+            if info.namespaced {
+                if let Some((ns_key, rev)) = self.namespace_for_create(&namespace, batch).await? {
+                    compare.push(mod_equals(&ns_key, rev));
+                }
+            }
+            return Ok(Planned { op: Some(put(&k, encode(&obj))), key: k, compare, object: obj, action: "created" });
+        };
+        if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
+            return Err(conflict(info, &m.name));
+        }
+        let current = decode(&kv)?;
+        let desired = apply::merge(&current, &manifest).map_err(Status::invalid_argument)?;
+        let next = self.prepare_update(info, &namespace, &current, &desired, false)?;
+        let compare = vec![mod_equals(&k, kv.mod_revision)];
+        if next == current {
+            return Ok(Planned { op: None, key: k, compare, object: current, action: "unchanged" });
+        }
+        Ok(Planned { op: Some(write_op(&k, &next)), key: k, compare, object: next, action: "configured" })
+    }
+
+    /// Applies every object in one transaction, re-planning when another writer got there
+    /// between the reads and the commit.
+    async fn apply_objects(&self, objects: Vec<pb::Object>, dry_run: bool) -> Result<pb::ApplyResponse, Status> {
+        if objects.is_empty() {
+            return Err(Status::invalid_argument("objects: Required value"));
+        }
+        let many = objects.len() > 1;
+        let batch: HashSet<String> = objects
+            .iter()
+            .filter(|o| object::kind(o) == Some(kinds::Kind::Namespace))
+            .filter_map(|o| object::meta(o).map(|m| m.name.clone()))
+            .collect();
+        for _ in 0..5 {
+            let mut plans: Vec<Planned> = Vec::with_capacity(objects.len());
+            for (i, obj) in objects.iter().enumerate() {
+                let p = self.plan_apply(obj, &batch).await.map_err(|s| about(s, i, obj, many))?;
+                if let Some(j) = plans.iter().position(|q| q.key == p.key) {
+                    return Err(Status::invalid_argument(format!(
+                        "objects[{i}] and objects[{j}] are the same object ({}); apply each object once",
+                        p.key.trim_start_matches("/registry/")
+                    )));
+                }
+                plans.push(p);
+            }
+            let writes: Vec<pb::RequestOp> = plans.iter().filter_map(|p| p.op.clone()).collect();
+            let results = |plans: Vec<Planned>, rev: Option<i64>| {
+                plans
+                    .into_iter()
+                    .map(|mut p| {
+                        if let (Some(rev), Some(_), Some(m)) = (rev, &p.op, object::meta_mut(&mut p.object)) {
+                            m.resource_version = rev.to_string();
+                        }
+                        pb::ApplyResult { object: Some(p.object), action: p.action.to_string() }
+                    })
+                    .collect()
+            };
+            if dry_run || writes.is_empty() {
+                return Ok(pb::ApplyResponse { results: results(plans, None), resource_version: String::new() });
+            }
+            let compare = plans.iter().flat_map(|p| p.compare.iter().cloned()).collect();
+            let resp = self
+                .store
+                .txn(pb::TxnRequest { compare, success: writes, failure: vec![] }, true)
+                .await
+                .map_err(from_store)?;
+            if resp.succeeded {
+                let rev = resp.header.map_or(0, |h| h.revision);
+                return Ok(pb::ApplyResponse { results: results(plans, Some(rev)), resource_version: rev.to_string() });
+            }
+        }
+        Err(Status::aborted("the objects kept changing while they were applied; retry"))
+    }
+}
+
+/// One object's part of an Apply transaction.
+struct Planned {
+    key: String,
+    compare: Vec<pb::Compare>,
+    op: Option<pb::RequestOp>,
+    object: pb::Object,
+    action: &'static str,
+}
+
+/// The write that stores `next`: a put, or the delete of an object whose deletion was
+/// requested and whose last finalizer just went.
+fn write_op(k: &str, next: &pb::Object) -> pb::RequestOp {
+    let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty() && m.finalizers.is_empty());
+    if finished {
+        delete(k)
+    } else {
+        put(k, encode(next))
+    }
+}
+
+/// Names the object a status is about, when a request carries several.
+fn about(s: Status, index: usize, obj: &pb::Object, many: bool) -> Status {
+    if !many {
+        return s;
+    }
+    let info = object::info(obj);
+    let name = object::meta(obj).map(|m| m.name.as_str()).unwrap_or_default();
+    let what = info.map(|i| format!("{}/{name}", resource_name(i))).unwrap_or_default();
+    Status::with_details(s.code(), format!("objects[{index}] ({what}): {}", s.message()), s.details().to_vec().into())
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -397,6 +555,11 @@ impl pb::objects_server::Objects for ObjectsService {
     async fn update_status(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::Object>, Status> {
         let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
         self.update_object(obj, true).await.map(Response::new)
+    }
+
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let r = request.into_inner();
+        self.apply_objects(r.objects, r.dry_run).await.map(Response::new)
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {

@@ -59,7 +59,7 @@ async fn apply_is_idempotent_and_reports_created_unchanged_configured() {
     let (_, out, _) = run(args("get deployments web -o json"), None).await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1.16.1");
-    assert_eq!(v["metadata"]["generation"], "2");
+    assert_eq!(v["metadata"]["generation"], 2, "int64 fields print as numbers");
     let (_, out, _) = run(args("get deploy"), None).await.unwrap();
     assert!(out.starts_with("NAME") && out.contains("web") && out.contains("0/2"), "{out}");
 
@@ -70,6 +70,31 @@ async fn apply_is_idempotent_and_reports_created_unchanged_configured() {
     assert!(err.contains("<stdin>: document 2, line 20: data.a:"), "{err}");
     let (_, out, _) = run(args("get cm -o name"), None).await.unwrap();
     assert_eq!(out.trim(), "", "the valid first document was not applied either");
+
+    // A label dropped from the manifest is dropped from the object.
+    let labelled = WEB.replace("  name: web\n", "  name: web\n  labels: {tier: front}\n");
+    let (_, out, _) = run(args("apply -f -"), Some(labelled)).await.unwrap();
+    assert_eq!(out.trim(), "deployment.apps/web configured");
+    let (_, out, _) = run(args("apply -f -"), Some(WEB.replace("1.14.2", "1.16.1"))).await.unwrap();
+    assert_eq!(out.trim(), "deployment.apps/web configured");
+    let (_, out, _) = run(args("get deploy web -o json"), None).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["metadata"].get("labels").is_none(), "{v}");
+
+    // --atomic: one invalid object and none is applied.
+    let set = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one}\n---\n\
+               apiVersion: v1\nkind: ConfigMap\nmetadata: {name: two, namespace: missing}\n";
+    let (ok, _, err) = run(args("apply --atomic -f -"), Some(set.into())).await.unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("none of the 2 objects was applied") && err.contains("namespaces \"missing\" not found"),
+        "{err}"
+    );
+    let (_, out, _) = run(args("get cm -o name"), None).await.unwrap();
+    assert_eq!(out.trim(), "");
+    let (ok, out, err) = run(args("apply --atomic -f -"), Some(set.replace(", namespace: missing", ""))).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "configmap/one created\nconfigmap/two created");
 
     let (ok, out, _) = run(args("delete deploy web"), None).await.unwrap();
     assert!(ok);

@@ -299,3 +299,98 @@ async fn watch_from_a_list_sees_added_modified_and_deleted_in_order() {
     assert_eq!(ev.r#type, "BOOKMARK");
     let _ = HashMap::<(), ()>::new();
 }
+
+fn apply_req(objects: Vec<pb::Object>) -> pb::ApplyRequest {
+    pb::ApplyRequest { objects, dry_run: false }
+}
+
+fn config_map(ns: &str, name: &str) -> pb::Object {
+    parse(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {ns}}}\ndata: {{k: v}}\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_merges_three_ways_keeping_what_others_wrote() {
+    let mut api = start().await;
+    let first = deployment("web", "{a: '1', b: '2'}", "nginx:1.14.2");
+    let r1 = api.client.apply(apply_req(vec![first.clone()])).await.unwrap().into_inner();
+    assert_eq!(r1.results[0].action, "created");
+    let created = r1.results[0].object.clone().unwrap();
+    assert!(meta(&created).annotations.contains_key(keel::api::apply::LAST_APPLIED));
+
+    // Another writer adds an annotation; an agent writes status.
+    let mut other = created.clone();
+    keel::api::object::meta_mut(&mut other).unwrap().annotations.insert("team".into(), "blue".into());
+    let other = api.client.update(pb::UpdateRequest { object: Some(other) }).await.unwrap().into_inner();
+    let mut st = other.clone();
+    if let Some(pb::object::Kind::Deployment(d)) = st.kind.as_mut() {
+        d.status = Some(pb::DeploymentStatus { replicas: 1, ..Default::default() });
+    }
+    let st = api.client.update_status(pb::UpdateRequest { object: Some(st) }).await.unwrap().into_inner();
+
+    // Re-applying the same manifest writes nothing.
+    let same = api.client.apply(apply_req(vec![first.clone()])).await.unwrap().into_inner();
+    assert_eq!(same.results[0].action, "unchanged");
+    assert_eq!(same.resource_version, "");
+    assert_eq!(meta(same.results[0].object.as_ref().unwrap()).resource_version, meta(&st).resource_version);
+
+    // Label b and the image change go; the foreign annotation and the status stay.
+    let second = deployment("web", "{a: '1'}", "nginx:1.16.1");
+    let r2 = api.client.apply(apply_req(vec![second.clone()])).await.unwrap().into_inner();
+    assert_eq!(r2.results[0].action, "configured");
+    let got = api.client.get(pb::GetRequest { r#ref: r("deploy", "default", "web") }).await.unwrap().into_inner();
+    let m = meta(&got);
+    assert_eq!(m.labels, HashMap::from([("a".to_string(), "1".to_string())]));
+    assert_eq!(m.annotations.get("team").map(String::as_str), Some("blue"));
+    assert_eq!(m.generation, 2);
+    assert_eq!(deploy_spec(&got).template.unwrap().spec.unwrap().containers[0].image, "nginx:1.16.1");
+    match &got.kind {
+        Some(pb::object::Kind::Deployment(d)) => assert_eq!(d.status.as_ref().unwrap().replicas, 1),
+        _ => panic!(),
+    }
+
+    // A dry run reports the change and writes nothing.
+    let third = deployment("web", "{a: '2'}", "nginx:1.16.1");
+    let dry = api.client.apply(pb::ApplyRequest { objects: vec![third], dry_run: true }).await.unwrap().into_inner();
+    assert_eq!(dry.results[0].action, "configured");
+    let after = api.client.get(pb::GetRequest { r#ref: r("deploy", "default", "web") }).await.unwrap().into_inner();
+    assert_eq!(after, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_of_a_set_is_one_transaction_all_or_nothing() {
+    let mut api = start().await;
+    let ns = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n");
+    let mut bad = deployment("broken", "{a: '1'}", "nginx");
+    if let Some(pb::object::Kind::Deployment(d)) = bad.kind.as_mut() {
+        d.spec.as_mut().unwrap().template.as_mut().unwrap().spec.as_mut().unwrap().containers[0].image.clear();
+    }
+    let err = api
+        .client
+        .apply(apply_req(vec![ns.clone(), config_map("team", "cm"), bad]))
+        .await
+        .expect_err("an invalid member fails the whole set");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("objects[2] (deployments.apps/broken): The Deployment \"broken\" is invalid"),
+        "{}",
+        err.message()
+    );
+    let gone = api.client.get(pb::GetRequest { r#ref: r("ns", "", "team") }).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "nothing of the set was written");
+
+    // A namespace and its content in one set: the namespace need not exist beforehand.
+    let set = vec![ns.clone(), config_map("team", "cm"), config_map("default", "cm2")];
+    let ok = api.client.apply(apply_req(set.clone())).await.unwrap().into_inner();
+    assert_eq!(ok.results.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(), ["created"; 3]);
+    for res in &ok.results {
+        assert_eq!(meta(res.object.as_ref().unwrap()).resource_version, ok.resource_version, "one revision");
+    }
+    let again = api.client.apply(apply_req(set)).await.unwrap().into_inner();
+    assert!(again.results.iter().all(|r| r.action == "unchanged"));
+
+    let dup = api.client.apply(apply_req(vec![config_map("team", "x"), config_map("team", "x")])).await.unwrap_err();
+    assert_eq!(dup.code(), Code::InvalidArgument);
+    assert!(dup.message().contains("same object"), "{}", dup.message());
+    let no_ns = api.client.apply(apply_req(vec![config_map("nowhere", "x")])).await.unwrap_err();
+    assert_eq!(no_ns.code(), Code::NotFound);
+}
