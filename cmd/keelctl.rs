@@ -14,8 +14,15 @@ use keel::store::prefix_end;
 #[command(name = "keelctl", version, about = "Keel command-line client")]
 struct Cli {
     /// Replica addresses (host:port), comma-separated; the client fails over between them.
-    #[arg(long, short = 's', value_delimiter = ',', default_value = "127.0.0.1:7001", env = "KEEL_SERVER")]
-    server: Vec<String>,
+    /// Default: the current context's servers, else 127.0.0.1:7001.
+    #[arg(long, short = 's', value_delimiter = ',', env = "KEEL_SERVER", global = true)]
+    server: Option<Vec<String>>,
+    /// The context of the configuration file to use instead of its current one.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Namespace. Default: the context's namespace, else "default".
+    #[arg(short = 'n', long, global = true)]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +37,19 @@ enum Command {
     Get(GetArgs),
     /// Delete objects by kind and name, or those in manifests.
     Delete(DeleteArgs),
+    /// Show an object in detail, with its events.
+    Describe(DescribeArgs),
+    /// Set (key=value) or remove (key-) labels.
+    Label(MapArgs),
+    /// Set (key=value) or remove (key-) annotations.
+    Annotate(MapArgs),
+    /// Set the replicas of a Deployment, ReplicaSet, ReplicationController or StatefulSet.
+    Scale(ScaleArgs),
+    /// Edit an object in $KEEL_EDITOR, $EDITOR or vi and save it back.
+    Edit(EditArgs),
+    /// Contexts: named lists of replica addresses with a default namespace.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// The kinds this server serves.
     ApiResources,
     /// Client version.
@@ -48,8 +68,6 @@ struct FileArgs {
     /// Descend into subdirectories of directories given with -f.
     #[arg(short = 'R', long)]
     recursive: bool,
-    #[arg(short = 'n', long, default_value = "default")]
-    namespace: String,
 }
 
 #[derive(clap::Args)]
@@ -68,8 +86,6 @@ struct ApplyArgs {
 struct GetArgs {
     kind: String,
     name: Option<String>,
-    #[arg(short = 'n', long, default_value = "default")]
-    namespace: String,
     #[arg(short = 'A', long)]
     all_namespaces: bool,
     /// table (default), wide, yaml, json or name.
@@ -90,11 +106,117 @@ struct DeleteArgs {
     names: Vec<String>,
     #[arg(short = 'f', long = "filename")]
     files: Vec<std::path::PathBuf>,
-    #[arg(short = 'n', long, default_value = "default")]
-    namespace: String,
     /// Background (default), Foreground or Orphan.
     #[arg(long, default_value = "Background")]
     cascade: String,
+}
+
+#[derive(clap::Args)]
+struct DescribeArgs {
+    kind: String,
+    name: Option<String>,
+    #[arg(short = 'l', long, default_value = "")]
+    selector: String,
+}
+
+#[derive(clap::Args)]
+struct MapArgs {
+    /// KIND NAME, or KIND/NAME.
+    kind: String,
+    /// NAME (unless given as KIND/NAME), then key=value or key- pairs.
+    #[arg(required = true)]
+    args: Vec<String>,
+    /// Replace a key's existing value.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct ScaleArgs {
+    kind: String,
+    name: Option<String>,
+    #[arg(long)]
+    replicas: i32,
+    /// Scale only if the replicas are this number now.
+    #[arg(long)]
+    current_replicas: Option<i32>,
+}
+
+#[derive(clap::Args)]
+struct EditArgs {
+    kind: String,
+    name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the configuration file.
+    View,
+    /// List the contexts; the current one is starred.
+    GetContexts,
+    CurrentContext,
+    UseContext {
+        name: String,
+    },
+    /// Create or change a context.
+    SetContext {
+        name: String,
+        #[arg(long = "servers", value_delimiter = ',')]
+        servers: Option<Vec<String>>,
+        #[arg(long = "default-namespace")]
+        default_namespace: Option<String>,
+    },
+    DeleteContext {
+        name: String,
+    },
+}
+
+/// `deploy/web` or `deploy web`.
+fn split_ref(kind: &str, name: Option<&str>) -> anyhow::Result<(String, String)> {
+    match (kind.split_once('/'), name) {
+        (Some((k, n)), None) => Ok((k.to_string(), n.to_string())),
+        (None, Some(n)) => Ok((kind.to_string(), n.to_string())),
+        (Some(_), Some(_)) => anyhow::bail!("there is no need to specify a resource type as a separate argument when passing arguments in resource/name form"),
+        (None, None) => anyhow::bail!("a name is required: KIND NAME or KIND/NAME"),
+    }
+}
+
+fn config_command(c: ConfigCommand) -> anyhow::Result<()> {
+    let path = cli::config::path();
+    let mut cfg = cli::config::Config::load(&path)?;
+    match c {
+        ConfigCommand::View => print!("{}", std::fs::read_to_string(&path).unwrap_or_default()),
+        ConfigCommand::GetContexts => {
+            println!("{:<8} {:<20} {:<16} SERVERS", "CURRENT", "NAME", "NAMESPACE");
+            for ctx in &cfg.contexts {
+                let star = if ctx.name == cfg.current_context { "*" } else { "" };
+                println!("{star:<8} {:<20} {:<16} {}", ctx.name, ctx.namespace, ctx.servers.join(","));
+            }
+        }
+        ConfigCommand::CurrentContext => {
+            if cfg.current_context.is_empty() {
+                anyhow::bail!("current-context is not set");
+            }
+            println!("{}", cfg.current_context);
+        }
+        ConfigCommand::UseContext { name } => {
+            cfg.use_context(&name)?;
+            cfg.save(&path)?;
+            println!("Switched to context {name:?}.");
+        }
+        ConfigCommand::SetContext { name, servers, default_namespace } => {
+            let existed = cfg.context(&name).is_some();
+            cfg.set_context(&name, servers, default_namespace);
+            cfg.save(&path)?;
+            println!("Context {name:?} {}.", if existed { "modified" } else { "created" });
+        }
+        ConfigCommand::DeleteContext { name } => {
+            cfg.delete_context(&name)?;
+            cfg.save(&path)?;
+            println!("deleted context {name} from {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -134,29 +256,100 @@ fn range_end(key: &str, prefix: bool) -> Vec<u8> {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let client = KvClient::new(&cli.server, Duration::from_secs(10))?;
-    let api = cli::Api::new(&cli.server)?;
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message chain only: a user error is not a crash, so no backtrace.
+            let text = format!("{e:#}");
+            if text.starts_with("Error from server") {
+                eprintln!("{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Config(c) = cli.command {
+        return config_command(c);
+    }
+    let cfg = cli::config::Config::load(&cli::config::path())?;
+    let ctx = cfg.selected(cli.context.as_deref())?.cloned().unwrap_or_default();
+    let servers = match cli.server {
+        Some(s) => s,
+        None if !ctx.servers.is_empty() => ctx.servers.clone(),
+        None => vec![cli::config::DEFAULT_SERVER.to_string()],
+    };
+    let namespace = cli
+        .namespace
+        .or_else(|| Some(ctx.namespace.clone()).filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| "default".to_string());
+    let client = KvClient::new(&servers, Duration::from_secs(10))?;
+    let api = cli::Api::new(&servers)?;
     match cli.command {
+        Command::Config(_) => unreachable!("handled above"),
         Command::Apply(a) => {
             let objects = cli::read_manifests(&cli::manifest_files(&a.files.files, a.files.recursive)?)?;
-            cli::apply(&api, objects, &a.files.namespace, a.atomic, a.dry_run == "server").await?;
+            cli::apply(&api, objects, &namespace, a.atomic, a.dry_run == "server").await?;
         }
         Command::Create(a) => {
             let objects = cli::read_manifests(&cli::manifest_files(&a.files, a.recursive)?)?;
             for mut o in objects {
                 if let Some(m) = keel::api::object::meta_mut(&mut o) {
                     if m.namespace.is_empty() {
-                        m.namespace = a.namespace.clone();
+                        m.namespace = namespace.clone();
                     }
                 }
                 let created = cli::create(&api, o).await?;
                 println!("{} created", cli::display_name(&created));
             }
         }
-        Command::Get(g) => get(&api, g).await?,
-        Command::Delete(d) => delete(&api, d).await?,
+        Command::Get(g) => get(&api, g, &namespace).await?,
+        Command::Delete(d) => delete(&api, d, &namespace).await?,
+        Command::Describe(d) => {
+            let info = cli::resolve_kind(d.kind.split_once('/').map_or(d.kind.as_str(), |(k, _)| k))?;
+            let ns = if info.namespaced { namespace.clone() } else { String::new() };
+            let objects = match (d.kind.split_once('/').map(|(_, n)| n.to_string()), d.name) {
+                (Some(n), _) | (None, Some(n)) => vec![cli::commands::get_object(&api, info, &ns, &n).await?],
+                (None, None) => {
+                    let req = pb::ListRequest {
+                        kind: info.name.into(),
+                        namespace: ns.clone(),
+                        label_selector: d.selector.clone(),
+                        ..Default::default()
+                    };
+                    api.call(|mut c| {
+                        let r = req.clone();
+                        async move { c.list(r).await }
+                    })
+                    .await
+                    .map_err(cli::status_error)?
+                    .items
+                }
+            };
+            let mut text = Vec::new();
+            for o in &objects {
+                text.push(cli::commands::describe(&api, o).await?);
+            }
+            cli::commands::emit(&text.join("\n\n"))?;
+        }
+        Command::Label(m) => println!("{}", map_command(&api, m, &namespace, false).await?),
+        Command::Annotate(m) => println!("{}", map_command(&api, m, &namespace, true).await?),
+        Command::Scale(a) => {
+            let (kind, name) = split_ref(&a.kind, a.name.as_deref())?;
+            let info = cli::resolve_kind(&kind)?;
+            let ns = if info.namespaced { namespace.clone() } else { String::new() };
+            println!("{}", cli::commands::scale(&api, info, &ns, &name, a.replicas, a.current_replicas).await?);
+        }
+        Command::Edit(a) => {
+            let (kind, name) = split_ref(&a.kind, a.name.as_deref())?;
+            let info = cli::resolve_kind(&kind)?;
+            let ns = if info.namespaced { namespace.clone() } else { String::new() };
+            println!("{}", cli::commands::edit(&api, info, &ns, &name).await?);
+        }
         Command::ApiResources => {
             println!("{:<24} {:<12} {:<26} {:<11} KIND", "NAME", "SHORTNAMES", "APIVERSION", "NAMESPACED");
             for k in keel::api::kinds::KINDS {
@@ -176,7 +369,7 @@ async fn main() -> anyhow::Result<()> {
                 "{:<22} {:>3} {:<10} {:>5} {:>7} {:>9} {:>9} {:>9}",
                 "ADDRESS", "ID", "STATE", "TERM", "LEADER", "LAST-LOG", "APPLIED", "REVISION"
             );
-            for (i, addr) in cli.server.iter().enumerate() {
+            for (i, addr) in servers.iter().enumerate() {
                 match client.status_of(i).await {
                     Ok(s) => println!(
                         "{addr:<22} {:>3} {:<10} {:>5} {:>7} {:>9} {:>9} {:>9}",
@@ -287,9 +480,20 @@ fn print_objects(objects: &[pb::Object], output: &str, all_namespaces: bool) -> 
     Ok(())
 }
 
-async fn get(api: &cli::Api, g: GetArgs) -> anyhow::Result<()> {
+async fn map_command(api: &cli::Api, m: MapArgs, namespace: &str, annotations: bool) -> anyhow::Result<String> {
+    let (kind, name, rest) = match m.kind.split_once('/') {
+        Some((k, n)) => (k.to_string(), n.to_string(), &m.args[..]),
+        None => (m.kind.clone(), m.args[0].clone(), &m.args[1..]),
+    };
+    let info = cli::resolve_kind(&kind)?;
+    let ns = if info.namespaced { namespace } else { "" };
+    let edits = cli::commands::parse_map_edits(rest)?;
+    cli::commands::label_or_annotate(api, info, ns, &name, &edits, m.overwrite, annotations).await
+}
+
+async fn get(api: &cli::Api, g: GetArgs, namespace: &str) -> anyhow::Result<()> {
     let info = cli::resolve_kind(&g.kind)?;
-    let namespace = if g.all_namespaces || !info.namespaced { String::new() } else { g.namespace.clone() };
+    let namespace = if g.all_namespaces || !info.namespaced { String::new() } else { namespace.to_string() };
     if let Some(name) = &g.name {
         let r = pb::ObjectRef { kind: info.name.into(), namespace: namespace.clone(), name: name.clone() };
         let obj = api
@@ -353,13 +557,13 @@ async fn get(api: &cli::Api, g: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn delete(api: &cli::Api, d: DeleteArgs) -> anyhow::Result<()> {
+async fn delete(api: &cli::Api, d: DeleteArgs, namespace: &str) -> anyhow::Result<()> {
     let mut refs = Vec::new();
     if !d.files.is_empty() {
         for o in cli::read_manifests(&cli::manifest_files(&d.files, false)?)? {
             let info = keel::api::object::info(&o).context("object without a kind")?;
             let m = keel::api::object::meta(&o).cloned().unwrap_or_default();
-            let ns = if m.namespace.is_empty() { d.namespace.clone() } else { m.namespace };
+            let ns = if m.namespace.is_empty() { namespace.to_string() } else { m.namespace };
             refs.push(pb::ObjectRef { kind: info.name.into(), namespace: ns, name: m.name });
         }
     } else {
@@ -369,7 +573,7 @@ async fn delete(api: &cli::Api, d: DeleteArgs) -> anyhow::Result<()> {
             anyhow::bail!("resource(s) were provided, but no name was specified");
         }
         for n in &d.names {
-            refs.push(pb::ObjectRef { kind: info.name.into(), namespace: d.namespace.clone(), name: n.clone() });
+            refs.push(pb::ObjectRef { kind: info.name.into(), namespace: namespace.to_string(), name: n.clone() });
         }
     }
     for r in refs {

@@ -1,6 +1,8 @@
 //! keelctl's object commands: apply, create, get, delete. They read manifests at the edge
 //! and speak only the gRPC Objects API, failing over between replicas.
 
+pub mod commands;
+pub mod config;
 pub mod print;
 
 use std::path::{Path, PathBuf};

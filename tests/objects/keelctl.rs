@@ -3,9 +3,17 @@
 use std::process::Command;
 
 fn keelctl(addr: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut full = vec!["--server", addr];
+    full.extend_from_slice(args);
+    keelctl_env(&full, stdin, &[])
+}
+
+/// keelctl with its own environment (KEELCONFIG, EDITOR) and no --server unless given.
+fn keelctl_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (bool, String, String) {
     use std::io::Write;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keelctl"));
-    cmd.args(["--server", addr]).args(args).env_remove("RUST_BACKTRACE");
+    cmd.args(args).env_remove("RUST_BACKTRACE").env_remove("KEEL_SERVER").env("KEELCONFIG", "/nonexistent/keel-config");
+    cmd.envs(env.iter().copied());
     cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     if let Some(text) = stdin {
@@ -101,4 +109,127 @@ async fn apply_is_idempotent_and_reports_created_unchanged_configured() {
     assert_eq!(out.trim(), "deployment.apps/web deleted");
     let (ok, _, err) = run(args("get deploy web"), None).await.unwrap();
     assert!(!ok && err.contains("deployments.apps \"web\" not found"), "{err}");
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_annotate_scale_edit_describe_and_contexts() {
+    let api = super::start().await;
+    let addr = api.addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config").display().to_string();
+    // Contexts: the first points at a dead port, the second at the replica with a namespace.
+    let cfg = config.clone();
+    let a = addr.clone();
+    let run = move |args: &str| {
+        let (cfg, args) = (cfg.clone(), args.to_string());
+        blocking(move || keelctl_env(&args.split(' ').collect::<Vec<_>>(), None, &[("KEELCONFIG", &cfg)]))
+    };
+    let (ok, out, err) = run("config set-context dead --servers 127.0.0.1:1").await;
+    assert!(ok && out.contains("created"), "{err}");
+    let (ok, _, err) =
+        run(&format!("config set-context live --servers 127.0.0.1:1,{a} --default-namespace team")).await;
+    assert!(ok, "{err}");
+    let (ok, _, _) = run("config use-context nope").await;
+    assert!(!ok);
+    let (ok, _, err) = run("config use-context live").await;
+    assert!(ok, "{err}");
+    let (_, out, _) = run("config get-contexts").await;
+    assert!(out.lines().any(|l| l.starts_with('*') && l.contains("live") && l.contains("team")), "{out}");
+    // The context's namespace is the default; the dead first address is failed over.
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n---\n";
+    let cfg = config.clone();
+    let (ok, out, err) =
+        blocking(move || keelctl_env(&["apply", "-f", "-"], Some(&format!("{ns}{WEB}")), &[("KEELCONFIG", &cfg)]))
+            .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    let (ok, out, _) = run("get deploy -o name").await;
+    assert!(ok && out.trim() == "deployment.apps/web", "{out}");
+    let (ok, _, err) = run("--context dead get deploy").await;
+    assert!(!ok && err.contains("unavailable"), "{err}");
+
+    // label / annotate.
+    let (_, out, _) = run("label deploy web tier=front").await;
+    assert_eq!(out.trim(), "deployment.apps/web labeled");
+    let (ok, _, err) = run("label deploy/web tier=back").await;
+    assert!(!ok && err.contains("'tier' already has a value (front), and --overwrite is false"), "{err}");
+    let (_, out, _) = run("label deploy/web tier=back --overwrite").await;
+    assert_eq!(out.trim(), "deployment.apps/web labeled");
+    let (_, out, _) = run("label deploy/web tier=back").await;
+    assert_eq!(out.trim(), "deployment.apps/web not labeled");
+    let (_, out, _) = run("annotate deploy web owner=ops").await;
+    assert_eq!(out.trim(), "deployment.apps/web annotated");
+    let (_, out, _) = run("get deploy web -o json").await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["metadata"]["labels"]["tier"], "back");
+    assert_eq!(v["metadata"]["annotations"]["owner"], "ops");
+    let (_, out, _) = run("label deploy web tier-").await;
+    assert_eq!(out.trim(), "deployment.apps/web labeled");
+
+    // scale, with and without a precondition.
+    let (ok, _, err) = run("scale deploy web --replicas 5 --current-replicas 3").await;
+    assert!(!ok && err.contains("Expected replicas to be 3, was 2"), "{err}");
+    let (_, out, _) = run("scale deploy/web --replicas 5").await;
+    assert_eq!(out.trim(), "deployment.apps/web scaled");
+    let (ok, _, err) = run("scale cm/x --replicas 1").await;
+    assert!(!ok, "{err}");
+
+    // edit through an EDITOR script; a bad edit is refused and nothing is written.
+    let cfg = config.clone();
+    let (ok, out, err) = blocking(move || {
+        keelctl_env(
+            &["edit", "deploy", "web"],
+            None,
+            &[("KEELCONFIG", &cfg), ("EDITOR", "sed -i s/nginx:1.14.2/nginx:1.16.1/")],
+        )
+    })
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "deployment.apps/web edited");
+    let cfg = config.clone();
+    let (ok, _, err) = blocking(move || {
+        keelctl_env(
+            &["edit", "deploy", "web"],
+            None,
+            &[("KEELCONFIG", &cfg), ("EDITOR", "sed -i s/replicas:/replicaz:/")],
+        )
+    })
+    .await;
+    assert!(!ok && err.contains("replicaz") && err.contains("not saved"), "{err}");
+    let cfg = config.clone();
+    let (ok, out, _) =
+        blocking(move || keelctl_env(&["edit", "deploy", "web"], None, &[("KEELCONFIG", &cfg), ("EDITOR", "true")]))
+            .await;
+    assert!(ok && out.trim() == "Edit cancelled, no changes made.", "{out}");
+    let (_, out, _) = run("get deploy web -o json").await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["spec"]["replicas"], 5);
+    assert_eq!(v["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1.16.1");
+    let uid = v["metadata"]["uid"].as_str().unwrap().to_string();
+
+    // describe shows the object's events, not those of other objects.
+    let event = |name: &str, obj: &str, reason: &str| {
+        format!(
+            "apiVersion: v1\nkind: Event\nmetadata: {{name: {name}, namespace: team}}\n\
+             involvedObject: {{kind: Deployment, name: {obj}, namespace: team, uid: {uid}}}\n\
+             reason: {reason}\nmessage: Scaled up replica set web-1 to 5\ntype: Normal\n\
+             source: {{component: deployment-controller}}\nlastTimestamp: \"2026-11-28T00:00:00Z\"\n"
+        )
+    };
+    let events = format!("{}---\n{}", event("e1", "web", "ScalingReplicaSet"), event("e2", "other", "Elsewhere"));
+    let cfg = config.clone();
+    let (ok, _, err) =
+        blocking(move || keelctl_env(&["apply", "-f", "-"], Some(&events), &[("KEELCONFIG", &cfg)])).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = run("describe deploy web").await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("Name:         web\nNamespace:    team\n"), "{out}");
+    assert!(out.contains("Annotations:  owner=ops\n"), "last-applied is not shown: {out}");
+    assert!(out.contains("Replicas:  5"), "{out}");
+    assert!(out.contains("ScalingReplicaSet") && out.contains("deployment-controller"), "{out}");
+    assert!(!out.contains("Elsewhere"), "{out}");
 }

@@ -1,0 +1,164 @@
+//! keelctl's configuration file: named contexts, each a list of replica addresses and a
+//! default namespace, and which one is current (kubectl's kubeconfig, reduced to what Keel
+//! needs).
+//!
+//! The file is `$KEELCONFIG`, else `~/.keel/config`. It is YAML:
+//!
+//! ```yaml
+//! current-context: prod
+//! contexts:
+//! - name: prod
+//!   servers: [10.0.0.1:7001, 10.0.0.2:7001, 10.0.0.3:7001]
+//!   namespace: web
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7001";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub current_context: String,
+    #[serde(default)]
+    pub contexts: Vec<Context>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Context {
+    pub name: String,
+    #[serde(default)]
+    pub servers: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+}
+
+/// Where the configuration lives.
+pub fn path() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEELCONFIG").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".keel").join("config")
+}
+
+impl Config {
+    /// Reads the file; a missing file is an empty configuration.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_saphyr::from_str(&text).with_context(|| format!("{}: not a keelctl configuration", path.display()))
+    }
+
+    /// Writes the file whole (through a temporary file, so a crash leaves the old one).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let text = serde_saphyr::to_string(self).context("encode configuration")?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+    }
+
+    pub fn context(&self, name: &str) -> Option<&Context> {
+        self.contexts.iter().find(|c| c.name == name)
+    }
+
+    /// The context in force: the one named, else the current one, else none.
+    pub fn selected(&self, name: Option<&str>) -> anyhow::Result<Option<&Context>> {
+        match name {
+            Some(n) => match self.context(n) {
+                Some(c) => Ok(Some(c)),
+                None => bail!("context {n:?} not found; `keelctl config get-contexts` lists them"),
+            },
+            None if self.current_context.is_empty() => Ok(None),
+            None => match self.context(&self.current_context) {
+                Some(c) => Ok(Some(c)),
+                None => bail!(
+                    "current-context {:?} is not defined in the configuration; `keelctl config use-context` picks another",
+                    self.current_context
+                ),
+            },
+        }
+    }
+
+    /// Creates or changes a context; only the fields given change.
+    pub fn set_context(&mut self, name: &str, servers: Option<Vec<String>>, namespace: Option<String>) {
+        let idx = match self.contexts.iter().position(|c| c.name == name) {
+            Some(i) => i,
+            None => {
+                self.contexts.push(Context { name: name.to_string(), ..Default::default() });
+                self.contexts.len() - 1
+            }
+        };
+        let c = &mut self.contexts[idx];
+        if let Some(s) = servers {
+            c.servers = s;
+        }
+        if let Some(n) = namespace {
+            c.namespace = n;
+        }
+    }
+
+    pub fn use_context(&mut self, name: &str) -> anyhow::Result<()> {
+        if self.context(name).is_none() {
+            bail!("no context exists with the name: {name:?}");
+        }
+        self.current_context = name.to_string();
+        Ok(())
+    }
+
+    pub fn delete_context(&mut self, name: &str) -> anyhow::Result<()> {
+        let before = self.contexts.len();
+        self.contexts.retain(|c| c.name != name);
+        if self.contexts.len() == before {
+            bail!("cannot delete context {name:?}, not in the configuration");
+        }
+        if self.current_context == name {
+            self.current_context.clear();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts_round_trip_and_select() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/config");
+        let mut c = Config::load(&p).unwrap();
+        assert_eq!(c, Config::default());
+        assert!(c.selected(None).unwrap().is_none());
+        c.set_context("a", Some(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]), Some("web".into()));
+        c.set_context("b", Some(vec!["127.0.0.1:3".into()]), None);
+        c.use_context("a").unwrap();
+        c.set_context("a", None, Some("db".into()));
+        c.save(&p).unwrap();
+        let back = Config::load(&p).unwrap();
+        assert_eq!(back, c);
+        let sel = back.selected(None).unwrap().unwrap();
+        assert_eq!((sel.servers.len(), sel.namespace.as_str()), (2, "db"));
+        assert_eq!(back.selected(Some("b")).unwrap().unwrap().servers, ["127.0.0.1:3"]);
+        assert!(back.selected(Some("zz")).unwrap_err().to_string().contains("not found"));
+        assert!(c.use_context("zz").is_err());
+        c.delete_context("a").unwrap();
+        assert!(c.current_context.is_empty());
+        std::fs::write(&p, "current-context: x\nbogus: 1\n").unwrap();
+        assert!(Config::load(&p).is_err(), "unknown fields are refused");
+    }
+}
