@@ -8,6 +8,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod controllers;
 pub mod harness;
 pub mod proto;
 pub mod server;

@@ -39,6 +39,8 @@ pub struct Server {
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Creates the default namespaces; it retries until the cluster has a leader.
     bootstrap: tokio::task::JoinHandle<()>,
+    /// The control loops this replica runs (see `controllers`).
+    loops: Vec<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -85,7 +87,8 @@ impl Server {
             store.initialize(voters).await?;
         }
         let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone()));
-        Ok(Server { store, addr, task, bootstrap, stop: Some(stop_tx) })
+        let loops = vec![tokio::spawn(crate::controllers::namespace::run(addr))];
+        Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })
     }
 
     /// Stops serving and shuts the store down.
@@ -94,6 +97,9 @@ impl Server {
             let _ = tx.send(());
         }
         self.bootstrap.abort();
+        for l in &self.loops {
+            l.abort();
+        }
         self.store.shutdown().await?;
         self.task.abort();
         Ok(())

@@ -24,6 +24,20 @@ use crate::store::{prefix_end, KeyRange, Store, WatchError};
 
 pub const DEFAULT_NAMESPACES: &[&str] = &["default", "kube-system"];
 
+/// The spec finalizer that holds a deleted namespace until the namespace controller has
+/// deleted its content.
+pub const NAMESPACE_FINALIZER: &str = "kubernetes";
+
+/// Whether a deleted object may go now: its finalizers (and a namespace's spec finalizers)
+/// are all gone.
+fn releasable(obj: &pb::Object) -> bool {
+    let spec_held = match obj.kind.as_ref() {
+        Some(pb::object::Kind::Namespace(n)) => n.spec.as_ref().is_some_and(|s| !s.finalizers.is_empty()),
+        _ => false,
+    };
+    object::meta(obj).is_some_and(|m| m.finalizers.is_empty()) && !spec_held
+}
+
 pub struct ObjectsService {
     store: Store,
 }
@@ -190,6 +204,13 @@ impl ObjectsService {
             m.creation_timestamp = now();
             m.deletion_timestamp.clear();
             m.resource_version.clear();
+        }
+        // A namespace is held by the namespace controller until its content is gone.
+        if let Some(pb::object::Kind::Namespace(n)) = obj.kind.as_mut() {
+            let spec = n.spec.get_or_insert_with(Default::default);
+            if spec.finalizers.is_empty() {
+                spec.finalizers.push(NAMESPACE_FINALIZER.to_string());
+            }
         }
         let has_spec = object::has_status(&obj);
         if let Some(m) = object::meta_mut(&mut obj) {
@@ -427,7 +448,7 @@ struct Planned {
 /// The write that stores `next`: a put, or the delete of an object whose deletion was
 /// requested and whose last finalizer just went.
 fn write_op(k: &str, next: &pb::Object) -> pb::RequestOp {
-    let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty() && m.finalizers.is_empty());
+    let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty()) && releasable(next);
     if finished {
         delete(k)
     } else {
@@ -455,7 +476,21 @@ fn field_value(obj: &pb::Object, field: &str) -> String {
         "metadata.namespace" => m.map(|m| m.namespace.clone()).unwrap_or_default(),
         "spec.nodeName" => object::pod_fields(obj).map(|f| f.0.to_string()).unwrap_or_default(),
         "status.phase" => object::pod_fields(obj).map(|f| f.1.to_string()).unwrap_or_default(),
-        _ => String::new(),
+        _ => match obj.kind.as_ref() {
+            Some(pb::object::Kind::Event(e)) => {
+                let r = e.involved_object.clone().unwrap_or_default();
+                match field {
+                    "involvedObject.kind" => r.kind,
+                    "involvedObject.name" => r.name,
+                    "involvedObject.namespace" => r.namespace,
+                    "involvedObject.uid" => r.uid,
+                    "reason" => e.reason.clone(),
+                    "type" => e.r#type.clone(),
+                    _ => String::new(),
+                }
+            }
+            _ => String::new(),
+        },
     }
 }
 
@@ -589,16 +624,22 @@ impl pb::objects_server::Objects for ObjectsService {
                 )))
             }
         };
-        let mut holds = false;
         if let Some(m) = object::meta_mut(&mut obj) {
             if let Some(f) = policy {
                 if !m.finalizers.iter().any(|x| x == f) {
                     m.finalizers.push(f.to_string());
                 }
             }
-            holds = !m.finalizers.is_empty();
-            if holds && m.deletion_timestamp.is_empty() {
-                m.deletion_timestamp = now();
+        }
+        let holds = !releasable(&obj);
+        if holds {
+            if let Some(m) = object::meta_mut(&mut obj) {
+                if m.deletion_timestamp.is_empty() {
+                    m.deletion_timestamp = now();
+                }
+            }
+            if let Some(pb::object::Kind::Namespace(n)) = obj.kind.as_mut() {
+                n.status.get_or_insert_with(Default::default).phase = "Terminating".into();
             }
         }
         let op = if holds { put(&k, encode(&obj)) } else { delete(&k) };

@@ -394,3 +394,67 @@ async fn apply_of_a_set_is_one_transaction_all_or_nothing() {
     let no_ns = api.client.apply(apply_req(vec![config_map("nowhere", "x")])).await.unwrap_err();
     assert_eq!(no_ns.code(), Code::NotFound);
 }
+
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_namespace_terminates_its_content_then_goes() {
+    let mut api = start().await;
+    let ns = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n");
+    let mut held = config_map("team", "held");
+    keel::api::object::meta_mut(&mut held).unwrap().finalizers = vec!["example.com/hold".into()];
+    api.client.apply(apply_req(vec![ns, config_map("team", "plain"), held])).await.unwrap();
+
+    let del = api.client.delete(pb::DeleteRequest { r#ref: r("ns", "", "team"), ..Default::default() }).await.unwrap();
+    let del = del.into_inner();
+    assert!(!del.deleted, "held by its spec finalizer");
+    match del.object.and_then(|o| o.kind) {
+        Some(pb::object::Kind::Namespace(n)) => {
+            assert_eq!(n.status.unwrap().phase, "Terminating");
+            assert_eq!(n.spec.unwrap().finalizers, ["kubernetes"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let refused = api.client.create(pb::CreateRequest { object: Some(config_map("team", "late")) }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("being terminated"), "{}", refused.message());
+
+    // The controller deletes the plain object and marks the held one; the namespace waits.
+    let mut c = api.client.clone();
+    eventually("the plain ConfigMap is deleted", || {
+        let mut c = c.clone();
+        async move { c.get(pb::GetRequest { r#ref: r("cm", "team", "plain") }).await.is_err() }
+    })
+    .await;
+    let held = c.get(pb::GetRequest { r#ref: r("cm", "team", "held") }).await.unwrap().into_inner();
+    assert!(!meta(&held).deletion_timestamp.is_empty());
+    assert!(c.get(pb::GetRequest { r#ref: r("ns", "", "team") }).await.is_ok(), "still terminating");
+
+    let mut release = held;
+    keel::api::object::meta_mut(&mut release).unwrap().finalizers.clear();
+    c.update(pb::UpdateRequest { object: Some(release) }).await.unwrap();
+    eventually("the namespace is gone", || {
+        let mut c = c.clone();
+        async move {
+            matches!(c.get(pb::GetRequest { r#ref: r("ns", "", "team") }).await, Err(s) if s.code() == Code::NotFound)
+        }
+    })
+    .await;
+    // The name can be used again.
+    let again = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n");
+    api.client.create(pb::CreateRequest { object: Some(again) }).await.unwrap();
+    c = api.client.clone();
+    assert!(c.get(pb::GetRequest { r#ref: r("ns", "", "team") }).await.is_ok());
+}
