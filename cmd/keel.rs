@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use keel::pki::Credentials;
+use keel::server::bootstrap;
 use keel::store::{Faults, Member, StoreConfig};
 
 // glibc malloc showed up as ~12% of CPU under write load; mimalloc is a drop-in.
@@ -45,9 +47,15 @@ struct ServerArgs {
     advertise: Option<String>,
     #[arg(long, default_value = "/var/lib/keel", env = "KEEL_DATA_DIR")]
     data_dir: PathBuf,
-    /// Voters of a new cluster, as id=host:port,... Every listed replica starts with the same
-    /// list; a replica with existing data ignores it. Defaults to this replica alone.
+    /// Start a new cluster: a new CA, this replica's certificate, an admin configuration
+    /// (its path is printed) and join tokens. A plain `keel server` on an empty data
+    /// directory does the same.
     #[arg(long)]
+    cluster_init: bool,
+    /// Voters of a new cluster, as id=host:port,... for a cluster whose certificates were
+    /// provisioned beforehand (each replica's in <data-dir>/tls). Every listed replica
+    /// starts with the same list; a replica with existing data ignores it.
+    #[arg(long, conflicts_with = "cluster_init")]
     initial_cluster: Option<String>,
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
@@ -113,10 +121,36 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     if !cluster.contains_key(&a.id) {
         bail!("--initial-cluster does not list this replica's --id {}", a.id);
     }
-    let server = keel::server::Server::start(config, a.listen, Some(cluster), Faults::new())
+    let tls = bootstrap::tls_dir(&a.data_dir);
+    let mut initialized = false;
+    let creds = if Credentials::exists(&tls) {
+        if a.cluster_init {
+            bail!(
+                "--cluster-init: {} already holds a cluster's certificates; start without --cluster-init to restart this replica, or use an empty --data-dir for a new cluster",
+                a.data_dir.display()
+            );
+        }
+        Credentials::load(&tls)?
+    } else if a.initial_cluster.is_some() {
+        bail!(
+            "--initial-cluster needs this replica's certificates in {} (ca.crt, tls.crt, tls.key, signed by the cluster CA); \
+             to start a cluster without them, run `keel server --cluster-init` on one replica and join the others with its token",
+            tls.display()
+        );
+    } else {
+        std::fs::create_dir_all(&a.data_dir).with_context(|| format!("create {}", a.data_dir.display()))?;
+        initialized = true;
+        bootstrap::init_cluster(&a.data_dir, a.id, &advertise)?.0
+    };
+    let server = keel::server::Server::start(config, a.listen, Some(cluster), Faults::new(), &creds)
         .await
         .with_context(|| format!("replica {} failed to start", a.id))?;
     tracing::info!(id = a.id, addr = %server.addr, data_dir = %a.data_dir.display(), "keel server ready");
+    if initialized {
+        let admin = bootstrap::admin_config_path(&a.data_dir);
+        println!("New cluster initialized. Admin configuration: {}", admin.display());
+        println!("  export KEELCONFIG={}", admin.display());
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,

@@ -150,8 +150,11 @@ struct EditArgs {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Print the configuration file.
-    View,
+    /// Print the configuration (private keys and certificates redacted unless --raw).
+    View {
+        #[arg(long)]
+        raw: bool,
+    },
     /// List the contexts; the current one is starred.
     GetContexts,
     CurrentContext,
@@ -159,12 +162,23 @@ enum ConfigCommand {
         name: String,
     },
     /// Create or change a context.
+    /// Create or change a context. A new context without credential flags takes the
+    /// current context's credentials.
     SetContext {
         name: String,
         #[arg(long = "servers", value_delimiter = ',')]
         servers: Option<Vec<String>>,
         #[arg(long = "default-namespace")]
         default_namespace: Option<String>,
+        /// PEM file of the cluster CA.
+        #[arg(long)]
+        certificate_authority: Option<std::path::PathBuf>,
+        /// PEM file of the user's certificate.
+        #[arg(long)]
+        client_certificate: Option<std::path::PathBuf>,
+        /// PEM file of the user's private key.
+        #[arg(long)]
+        client_key: Option<std::path::PathBuf>,
     },
     DeleteContext {
         name: String,
@@ -185,7 +199,20 @@ fn config_command(c: ConfigCommand) -> anyhow::Result<()> {
     let path = cli::config::path();
     let mut cfg = cli::config::Config::load(&path)?;
     match c {
-        ConfigCommand::View => print!("{}", std::fs::read_to_string(&path).unwrap_or_default()),
+        ConfigCommand::View { raw } => {
+            let mut shown = cli::config::Config::load(&cli::config::read_path())?;
+            if !raw {
+                for c in &mut shown.contexts {
+                    for f in [&mut c.certificate_authority_data, &mut c.client_certificate_data, &mut c.client_key_data]
+                    {
+                        if !f.is_empty() {
+                            *f = "DATA+OMITTED".into();
+                        }
+                    }
+                }
+            }
+            println!("{}", serde_saphyr::to_string(&shown)?.trim_end());
+        }
         ConfigCommand::GetContexts => {
             println!("{:<8} {:<20} {:<16} SERVERS", "CURRENT", "NAME", "NAMESPACE");
             for ctx in &cfg.contexts {
@@ -204,9 +231,34 @@ fn config_command(c: ConfigCommand) -> anyhow::Result<()> {
             cfg.save(&path)?;
             println!("Switched to context {name:?}.");
         }
-        ConfigCommand::SetContext { name, servers, default_namespace } => {
+        ConfigCommand::SetContext {
+            name,
+            servers,
+            default_namespace,
+            certificate_authority,
+            client_certificate,
+            client_key,
+        } => {
             let existed = cfg.context(&name).is_some();
+            let inherited = if existed { None } else { cfg.selected(None).ok().flatten().cloned() };
             cfg.set_context(&name, servers, default_namespace);
+            let read =
+                |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+            let ctx = cfg.contexts.iter_mut().find(|c| c.name == name).context("context just set")?;
+            if let Some(from) = inherited {
+                ctx.certificate_authority_data = from.certificate_authority_data;
+                ctx.client_certificate_data = from.client_certificate_data;
+                ctx.client_key_data = from.client_key_data;
+            }
+            if let Some(p) = certificate_authority {
+                ctx.certificate_authority_data = read(&p)?;
+            }
+            if let Some(p) = client_certificate {
+                ctx.client_certificate_data = read(&p)?;
+            }
+            if let Some(p) = client_key {
+                ctx.client_key_data = read(&p)?;
+            }
             cfg.save(&path)?;
             println!("Context {name:?} {}.", if existed { "modified" } else { "created" });
         }
@@ -276,8 +328,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Config(c) = cli.command {
         return config_command(c);
     }
-    let cfg = cli::config::Config::load(&cli::config::path())?;
-    let ctx = cfg.selected(cli.context.as_deref())?.cloned().unwrap_or_default();
+    let cfg_path = cli::config::read_path();
+    let cfg = cli::config::Config::load(&cfg_path)?;
+    let ctx = match cfg.selected(cli.context.as_deref())? {
+        Some(c) => c.clone(),
+        None => anyhow::bail!(
+            "no context: {} has no current-context; point KEELCONFIG at the admin configuration that `keel server` wrote (by default {})",
+            cfg_path.display(),
+            cli::config::ADMIN_CONFIG
+        ),
+    };
+    let creds = ctx.credentials()?;
     let servers = match cli.server {
         Some(s) => s,
         None if !ctx.servers.is_empty() => ctx.servers.clone(),
@@ -287,8 +348,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .namespace
         .or_else(|| Some(ctx.namespace.clone()).filter(|n| !n.is_empty()))
         .unwrap_or_else(|| "default".to_string());
-    let client = KvClient::new(&servers, Duration::from_secs(10))?;
-    let api = cli::Api::new(&servers)?;
+    let client = KvClient::new(&servers, Duration::from_secs(10), &creds)?;
+    let api = cli::Api::new(&servers, &creds)?;
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Apply(a) => {

@@ -2,7 +2,8 @@
 """A Keel client generated from nothing but proto/ (grpcio-tools), as any language would.
 
 It lists Deployments, watches from the list's resourceVersion, creates a Deployment, updates
-it, and checks that the watch delivered both changes. Usage: python_client.py HOST:PORT
+it, and checks that the watch delivered both changes.
+Usage: python_client.py HOST:PORT TLS_DIR (TLS_DIR holds ca.crt, tls.crt and tls.key)
 """
 import os
 import queue
@@ -16,6 +17,19 @@ from grpc_tools import protoc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def secure_channel(addr, tls_dir):
+    """mTLS as every Keel port requires: the cluster CA plus a client certificate. Server
+    certificates name "keel-server" whatever their address."""
+    def read(name):
+        with open(os.path.join(tls_dir, name), "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read("ca.crt"), private_key=read("tls.key"), certificate_chain=read("tls.crt")
+    )
+    return grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", "keel-server")])
+
+
 def generate():
     out = tempfile.mkdtemp(prefix="keel-py-")
     proto_dir = os.path.join(ROOT, "proto")
@@ -27,7 +41,9 @@ def generate():
 
 
 def main():
-    addr = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:7001"
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    addr, tls_dir = sys.argv[1], sys.argv[2]
     generate()
     from keel.v1 import apps_pb2, core_pb2, meta_pb2, objects_pb2, objects_pb2_grpc
 
@@ -47,7 +63,7 @@ def main():
             )
         )
 
-    channel = grpc.insecure_channel(addr)
+    channel = secure_channel(addr, tls_dir)
     grpc.channel_ready_future(channel).result(timeout=20)
     objects = objects_pb2_grpc.ObjectsStub(channel)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A Keel client that knows nothing but the server's address: it discovers the Objects API
 through gRPC reflection, builds messages from the descriptors it received, creates a
-ConfigMap, updates it, and checks that a watch saw both changes. Usage: ... HOST:PORT
+ConfigMap, updates it, and checks that a watch saw both changes.
+Usage: python_reflection_client.py HOST:PORT TLS_DIR (TLS_DIR holds ca.crt, tls.crt, tls.key)
 """
+import os
 import queue
 import sys
 import threading
@@ -12,9 +14,24 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 
+def secure_channel(addr, tls_dir):
+    """mTLS as every Keel port requires: the cluster CA plus a client certificate. Server
+    certificates name "keel-server" whatever their address."""
+    def read(name):
+        with open(os.path.join(tls_dir, name), "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read("ca.crt"), private_key=read("tls.key"), certificate_chain=read("tls.crt")
+    )
+    return grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", "keel-server")])
+
+
 def main():
-    addr = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:7001"
-    channel = grpc.insecure_channel(addr)
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    addr, tls_dir = sys.argv[1], sys.argv[2]
+    channel = secure_channel(addr, tls_dir)
     grpc.channel_ready_future(channel).result(timeout=20)
     db = ProtoReflectionDescriptorDatabase(channel)
     assert "keel.v1.Objects" in db.get_services(), db.get_services()

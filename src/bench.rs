@@ -89,9 +89,9 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
     {
         let cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
         cluster.wait_caught_up(Duration::from_secs(20)).await?;
-        let chans = channels(&cluster.addrs(), b.load.conns_per_replica)?;
+        let chans = channels(&cluster.addrs(), b.load.conns_per_replica, Some(&cluster.pki.admin))?;
         for addr in cluster.addrs() {
-            crate::harness::wait_default_namespaces(&addr, Duration::from_secs(20)).await?;
+            crate::harness::wait_default_namespaces(&addr, Duration::from_secs(20), &cluster.pki.admin).await?;
         }
         let objects = Target::Objects(chans.iter().cloned().map(pb::objects_client::ObjectsClient::new).collect());
         let f = put_load(&objects, b.clients, b.load.seconds, b.load.value_size, "api").await;
@@ -104,7 +104,7 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
         let e = Etcd::start(&b.load.etcd, &dir.join("etcd"))?;
         e.leader(Duration::from_secs(30)).await?;
         let t = Target::Etcd(
-            channels(&e.client_addrs, b.load.conns_per_replica)?
+            channels(&e.client_addrs, b.load.conns_per_replica, None)?
                 .into_iter()
                 .map(etcd::kv_client::KvClient::new)
                 .collect(),
@@ -168,16 +168,16 @@ impl Target {
     }
 }
 
-fn channels(addrs: &[String], per: usize) -> anyhow::Result<Vec<Channel>> {
+/// `per` channels to each address: TLS with `creds` (keel), plain HTTP/2 without (etcd).
+fn channels(addrs: &[String], per: usize, creds: Option<&crate::pki::Credentials>) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::new();
     for _ in 0..per.max(1) {
         for a in addrs {
-            out.push(
-                Endpoint::from_shared(format!("http://{a}"))?
-                    .connect_timeout(Duration::from_millis(500))
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
-            );
+            let endpoint = match creds {
+                Some(c) => crate::client::endpoint(a, c)?,
+                None => Endpoint::from_shared(format!("http://{a}"))?,
+            };
+            out.push(endpoint.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy());
         }
     }
     Ok(out)
@@ -277,7 +277,9 @@ async fn keel_kills(cluster: &mut ProcCluster, kills: usize) -> anyhow::Result<V
         // leader would only measure its own connect timeouts.
         let survivors: Vec<String> =
             cluster.nodes.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, n)| n.addr.clone()).collect();
-        let target = Target::Keel(channels(&survivors, 1)?.into_iter().map(pb::kv_client::KvClient::new).collect());
+        let target = Target::Keel(
+            channels(&survivors, 1, Some(&cluster.pki.admin))?.into_iter().map(pb::kv_client::KvClient::new).collect(),
+        );
         // Warm the connections so the measurement starts from a working client.
         target.put(0, b"bench/kill/warm0".to_vec(), b"v".to_vec()).await.ok();
         target.put(1, b"bench/kill/warm1".to_vec(), b"v".to_vec()).await.ok();
@@ -409,7 +411,8 @@ async fn etcd_kills(e: &mut Etcd, kills: usize) -> anyhow::Result<Vec<Duration>>
         let leader = e.leader(Duration::from_secs(20)).await?;
         let survivors: Vec<String> =
             e.client_addrs.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, a)| a.clone()).collect();
-        let target = Target::Etcd(channels(&survivors, 1)?.into_iter().map(etcd::kv_client::KvClient::new).collect());
+        let target =
+            Target::Etcd(channels(&survivors, 1, None)?.into_iter().map(etcd::kv_client::KvClient::new).collect());
         target.put(0, b"bench/kill/warm0".to_vec(), b"v".to_vec()).await.ok();
         target.put(1, b"bench/kill/warm1".to_vec(), b"v".to_vec()).await.ok();
         e.kill(leader);
@@ -438,7 +441,10 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
     let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
     let addrs = if b.leader_only { vec![cluster.nodes[leader].addr.clone()] } else { cluster.addrs() };
     let keel = Target::Keel(
-        channels(&addrs, b.load.conns_per_replica)?.into_iter().map(pb::kv_client::KvClient::new).collect(),
+        channels(&addrs, b.load.conns_per_replica, Some(&cluster.pki.admin))?
+            .into_iter()
+            .map(pb::kv_client::KvClient::new)
+            .collect(),
     );
     for &c in &b.clients {
         let f = put_load(&keel, c, b.load.seconds, b.load.value_size, &format!("c{c}")).await;
@@ -459,7 +465,7 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
         let mut e = Etcd::start(&b.load.etcd, &dir.join("etcd"))?;
         e.leader(Duration::from_secs(30)).await?;
         let target = Target::Etcd(
-            channels(&e.client_addrs, b.load.conns_per_replica)?
+            channels(&e.client_addrs, b.load.conns_per_replica, None)?
                 .into_iter()
                 .map(etcd::kv_client::KvClient::new)
                 .collect(),

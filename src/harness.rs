@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::client::KvClient;
+use crate::pki::{Ca, Credentials, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -32,11 +33,11 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
 
 /// Waits until the replica at `addr` serves the default namespaces (it leads or follows a
 /// leader, and the start-up creates went through).
-pub async fn wait_default_namespaces(addr: &str, timeout: Duration) -> Result<(), HarnessError> {
+pub async fn wait_default_namespaces(addr: &str, timeout: Duration, creds: &Credentials) -> Result<(), HarnessError> {
     use crate::proto::v1 as pb;
     let deadline = Instant::now() + timeout;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
+    let endpoint =
+        crate::client::endpoint(addr, creds).map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
     let mut client = pb::objects_client::ObjectsClient::new(endpoint.connect_lazy());
     loop {
         let mut ready = true;
@@ -56,19 +57,45 @@ pub async fn wait_default_namespaces(addr: &str, timeout: Duration) -> Result<()
     }
 }
 
+/// A cluster CA made up front, for tests that start replicas with `--initial-cluster`
+/// instead of `--cluster-init` and joins: it issues each replica's certificate and an
+/// admin's.
+pub struct TestPki {
+    pub ca: Ca,
+    pub admin: Credentials,
+}
+
+impl TestPki {
+    pub fn new() -> Result<TestPki, HarnessError> {
+        let pki = |e: crate::pki::PkiError| HarnessError::Timeout(format!("test PKI: {e}"));
+        let ca = Ca::generate("test").map_err(pki)?;
+        let admin = ca.issue(&Identity::Admin("admin".into()), Duration::from_secs(24 * 3600), &[]).map_err(pki)?;
+        Ok(TestPki { ca, admin })
+    }
+
+    pub fn replica(&self, id: u64, addr: &str) -> Result<Credentials, HarnessError> {
+        self.ca
+            .issue(&Identity::Replica(id), Duration::from_secs(24 * 3600), &[addr.to_string()])
+            .map_err(|e| HarnessError::Timeout(format!("test PKI: {e}")))
+    }
+}
+
 /// One in-process replica (a single-voter cluster) on a free 127.0.0.1 port, with its data
-/// under `data_dir`, returned once it serves the default namespaces.
-pub async fn single_replica(data_dir: &Path) -> Result<(crate::server::Server, String), HarnessError> {
+/// under `data_dir`, returned once it serves the default namespaces, with its CA (whose
+/// `admin` credentials call it).
+pub async fn single_replica(data_dir: &Path) -> Result<(crate::server::Server, String, TestPki), HarnessError> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let listen = addr.parse().map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
+    let pki = TestPki::new()?;
     let mut config = crate::store::StoreConfig::new(1, addr.clone(), data_dir);
     config.cache_bytes = 16 << 20;
     let members = [(1, crate::store::Member { addr: addr.clone(), name: "replica-1".into() })].into();
-    let server = crate::server::Server::start(config, listen, Some(members), crate::store::Faults::new())
+    let creds = pki.replica(1, &addr)?;
+    let server = crate::server::Server::start(config, listen, Some(members), crate::store::Faults::new(), &creds)
         .await
         .map_err(|e| HarnessError::Timeout(format!("replica failed to start: {e}")))?;
-    wait_default_namespaces(&addr, Duration::from_secs(10)).await?;
-    Ok((server, addr))
+    wait_default_namespaces(&addr, Duration::from_secs(10), &pki.admin).await?;
+    Ok((server, addr, pki))
 }
 
 /// A free port on 127.0.0.1 (the kernel picks it; we release it for the child to bind).
@@ -109,6 +136,8 @@ pub struct ProcCluster {
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
     pub extra_args: Vec<String>,
+    /// The cluster CA; each replica's certificate is written to `<data_dir>/tls` up front.
+    pub pki: TestPki,
     keep_dir: bool,
 }
 
@@ -128,11 +157,18 @@ impl ProcCluster {
                 child: None,
             });
         }
+        let pki = TestPki::new()?;
+        for n in &nodes {
+            pki.replica(n.id, &n.addr)?
+                .save(&n.data_dir.join("tls"))
+                .map_err(|e| HarnessError::Timeout(format!("write certificates: {e}")))?;
+        }
         let mut c = ProcCluster {
             exe: exe.to_path_buf(),
             dir: dir.to_path_buf(),
             nodes,
             extra_args: extra_args.to_vec(),
+            pki,
             keep_dir: false,
         };
         for i in 0..n {
@@ -215,7 +251,8 @@ impl ProcCluster {
 
     pub fn client(&self, timeout: Duration) -> KvClient {
         // Addresses come from our own formatting, so they always parse.
-        KvClient::new(&self.addrs(), timeout).unwrap_or_else(|e| panic!("harness addresses are valid: {e}"))
+        KvClient::new(&self.addrs(), timeout, &self.pki.admin)
+            .unwrap_or_else(|e| panic!("harness addresses are valid: {e}"))
     }
 
     /// Waits until a running replica reports itself leader and every running replica agrees.

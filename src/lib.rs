@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod controllers;
 pub mod harness;
+pub mod pki;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -70,8 +70,8 @@ struct Cluster {
 
 async fn start() -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let (server, addr) = keel::harness::single_replica(&dir.path().join("n1")).await.unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let (server, addr, pki) = keel::harness::single_replica(&dir.path().join("n1")).await.unwrap();
+    let ch = keel::client::endpoint(&addr, &pki.admin).unwrap().connect().await.unwrap();
     Cluster { _dir: dir, _server: server, client: keel::proto::v1::objects_client::ObjectsClient::new(ch) }
 }
 

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7001";
 
+/// Where `keel server` with its default data directory writes the admin's configuration.
+pub const ADMIN_CONFIG: &str = "/var/lib/keel/admin.yaml";
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
@@ -36,15 +39,58 @@ pub struct Context {
     pub servers: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
+    /// The cluster CA (PEM) that the replicas' certificates must chain to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub certificate_authority_data: String,
+    /// This user's certificate (PEM), signed by the cluster CA.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_certificate_data: String,
+    /// This user's private key (PEM).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_key_data: String,
 }
 
-/// Where the configuration lives.
+impl Context {
+    /// The TLS credentials of this context.
+    pub fn credentials(&self) -> anyhow::Result<crate::pki::Credentials> {
+        if self.certificate_authority_data.is_empty()
+            || self.client_certificate_data.is_empty()
+            || self.client_key_data.is_empty()
+        {
+            bail!(
+                "context {:?} has no credentials (certificate-authority-data, client-certificate-data, client-key-data); \
+                 use the admin configuration that `keel server` wrote (it prints its path, by default {}), \
+                 e.g. KEELCONFIG={}",
+                self.name,
+                ADMIN_CONFIG,
+                ADMIN_CONFIG
+            );
+        }
+        Ok(crate::pki::Credentials {
+            ca_pem: self.certificate_authority_data.clone(),
+            cert_pem: self.client_certificate_data.clone(),
+            key_pem: self.client_key_data.clone(),
+        })
+    }
+}
+
+/// Where the configuration lives: `$KEELCONFIG`, else `~/.keel/config`.
 pub fn path() -> PathBuf {
     if let Some(p) = std::env::var_os("KEELCONFIG").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".keel").join("config")
+}
+
+/// The configuration to read: [`path`], or, when that does not exist and `$KEELCONFIG` is
+/// unset, the admin configuration of a local `keel server` (as k3s does with k3s.yaml).
+pub fn read_path() -> PathBuf {
+    let p = path();
+    if !p.exists() && std::env::var_os("KEELCONFIG").is_none_or(|v| v.is_empty()) && Path::new(ADMIN_CONFIG).exists() {
+        return PathBuf::from(ADMIN_CONFIG);
+    }
+    p
 }
 
 impl Config {

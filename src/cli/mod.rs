@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::api::{kinds, manifest, object};
@@ -26,10 +26,10 @@ fn retryable(s: &tonic::Status) -> bool {
 }
 
 impl Api {
-    pub fn new(servers: &[String]) -> anyhow::Result<Api> {
+    pub fn new(servers: &[String], creds: &crate::pki::Credentials) -> anyhow::Result<Api> {
         let mut clients = Vec::new();
         for s in servers {
-            let ch = Endpoint::from_shared(format!("http://{s}"))
+            let ch = crate::client::endpoint(s, creds)
                 .with_context(|| format!("invalid server address {s:?}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(30))

@@ -7,7 +7,14 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::pki::Credentials;
 use crate::proto::v1 as pb;
+
+/// An endpoint for the replica at `addr` (host:port): TLS with the cluster CA and the
+/// caller's certificate. Every Keel port speaks TLS.
+pub fn endpoint(addr: &str, creds: &Credentials) -> Result<Endpoint, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://{addr}"))?.tls_config(creds.client_tls())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -46,13 +53,13 @@ pub struct KvClient {
 
 impl KvClient {
     /// `addrs` are host:port. Connections are made on first use.
-    pub fn new(addrs: &[String], timeout: Duration) -> Result<KvClient, ClientError> {
+    pub fn new(addrs: &[String], timeout: Duration, creds: &Credentials) -> Result<KvClient, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let mut endpoints = Vec::new();
         for addr in addrs {
-            let ch = Endpoint::from_shared(format!("http://{addr}"))
+            let ch = endpoint(addr, creds)
                 .map_err(|source| ClientError::BadAddress { addr: addr.clone(), source })?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)

@@ -19,9 +19,10 @@ const RETRY: Duration = Duration::from_millis(500);
 /// A full re-list even when no watch event came.
 const RESYNC: Duration = Duration::from_secs(30);
 
-/// Runs until the task is dropped, against the replica at `addr`.
-pub async fn run(addr: std::net::SocketAddr) {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else { return };
+/// Runs until the task is dropped, against the replica at `addr`, as `creds` (the replica's
+/// own identity).
+pub async fn run(addr: std::net::SocketAddr, creds: crate::pki::Credentials) {
+    let Ok(endpoint) = crate::client::endpoint(&addr.to_string(), &creds) else { return };
     let mut client = ObjectsClient::new(endpoint.connect_lazy());
     loop {
         match sweep(&mut client).await {

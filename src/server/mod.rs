@@ -2,6 +2,8 @@
 //! (replication, the internal KV API, store administration, health and reflection).
 
 pub mod admin;
+pub mod auth;
+pub mod bootstrap;
 pub mod kv;
 pub mod objects;
 pub mod status;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::pki::Credentials;
 use crate::proto::{self, v1 as pb};
 use crate::store::{Faults, Member, Store, StoreConfig, StoreError};
 
@@ -48,11 +51,13 @@ impl Server {
     /// Opens the store, binds `listen` and serves. With `initial_cluster`, a replica whose
     /// store is empty initializes a new cluster with those voters.
     pub async fn start(
-        config: StoreConfig,
+        mut config: StoreConfig,
         listen: SocketAddr,
         initial_cluster: Option<BTreeMap<u64, Member>>,
         faults: Arc<Faults>,
+        creds: &Credentials,
     ) -> Result<Server, ServerError> {
+        config.peer_tls = Some(creds.client_tls());
         let listener =
             TcpListener::bind(listen).await.map_err(|source| ServerError::Listen { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: listen, source })?;
@@ -71,15 +76,27 @@ impl Server {
         // Small gRPC frames must not wait for Nagle's algorithm.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        use auth::{require, Allow};
+        use tonic::service::interceptor::InterceptedService as Auth;
         let router = tonic::transport::Server::builder()
+            .tls_config(creds.server_tls())?
             .tcp_nodelay(true)
-            .add_service(store.raft_service())
-            .add_service(pb::kv_server::KvServer::new(kv::KvService::new(store.clone())))
-            .add_service(pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone())))
-            .add_service(pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(reflection_alpha);
+            .add_service(Auth::new(store.raft_service(), require(Allow::Replicas)))
+            .add_service(Auth::new(
+                pb::kv_server::KvServer::new(kv::KvService::new(store.clone())),
+                require(Allow::ReplicasAndAdmins),
+            ))
+            .add_service(Auth::new(
+                pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone())),
+                require(Allow::Anyone),
+            ))
+            .add_service(Auth::new(
+                pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())),
+                require(Allow::ReplicasAndAdmins),
+            ))
+            .add_service(Auth::new(health, require(Allow::Anyone)))
+            .add_service(Auth::new(reflection, require(Allow::Anyone)))
+            .add_service(Auth::new(reflection_alpha, require(Allow::Anyone)));
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));
@@ -87,7 +104,7 @@ impl Server {
             store.initialize(voters).await?;
         }
         let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone()));
-        let loops = vec![tokio::spawn(crate::controllers::namespace::run(addr))];
+        let loops = vec![tokio::spawn(crate::controllers::namespace::run(addr, creds.clone()))];
         Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })
     }
 

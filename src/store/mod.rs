@@ -97,6 +97,9 @@ pub struct StoreConfig {
     pub max_in_flight: usize,
     pub cache_bytes: u64,
     pub watch: WatchConfig,
+    /// TLS to peers (this replica's client certificate and the cluster CA). `Server::start`
+    /// always sets it; None (plain HTTP/2) is only for a store without a server.
+    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl StoreConfig {
@@ -117,6 +120,7 @@ impl StoreConfig {
             max_in_flight: 1,
             cache_bytes: 256 << 20,
             watch: WatchConfig::default(),
+            peer_tls: None,
         }
     }
 }
@@ -213,7 +217,7 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Stopped(format!("invalid raft configuration: {e}")))?;
-        let peers = Peers::new(config.id, faults, Duration::from_millis(500));
+        let peers = Peers::new(config.id, faults, Duration::from_millis(500), config.peer_tls.clone());
         let network = Network { peers: peers.clone() };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await

@@ -2,10 +2,9 @@
 
 use std::process::Command;
 
-fn keelctl(addr: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut full = vec!["--server", addr];
-    full.extend_from_slice(args);
-    keelctl_env(&full, stdin, &[])
+/// keelctl with the test replica's admin configuration.
+fn keelctl(config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    keelctl_env(args, stdin, &[("KEELCONFIG", &config.display().to_string())])
 }
 
 /// keelctl with its own environment (KEELCONFIG, EDITOR) and no --server unless given.
@@ -46,7 +45,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_is_idempotent_and_reports_created_unchanged_configured() {
     let api = super::start().await;
-    let addr = api.addr.clone();
+    let addr = api.config.clone();
     let run = move |args: Vec<String>, stdin: Option<String>| {
         let addr = addr.clone();
         tokio::task::spawn_blocking(move || {
@@ -128,6 +127,8 @@ async fn label_annotate_scale_edit_describe_and_contexts() {
         let (cfg, args) = (cfg.clone(), args.to_string());
         blocking(move || keelctl_env(&args.split(' ').collect::<Vec<_>>(), None, &[("KEELCONFIG", &cfg)]))
     };
+    // Start from the admin configuration: new contexts take the current one's credentials.
+    std::fs::copy(&api.config, &config).unwrap();
     let (ok, out, err) = run("config set-context dead --servers 127.0.0.1:1").await;
     assert!(ok && out.contains("created"), "{err}");
     let (ok, _, err) =

@@ -19,13 +19,20 @@ struct Api {
     _server: Server,
     client: ObjectsClient<Channel>,
     addr: String,
+    admin: keel::pki::Credentials,
+    pki: keel::harness::TestPki,
+    /// A keelctl configuration with the admin's credentials (context "test").
+    config: std::path::PathBuf,
 }
 
 async fn start() -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let (server, addr) = keel::harness::single_replica(&dir.path().join("node1")).await.unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    Api { _dir: dir, _server: server, client: ObjectsClient::new(ch), addr }
+    let (server, addr, pki) = keel::harness::single_replica(&dir.path().join("node1")).await.unwrap();
+    let admin = pki.admin.clone();
+    let ch = keel::client::endpoint(&addr, &admin).unwrap().connect().await.unwrap();
+    keel::server::bootstrap::write_admin_config(dir.path(), &addr, &admin).unwrap();
+    let config = keel::server::bootstrap::admin_config_path(dir.path());
+    Api { _dir: dir, _server: server, client: ObjectsClient::new(ch), addr, admin, pki, config }
 }
 
 fn parse(yaml: &str) -> pb::Object {
@@ -457,4 +464,61 @@ async fn a_deleted_namespace_terminates_its_content_then_goes() {
     api.client.create(pb::CreateRequest { object: Some(again) }).await.unwrap();
     c = api.client.clone();
     assert!(c.get(pb::GetRequest { r#ref: r("ns", "", "team") }).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_needs_a_certificate_of_this_cluster() {
+    use keel::pki::{anonymous_client_tls, Ca, Identity};
+    let api = start().await;
+    let get = pb::GetRequest { r#ref: r("ns", "", "default") };
+    // TLS without a client certificate: the handshake works, every call is refused.
+    let anon = tonic::transport::Endpoint::from_shared(format!("https://{}", api.addr))
+        .unwrap()
+        .tls_config(anonymous_client_tls(&api.admin.ca_pem))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = ObjectsClient::new(anon.clone()).get(get.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    let e = pb::kv_client::KvClient::new(anon.clone())
+        .range(pb::RangeRequest { key: b"/".to_vec(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let health = tonic_health::pb::health_client::HealthClient::new(anon)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(health.code(), Code::Unauthenticated);
+
+    // Plain HTTP/2 gets no answer at all.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", api.addr)).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        assert!(ObjectsClient::new(ch).get(get.clone()).await.is_err());
+    }
+
+    // A certificate from another CA (a cluster posing as this one's user) fails the handshake.
+    let other = Ca::generate("other").unwrap();
+    let mut foreign = other.issue(&Identity::Admin("admin".into()), Duration::from_secs(60), &[]).unwrap();
+    foreign.ca_pem = api.admin.ca_pem.clone();
+    let ch = keel::client::endpoint(&api.addr, &foreign).unwrap().connect().await;
+    if let Ok(ch) = ch {
+        let e = ObjectsClient::new(ch).get(get.clone()).await.unwrap_err();
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled),
+            "the handshake is refused: {e}"
+        );
+    }
+
+    // A node identity may use the Objects API but not the store's internal KV API.
+    let node = api.pki.ca.issue(&Identity::Node("n1".into()), Duration::from_secs(60), &[]).unwrap();
+    let ch = keel::client::endpoint(&api.addr, &node).unwrap().connect().await.unwrap();
+    ObjectsClient::new(ch.clone()).get(get).await.unwrap();
+    let e = pb::kv_client::KvClient::new(ch)
+        .range(pb::RangeRequest { key: b"/".to_vec(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("node n1 may not call this service"), "{}", e.message());
 }

@@ -18,9 +18,9 @@ fn python_ready() -> bool {
     ok
 }
 
-fn run(script: &str, addr: &str) -> String {
+fn run(script: &str, addr: &str, tls: &std::path::Path) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(script);
-    let out = Command::new("python3").arg(&path).arg(addr).output().unwrap();
+    let out = Command::new("python3").arg(&path).arg(addr).arg(tls).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
@@ -33,7 +33,9 @@ async fn a_python_client_generated_from_the_protos_creates_updates_and_watches()
     }
     let api = super::start().await;
     let addr = api.addr.clone();
-    let out = tokio::task::spawn_blocking(move || run("python_client.py", &addr)).await.unwrap();
+    let tls = api.config.with_file_name("admin-tls");
+    api.admin.save(&tls).unwrap();
+    let out = tokio::task::spawn_blocking(move || run("python_client.py", &addr, &tls)).await.unwrap();
     assert!(out.contains("ADDED py-web (replicas 2), MODIFIED py-web (replicas 3)"), "{out}");
 }
 
@@ -44,6 +46,8 @@ async fn a_python_client_that_only_uses_reflection_creates_updates_and_watches()
     }
     let api = super::start().await;
     let addr = api.addr.clone();
-    let out = tokio::task::spawn_blocking(move || run("python_reflection_client.py", &addr)).await.unwrap();
+    let tls = api.config.with_file_name("admin-tls");
+    api.admin.save(&tls).unwrap();
+    let out = tokio::task::spawn_blocking(move || run("python_reflection_client.py", &addr, &tls)).await.unwrap();
     assert!(out.contains("ADDED greeting='hello', MODIFIED greeting='hello again'"), "{out}");
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel::client::KvClient;
-use keel::harness::free_port;
+use keel::harness::{free_port, TestPki};
+use keel::pki::Credentials;
 use keel::proto::v1 as pb;
 use keel::server::Server;
 use keel::store::{prefix_end, Faults, Member, StoreConfig, StoreError};
@@ -15,6 +16,8 @@ use tokio::time::Instant;
 
 struct TestCluster {
     _dir: tempfile::TempDir,
+    pki: TestPki,
+    creds: Vec<Credentials>,
     faults: Arc<Faults>,
     configs: Vec<StoreConfig>,
     addrs: Vec<SocketAddr>,
@@ -39,15 +42,19 @@ impl TestCluster {
             .enumerate()
             .map(|(i, a)| (i as u64 + 1, Member { addr: a.to_string(), name: format!("replica-{}", i + 1) }))
             .collect();
+        let pki = TestPki::new().unwrap();
         let mut configs = Vec::new();
         let mut servers = Vec::new();
+        let mut creds = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
             let mut c = test_config(i as u64 + 1, *addr, dir.path());
             tune(&mut c);
             configs.push(c.clone());
-            servers.push(Some(Server::start(c, *addr, Some(voters.clone()), faults.clone()).await.unwrap()));
+            let cr = pki.replica(i as u64 + 1, &addr.to_string()).unwrap();
+            servers.push(Some(Server::start(c, *addr, Some(voters.clone()), faults.clone(), &cr).await.unwrap()));
+            creds.push(cr);
         }
-        let c = TestCluster { _dir: dir, faults, configs, addrs, servers };
+        let c = TestCluster { _dir: dir, pki, creds, faults, configs, addrs, servers };
         c.leader().await;
         c
     }
@@ -61,7 +68,7 @@ impl TestCluster {
     }
 
     fn client(&self, idx: &[usize]) -> KvClient {
-        KvClient::new(&self.addr_strings(idx), Duration::from_secs(3)).unwrap()
+        KvClient::new(&self.addr_strings(idx), Duration::from_secs(3), &self.pki.admin).unwrap()
     }
 
     /// Waits for a leader among the running, connected replicas and returns its index.
@@ -102,7 +109,8 @@ impl TestCluster {
         // The previous instance releases the sled lock once its tasks have wound down.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Server::start(self.configs[i].clone(), self.addrs[i], None, self.faults.clone()).await {
+            match Server::start(self.configs[i].clone(), self.addrs[i], None, self.faults.clone(), &self.creds[i]).await
+            {
                 Ok(s) => {
                     self.servers[i] = Some(s);
                     return;
@@ -384,7 +392,9 @@ async fn a_learner_is_added_promoted_and_a_member_removed() {
     let cfg = test_config(4, addr, c._dir.path());
     c.configs.push(cfg.clone());
     c.addrs.push(addr);
-    c.servers.push(Some(Server::start(cfg, addr, None, c.faults.clone()).await.unwrap()));
+    let cr = c.pki.replica(4, &addr.to_string()).unwrap();
+    c.servers.push(Some(Server::start(cfg, addr, None, c.faults.clone(), &cr).await.unwrap()));
+    c.creds.push(cr);
     let leader = c.leader_among(&[0, 1, 2]).await;
     let via = others(3, leader)[0];
     c.server(via)

@@ -9,7 +9,8 @@ use keel::harness::ProcCluster;
 use keel::store::kv::{Batch, Kv, SledKv, Space};
 
 /// A single replica with `n` acknowledged writes, killed with -9. Returns its data dir.
-async fn replica_with_writes(dir: &Path, n: usize) -> std::path::PathBuf {
+/// Also returns an admin's credentials for the replica.
+async fn replica_with_writes(dir: &Path, n: usize) -> (std::path::PathBuf, keel::pki::Credentials) {
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
     let mut c = ProcCluster::start(exe, dir, 1, &[]).unwrap();
     c.wait_leader(Duration::from_secs(20)).await.unwrap();
@@ -19,7 +20,7 @@ async fn replica_with_writes(dir: &Path, n: usize) -> std::path::PathBuf {
     }
     c.kill(0).unwrap();
     c.keep();
-    c.nodes[0].data_dir.clone()
+    (c.nodes[0].data_dir.clone(), c.pki.admin.clone())
 }
 
 fn tamper(data_dir: &Path, f: impl FnOnce(&SledKv)) {
@@ -59,7 +60,7 @@ fn start(data_dir: &Path, wait: Duration) -> Option<Output> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_committed_log_entry_refuses_to_start_and_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let data = replica_with_writes(&dir.path().join("c"), 20).await;
+    let (data, _) = replica_with_writes(&dir.path().join("c"), 20).await;
     tamper(&data, |kv| {
         let mut b = Batch::default();
         b.put(5u64.to_be_bytes().to_vec(), b"\x00\x01garbage".to_vec());
@@ -76,7 +77,7 @@ async fn a_damaged_committed_log_entry_refuses_to_start_and_names_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_unacknowledged_tail_is_truncated_and_every_acknowledged_write_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let data = replica_with_writes(&dir.path().join("c"), 20).await;
+    let (data, admin) = replica_with_writes(&dir.path().join("c"), 20).await;
     tamper(&data, |kv| {
         // An entry past the end, half written: it was never flushed, so never acknowledged.
         let next = last_log_index(kv) + 1;
@@ -93,7 +94,7 @@ async fn a_torn_unacknowledged_tail_is_truncated_and_every_acknowledged_write_su
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let client = keel::client::KvClient::new(&[format!("127.0.0.1:{port}")], Duration::from_secs(2)).unwrap();
+    let client = keel::client::KvClient::new(&[format!("127.0.0.1:{port}")], Duration::from_secs(2), &admin).unwrap();
     let mut got = None;
     for _ in 0..100 {
         if let Ok(r) = client
@@ -118,7 +119,7 @@ async fn a_torn_unacknowledged_tail_is_truncated_and_every_acknowledged_write_su
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_of_another_layout_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let data = replica_with_writes(&dir.path().join("c"), 3).await;
+    let (data, _) = replica_with_writes(&dir.path().join("c"), 3).await;
     tamper(&data, |kv| {
         let mut b = Batch::default();
         b.put(b"data_version".to_vec(), 99u32.to_be_bytes().to_vec());
@@ -133,7 +134,7 @@ async fn data_of_another_layout_version_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_the_engine_file_end_is_a_torn_write_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let data = replica_with_writes(&dir.path().join("c"), 20).await;
+    let (data, _) = replica_with_writes(&dir.path().join("c"), 20).await;
     let file = data.join("db").join("db");
     let mut bytes = std::fs::read(&file).unwrap();
     bytes.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));

@@ -16,7 +16,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use openraft::SnapshotSegmentId;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::codec::{self, CodecError};
 use super::{Member, TypeConfig};
@@ -70,11 +70,12 @@ pub struct Peers {
     pub faults: Arc<Faults>,
     channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Peers {
-    pub fn new(id: u64, faults: Arc<Faults>, connect_timeout: Duration) -> Arc<Peers> {
-        Arc::new(Peers { id, faults, channels: Mutex::new(HashMap::new()), connect_timeout })
+    pub fn new(id: u64, faults: Arc<Faults>, connect_timeout: Duration, tls: Option<ClientTlsConfig>) -> Arc<Peers> {
+        Arc::new(Peers { id, faults, channels: Mutex::new(HashMap::new()), connect_timeout, tls })
     }
 
     /// A channel to `addr` (host:port). Connection happens on first use.
@@ -83,8 +84,12 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(self.connect_timeout)
+        let mut endpoint = match &self.tls {
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone())?,
+            None => Endpoint::from_shared(format!("http://{addr}"))?,
+        };
+        endpoint = endpoint.connect_timeout(self.connect_timeout);
+        let ch = endpoint
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
