@@ -12,6 +12,7 @@ const KEEL_PROTOS: &[&str] = &[
     "proto/keel/v1/batch.proto",
     "proto/keel/v1/coordination.proto",
     "proto/keel/v1/objects.proto",
+    "proto/keel/v1/cluster.proto",
 ];
 
 /// Types written by hand because their JSON form is not protobuf's (e.g. `targetPort: 8080`

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use keel::pki::Credentials;
+use keel::pki::{Credentials, Identity, TokenRole};
 use keel::server::bootstrap;
 use keel::store::{Faults, Member, StoreConfig};
 
@@ -29,16 +29,71 @@ struct Cli {
 enum Command {
     /// Run a control-plane replica.
     Server(ServerArgs),
+    /// Run a node agent: join with a token once, register the Node, keep its Lease.
+    Agent(AgentArgs),
     /// Run a benchmark against real processes on loopback.
     #[command(subcommand)]
     Bench(keel::bench::BenchCommand),
 }
 
 #[derive(Args)]
+struct AgentArgs {
+    /// Replica to join through and talk to (host:port or https://host:port).
+    #[arg(long, env = "KEEL_SERVER_URL")]
+    server: String,
+    /// An agent join token; needed only for the first start (or after the node certificate
+    /// expired).
+    #[arg(long, env = "KEEL_TOKEN")]
+    token: Option<String>,
+    /// The node's name (default: the hostname).
+    #[arg(long, env = "KEEL_NODE_NAME")]
+    name: Option<String>,
+    #[arg(long, default_value = "/var/lib/keel-agent", env = "KEEL_AGENT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The address other nodes reach this one at.
+    #[arg(long, default_value = "127.0.0.1")]
+    node_ip: String,
+}
+
+async fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let cfg = keel::agent::AgentConfig {
+        name: a.name.unwrap_or_else(hostname),
+        data_dir: a.data_dir,
+        servers: vec![a.server],
+        token: a.token,
+        node_ip: a.node_ip,
+    };
+    let creds = keel::agent::credentials(&cfg).await?;
+    let name = cfg.name.clone();
+    let mut agent = keel::agent::Agent::new(cfg, &creds)?;
+    agent.register().await.with_context(|| format!("register node {name}"))?;
+    println!("Node {name} registered.");
+    let task = tokio::spawn(agent.run());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    task.abort();
+    Ok(())
+}
+
+#[derive(Args)]
 struct ServerArgs {
-    /// This replica's id, unique in the cluster.
-    #[arg(long, default_value_t = 1, env = "KEEL_ID")]
-    id: u64,
+    /// This replica's id, for --cluster-init (default 1) and --initial-cluster. A joining
+    /// replica is given one; a restarted replica reads it from its certificate.
+    #[arg(long, env = "KEEL_ID")]
+    id: Option<u64>,
+    /// This replica's name, unique in the cluster and bound to its key (default: the hostname).
+    #[arg(long, env = "KEEL_NAME")]
+    name: Option<String>,
+    /// Join the cluster of this replica (host:port or https://host:port) with --token.
+    #[arg(long, env = "KEEL_SERVER_URL", requires = "token")]
+    server: Option<String>,
+    /// A server join token (K1<ca-hash>::server::<id>.<secret>), from `keelctl token create
+    /// --role server` or <data-dir>/token of the first replica.
+    #[arg(long, env = "KEEL_TOKEN")]
+    token: Option<String>,
     /// Address to serve gRPC on.
     #[arg(long, default_value = "127.0.0.1:7001", env = "KEEL_LISTEN")]
     listen: SocketAddr,
@@ -55,7 +110,7 @@ struct ServerArgs {
     /// Voters of a new cluster, as id=host:port,... for a cluster whose certificates were
     /// provisioned beforehand (each replica's in <data-dir>/tls). Every listed replica
     /// starts with the same list; a replica with existing data ignores it.
-    #[arg(long, conflicts_with = "cluster_init")]
+    #[arg(long, conflicts_with_all = ["cluster_init", "server"])]
     initial_cluster: Option<String>,
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
@@ -99,12 +154,79 @@ fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<u64, Member>> {
     Ok(out)
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keel".to_string())
+}
+
+/// Where this replica's credentials come from, decided before anything starts.
+enum Start {
+    /// A new cluster: CA, certificate, admin configuration, then tokens once Raft runs.
+    Init { ca: keel::pki::Ca, cluster_id: String },
+    /// Joined through `seed` just now or earlier: never initializes a cluster of its own.
+    Joined { seed: String },
+    /// Certificates were provisioned beforehand (--initial-cluster) or this is a restart.
+    Existing,
+}
+
 async fn server(a: ServerArgs) -> anyhow::Result<()> {
-    if a.id == 0 {
+    if a.id == Some(0) {
         bail!("--id: replica id 0 is reserved");
     }
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
-    let mut config = StoreConfig::new(a.id, advertise.clone(), &a.data_dir);
+    let name = a.name.clone().unwrap_or_else(hostname);
+    let tls = bootstrap::tls_dir(&a.data_dir);
+    let joined_marker = a.data_dir.join("joined-via");
+    let (creds, start) = if Credentials::exists(&tls) {
+        if a.cluster_init {
+            bail!(
+                "--cluster-init: {} already holds a cluster's certificates; start without --cluster-init to restart this replica, or use an empty --data-dir for a new cluster",
+                a.data_dir.display()
+            );
+        }
+        let creds = Credentials::load(&tls)?;
+        let start = match std::fs::read_to_string(&joined_marker) {
+            Ok(seed) => Start::Joined { seed: seed.trim().to_string() },
+            Err(_) => Start::Existing,
+        };
+        (creds, start)
+    } else if a.initial_cluster.is_some() {
+        bail!(
+            "--initial-cluster needs this replica's certificates in {} (ca.crt, tls.crt, tls.key, signed by the cluster CA); \
+             to start a cluster without them, run `keel server --cluster-init` on one replica and join the others with its token",
+            tls.display()
+        );
+    } else if let (Some(seed), Some(token)) = (&a.server, &a.token) {
+        let (creds, resp) = keel::server::join::join(seed, token, TokenRole::Server, &name, &advertise)
+            .await
+            .with_context(|| format!("join through {seed}"))?;
+        creds.save(&tls)?;
+        bootstrap::save_ca(
+            &a.data_dir,
+            &keel::pki::Ca { cert_pem: resp.ca_pem.clone(), key_pem: resp.ca_key_pem.clone() },
+        )?;
+        keel::pki::write_private(&a.data_dir.join("cluster-id"), &resp.cluster_id)?;
+        keel::pki::write_private(&joined_marker, seed)?;
+        println!("Joined cluster {} as replica {} ({name}).", resp.cluster_id, resp.replica_id);
+        (creds, Start::Joined { seed: seed.clone() })
+    } else {
+        let id = a.id.unwrap_or(1);
+        let (creds, ca) = bootstrap::init_cluster(&a.data_dir, id, &advertise)?;
+        let cluster_id = std::fs::read_to_string(a.data_dir.join("cluster-id")).unwrap_or_default();
+        (creds, Start::Init { ca, cluster_id })
+    };
+    let id = match creds.identity() {
+        Some(Identity::Replica(id)) => id,
+        other => bail!("{}/tls.crt is not a replica certificate (it names {other:?})", tls.display()),
+    };
+    if a.id.is_some_and(|want| want != id) {
+        bail!("--id {} does not match this replica's certificate, which is for replica {id}", a.id.unwrap_or(0));
+    }
+    let mut config = StoreConfig::new(id, advertise.clone(), &a.data_dir);
+    config.name = name.clone();
     config.heartbeat = Duration::from_millis(a.heartbeat_ms);
     config.election_timeout_min = Duration::from_millis(a.election_timeout_min_ms);
     config.election_timeout_max = Duration::from_millis(a.election_timeout_max_ms);
@@ -114,54 +236,64 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     config.write_timeout = Duration::from_millis(a.write_timeout_ms);
     config.max_batch = a.max_batch;
     config.max_in_flight = a.max_in_flight;
-    let cluster = match &a.initial_cluster {
-        Some(s) => parse_cluster(s)?,
-        None => [(a.id, Member { addr: advertise.clone(), name: config.name.clone() })].into(),
+    // Only a replica that did not join may found a cluster (and only while its store is
+    // empty: Store::initialize does nothing otherwise).
+    let initial = match (&start, &a.initial_cluster) {
+        (Start::Joined { .. }, _) => None,
+        (_, Some(s)) => Some(parse_cluster(s)?),
+        (_, None) => Some([(id, Member { addr: advertise.clone(), name: name.clone() })].into()),
     };
-    if !cluster.contains_key(&a.id) {
-        bail!("--initial-cluster does not list this replica's --id {}", a.id);
+    if initial.as_ref().is_some_and(|c| !c.contains_key(&id)) {
+        bail!("--initial-cluster does not list this replica's id {id}");
     }
-    let tls = bootstrap::tls_dir(&a.data_dir);
-    let mut initialized = false;
-    let creds = if Credentials::exists(&tls) {
-        if a.cluster_init {
-            bail!(
-                "--cluster-init: {} already holds a cluster's certificates; start without --cluster-init to restart this replica, or use an empty --data-dir for a new cluster",
-                a.data_dir.display()
-            );
-        }
-        Credentials::load(&tls)?
-    } else if a.initial_cluster.is_some() {
-        bail!(
-            "--initial-cluster needs this replica's certificates in {} (ca.crt, tls.crt, tls.key, signed by the cluster CA); \
-             to start a cluster without them, run `keel server --cluster-init` on one replica and join the others with its token",
-            tls.display()
-        );
-    } else {
-        std::fs::create_dir_all(&a.data_dir).with_context(|| format!("create {}", a.data_dir.display()))?;
-        initialized = true;
-        bootstrap::init_cluster(&a.data_dir, a.id, &advertise)?.0
-    };
-    let server = keel::server::Server::start(config, a.listen, Some(cluster), Faults::new(), &creds)
+    let server = keel::server::Server::start(config, a.listen, initial, Faults::new(), &creds)
         .await
-        .with_context(|| format!("replica {} failed to start", a.id))?;
-    tracing::info!(id = a.id, addr = %server.addr, data_dir = %a.data_dir.display(), "keel server ready");
-    if initialized {
+        .with_context(|| format!("replica {id} failed to start"))?;
+    tracing::info!(id, name, addr = %server.addr, data_dir = %a.data_dir.display(), "keel server ready");
+    if let Start::Init { ca, cluster_id } = &start {
+        let (server_token, agent_token) =
+            keel::server::cluster::initialize(&server.store, ca, cluster_id, &name, id, &creds).await?;
+        keel::pki::write_private(&a.data_dir.join("token"), &format!("{server_token}\n"))?;
+        keel::pki::write_private(&a.data_dir.join("agent-token"), &format!("{agent_token}\n"))?;
         let admin = bootstrap::admin_config_path(&a.data_dir);
-        println!("New cluster initialized. Admin configuration: {}", admin.display());
-        println!("  export KEELCONFIG={}", admin.display());
+        println!("New cluster {cluster_id} initialized.");
+        println!("  Admin configuration: {}   (export KEELCONFIG={})", admin.display(), admin.display());
+        println!("  Server join token:   {}", a.data_dir.join("token").display());
+        println!("  Agent join token:    {}", a.data_dir.join("agent-token").display());
+        println!(
+            "  Join another replica: keel server --server {advertise} --token $(cat {}) ...",
+            a.data_dir.join("token").display()
+        );
     }
+    let seeds = match &start {
+        Start::Joined { seed } => vec![seed.clone()],
+        _ => Vec::new(),
+    };
+    let member =
+        tokio::spawn(keel::server::join::ensure_member(server.store.clone(), creds.clone(), advertise.clone(), seeds));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
     }
+    member.abort();
     tracing::info!("shutting down");
     server.stop().await?;
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes says what went wrong and where; a backtrace would not help.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -178,6 +310,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Server(a) => server(a).await,
+            Command::Agent(a) => agent(a).await,
             Command::Bench(b) => keel::bench::run(b).await,
         }
     })

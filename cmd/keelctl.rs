@@ -50,6 +50,12 @@ enum Command {
     /// Contexts: named lists of replica addresses with a default namespace.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Join tokens for servers and agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Control-plane membership, status and certificates.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// The kinds this server serves.
     ApiResources,
     /// Client version.
@@ -146,6 +152,39 @@ struct ScaleArgs {
 struct EditArgs {
     kind: String,
     name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token; it is printed once.
+    Create {
+        #[arg(long, value_parser = ["server", "agent"])]
+        role: String,
+        /// How long it is valid: 30m, 24h, 7d; 0 never expires.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    /// Revoke a token by its id (the part before the dot of its secret).
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every replica: role, state, term, leader, commit and applied index, lag, last contact.
+    Members,
+    /// The leader and the health of every replica.
+    Status,
+    /// Remove a replica by id, or a node's registration as node/NAME.
+    Remove { id: String },
+    /// Make replica ID the leader.
+    TransferLeader { id: u64 },
+    /// Expiry of the CA and of every replica's certificate, and of this user's.
+    Certs,
 }
 
 #[derive(Subcommand)]
@@ -352,6 +391,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let api = cli::Api::new(&servers, &creds)?;
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
+        Command::Token(t) => token_command(&cli::cluster::ClusterApi::new(&servers, &creds)?, t).await?,
+        Command::Cluster(c) => {
+            cluster_command(&cli::cluster::ClusterApi::new(&servers, &creds)?, c, &creds, &servers).await?
+        }
         Command::Apply(a) => {
             let objects = cli::read_manifests(&cli::manifest_files(&a.files.files, a.files.recursive)?)?;
             cli::apply(&api, objects, &namespace, a.atomic, a.dry_run == "server").await?;
@@ -537,6 +580,120 @@ fn print_objects(objects: &[pb::Object], output: &str, all_namespaces: bool) -> 
             }
         }
         other => anyhow::bail!("unable to match a printer suitable for the output format {other:?}; allowed formats are: json, name, table, wide, yaml"),
+    }
+    Ok(())
+}
+
+async fn token_command(api: &cli::cluster::ClusterApi, t: TokenCommand) -> anyhow::Result<()> {
+    match t {
+        TokenCommand::Create { role, ttl, description } => {
+            let ttl_seconds = cli::cluster::parse_ttl(&ttl)?;
+            let r = api
+                .call(|mut c| {
+                    let req =
+                        pb::CreateTokenRequest { role: role.clone(), ttl_seconds, description: description.clone() };
+                    async move { c.create_token(req).await }
+                })
+                .await?;
+            println!("{}", r.token);
+        }
+        TokenCommand::List => {
+            let r = api.call(|mut c| async move { c.list_tokens(pb::ListTokensRequest {}).await }).await?;
+            cli::cluster::print_tokens(&r.tokens);
+        }
+        TokenCommand::Revoke { id } => {
+            api.call(|mut c| {
+                let req = pb::RevokeTokenRequest { id: id.clone() };
+                async move { c.revoke_token(req).await }
+            })
+            .await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn cluster_command(
+    api: &cli::cluster::ClusterApi,
+    c: ClusterCommand,
+    creds: &keel::pki::Credentials,
+    servers: &[String],
+) -> anyhow::Result<()> {
+    match c {
+        ClusterCommand::Members => {
+            let r = api.call(|mut c| async move { c.members(pb::MembersRequest {}).await }).await?;
+            cli::cluster::print_members(&r);
+        }
+        ClusterCommand::Status => {
+            let r = api.call(|mut c| async move { c.members(pb::MembersRequest {}).await }).await?;
+            let voters = r.members.iter().filter(|m| m.role == "voter").count();
+            let up = r.members.iter().filter(|m| m.role == "voter" && m.status.is_some()).count();
+            let leader = r.members.iter().find(|m| m.id == r.leader_id);
+            match leader {
+                Some(l) => println!("Leader: replica {} ({}, {})", l.id, l.name, l.address),
+                None => println!("Leader: none"),
+            }
+            let health = if up == voters {
+                "healthy"
+            } else if up > voters / 2 {
+                "degraded (quorum held)"
+            } else {
+                "NO QUORUM"
+            };
+            println!("Voters: {up}/{voters} reachable, {health}");
+            cli::cluster::print_members(&r);
+        }
+        ClusterCommand::Remove { id } => {
+            let req = match id.strip_prefix("node/") {
+                Some(node) => pb::RemoveMemberRequest { id: 0, node: node.to_string() },
+                None => pb::RemoveMemberRequest {
+                    id: id.parse().with_context(|| format!("{id:?}: expected a replica id or node/NAME"))?,
+                    node: String::new(),
+                },
+            };
+            api.call(|mut c| {
+                let req = req.clone();
+                async move { c.remove_member(req).await }
+            })
+            .await?;
+            println!("{id} removed");
+        }
+        ClusterCommand::TransferLeader { id } => {
+            let r = api.call(|mut c| async move { c.transfer_leader(pb::TransferLeaderRequest { id }).await }).await?;
+            println!("replica {} leads", r.leader_id);
+        }
+        ClusterCommand::Certs => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            println!("{:<24} {:<22} LEFT", "CERTIFICATE", "EXPIRES");
+            let row = |subject: &str, not_after: &str, left: i64| {
+                let days = left / 86_400;
+                let warn = if left < 30 * 86_400 { "  <- renew soon" } else { "" };
+                println!("{subject:<24} {not_after:<22} {days}d{warn}");
+            };
+            let mut seen = std::collections::BTreeSet::new();
+            // Every member reports its own certificate; ask each at its address.
+            let mut addrs: Vec<String> = servers.to_vec();
+            if let Ok(m) = api.call(|mut c| async move { c.members(pb::MembersRequest {}).await }).await {
+                addrs = m.members.into_iter().map(|m| m.address).collect();
+            }
+            for s in &addrs {
+                let one = cli::cluster::ClusterApi::new(std::slice::from_ref(s), creds)?;
+                match one.call(|mut c| async move { c.certificates(pb::CertificatesRequest {}).await }).await {
+                    Ok(r) => {
+                        for cert in r.certificates {
+                            if seen.insert(cert.subject.clone()) {
+                                row(&cert.subject, &cert.not_after, cert.seconds_left);
+                            }
+                        }
+                    }
+                    Err(e) => println!("{s:<24} unreachable: {e}"),
+                }
+            }
+            let mine = keel::pki::not_after(&creds.cert_pem)?;
+            let who = creds.identity().map_or_else(|| "this user".to_string(), |i| i.to_string());
+            let ts = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(mine.max(0) as u64));
+            row(&format!("{who} (you)"), &ts.to_string(), mine - now);
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! one way: `proto` (shared vocabulary) -> `store` -> `server`; `client` talks to servers
 //! only over gRPC.
 
+pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -320,8 +320,11 @@ impl Credentials {
     /// TLS for a replica's port. A client certificate is optional at the TLS layer, since a
     /// joiner has none yet; every call but Join then requires one (see `server::auth`).
     pub fn server_tls(&self) -> ServerTlsConfig {
+        // The chain ends with the CA, so that a joiner can read it and check it against the
+        // hash its token pins (see `server::join`).
+        let chain = format!("{}\n{}", self.cert_pem.trim_end(), self.ca_pem);
         ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(TlsIdentity::from_pem(chain, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(true)
     }

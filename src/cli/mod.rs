@@ -1,6 +1,7 @@
 //! keelctl's object commands: apply, create, get, delete. They read manifests at the edge
 //! and speak only the gRPC Objects API, failing over between replicas.
 
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod print;

@@ -37,14 +37,19 @@ impl pb::store_admin_server::StoreAdmin for AdminService {
         r: Request<pb::ChangeMembershipRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let r = r.into_inner();
-        if r.voters.is_empty() {
-            return Err(Status::invalid_argument("voters: a cluster needs at least one voter"));
+        let given = [
+            !r.voters.is_empty(),
+            !r.add_voters.is_empty(),
+            !r.remove_voters.is_empty(),
+            !r.set_nodes.is_empty(),
+            !r.remove_nodes.is_empty(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(Status::invalid_argument(
+                "give exactly one of voters, add_voters, remove_voters, set_nodes, remove_nodes (a cluster needs at least one voter)",
+            ));
         }
-        self.store
-            .change_membership(r.voters.into_iter().collect(), r.retain)
-            .await
-            .map(Response::new)
-            .map_err(from_store)
+        self.store.change_members(r).await.map(Response::new).map_err(from_store)
     }
 
     async fn trigger_snapshot(

@@ -3,7 +3,10 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authz;
 pub mod bootstrap;
+pub mod cluster;
+pub mod join;
 pub mod kv;
 pub mod objects;
 pub mod status;
@@ -93,6 +96,10 @@ impl Server {
             .add_service(Auth::new(
                 pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())),
                 require(Allow::ReplicasAndAdmins),
+            ))
+            .add_service(Auth::new(
+                pb::cluster_server::ClusterServer::new(cluster::ClusterService::new(store.clone(), creds.clone())),
+                auth::optional(),
             ))
             .add_service(Auth::new(health, require(Allow::Anyone)))
             .add_service(Auth::new(reflection, require(Allow::Anyone)))

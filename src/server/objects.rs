@@ -15,14 +15,17 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
+use super::authz::{self, Verb};
 use super::status::from_store;
 use crate::api::kinds::{self, KindInfo};
 use crate::api::selector::{FieldSelector, LabelSelector};
 use crate::api::{apply, defaults, object, validation};
+use crate::pki::Identity;
 use crate::proto::v1 as pb;
 use crate::store::{prefix_end, KeyRange, Store, WatchError};
 
-pub const DEFAULT_NAMESPACES: &[&str] = &["default", "kube-system"];
+pub const DEFAULT_NAMESPACES: &[&str] = &["default", "kube-system", super::authz::NODE_LEASE_NAMESPACE];
 
 /// The spec finalizer that holds a deleted namespace until the namespace controller has
 /// deleted its content.
@@ -257,6 +260,72 @@ impl ObjectsService {
         Err(Status::aborted(format!("namespace {namespace:?} changed during the create; retry")))
     }
 
+    /// A write by `who`; nodes are held to their own objects (see `authz`).
+    fn authorize_write(
+        &self,
+        who: Option<&Identity>,
+        verb: Verb,
+        info: &'static KindInfo,
+        namespace: &str,
+        name: &str,
+        current: Option<&pb::Object>,
+    ) -> Result<(), Status> {
+        match who {
+            Some(id @ Identity::Node(node)) => authz::node_may_write(node, verb, info, namespace, name, current)
+                .map_err(|why| authz::forbidden(id, verb, info, namespace, name, why)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A read by `who`: a node reads Secrets and ConfigMaps only one by one, and only those
+    /// that pods bound to it refer to.
+    async fn authorize_read(
+        &self,
+        who: Option<&Identity>,
+        verb: Verb,
+        info: &'static KindInfo,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), Status> {
+        let Some(id @ Identity::Node(node)) = who else { return Ok(()) };
+        if !matches!(info.kind, kinds::Kind::Secret | kinds::Kind::ConfigMap) {
+            return Ok(());
+        }
+        if verb != Verb::Get {
+            return Err(authz::forbidden(
+                id,
+                verb,
+                info,
+                namespace,
+                name,
+                "a node may only get the ones its pods use, one by one",
+            ));
+        }
+        let pods = kinds::info(kinds::Kind::Pod);
+        let p = prefix(pods, namespace);
+        let r = self
+            .store
+            .range(pb::RangeRequest {
+                key: p.clone().into(),
+                range_end: prefix_end(p.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_store)?;
+        for kv in &r.kvs {
+            let pod = decode(kv)?;
+            if authz::pod_node(&pod) != Some(node.as_str()) {
+                continue;
+            }
+            let (secrets, maps) = authz::pod_references(&pod);
+            let refs = if info.kind == kinds::Kind::Secret { secrets } else { maps };
+            if refs.iter().any(|r| r == name) {
+                return Ok(());
+            }
+        }
+        Err(authz::forbidden(id, verb, info, namespace, name, "no pod bound to this node refers to it"))
+    }
+
     /// The object an update of `current` to `obj` stores: status (or, for UpdateStatus,
     /// everything but status) and server-owned metadata come from `current`; defaulted and
     /// validated; generation bumped when the spec changed.
@@ -296,7 +365,12 @@ impl ObjectsService {
         Ok(next)
     }
 
-    async fn update_object(&self, obj: pb::Object, status_only: bool) -> Result<pb::Object, Status> {
+    async fn update_object(
+        &self,
+        obj: pb::Object,
+        status_only: bool,
+        who: Option<&Identity>,
+    ) -> Result<pb::Object, Status> {
         let info = object::info(&obj).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
         let m = object::meta(&obj).cloned().unwrap_or_default();
         let namespace =
@@ -307,6 +381,8 @@ impl ObjectsService {
             return Err(conflict(info, &m.name));
         }
         let current = decode(&kv)?;
+        let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
+        self.authorize_write(who, verb, info, &namespace, &m.name, Some(&current))?;
         let mut next = self.prepare_update(info, &namespace, &current, &obj, status_only)?;
         if next == current {
             return Ok(current);
@@ -340,7 +416,12 @@ impl ObjectsService {
     }
 
     /// What applying one manifest does, from a linearizable read of its current state.
-    async fn plan_apply(&self, manifest: &pb::Object, batch: &HashSet<String>) -> Result<Planned, Status> {
+    async fn plan_apply(
+        &self,
+        manifest: &pb::Object,
+        batch: &HashSet<String>,
+        who: Option<&Identity>,
+    ) -> Result<Planned, Status> {
         let info = object::info(manifest).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
         let m = object::meta(manifest).cloned().unwrap_or_default();
         if m.name.is_empty() {
@@ -360,6 +441,7 @@ impl ObjectsService {
         }
         let k = key(info, &namespace, &m.name);
         let Some(kv) = self.read(&k).await? else {
+            self.authorize_write(who, Verb::Create, info, &namespace, &m.name, None)?;
             let (obj, _) = self.admit_new(apply::for_create(&manifest))?;
             let mut compare = vec![mod_equals(&k, 0)];
             if info.namespaced {
@@ -373,6 +455,7 @@ impl ObjectsService {
             return Err(conflict(info, &m.name));
         }
         let current = decode(&kv)?;
+        self.authorize_write(who, Verb::Update, info, &namespace, &m.name, Some(&current))?;
         let desired = apply::merge(&current, &manifest).map_err(Status::invalid_argument)?;
         let next = self.prepare_update(info, &namespace, &current, &desired, false)?;
         let compare = vec![mod_equals(&k, kv.mod_revision)];
@@ -384,7 +467,12 @@ impl ObjectsService {
 
     /// Applies every object in one transaction, re-planning when another writer got there
     /// between the reads and the commit.
-    async fn apply_objects(&self, objects: Vec<pb::Object>, dry_run: bool) -> Result<pb::ApplyResponse, Status> {
+    async fn apply_objects(
+        &self,
+        objects: Vec<pb::Object>,
+        dry_run: bool,
+        who: Option<&Identity>,
+    ) -> Result<pb::ApplyResponse, Status> {
         if objects.is_empty() {
             return Err(Status::invalid_argument("objects: Required value"));
         }
@@ -397,7 +485,7 @@ impl ObjectsService {
         for _ in 0..5 {
             let mut plans: Vec<Planned> = Vec::with_capacity(objects.len());
             for (i, obj) in objects.iter().enumerate() {
-                let p = self.plan_apply(obj, &batch).await.map_err(|s| about(s, i, obj, many))?;
+                let p = self.plan_apply(obj, &batch, who).await.map_err(|s| about(s, i, obj, many))?;
                 if let Some(j) = plans.iter().position(|q| q.key == p.key) {
                     return Err(Status::invalid_argument(format!(
                         "objects[{i}] and objects[{j}] are the same object ({}); apply each object once",
@@ -525,21 +613,31 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[tonic::async_trait]
 impl pb::objects_server::Objects for ObjectsService {
     async fn create(&self, request: Request<pb::CreateRequest>) -> Result<Response<pb::Object>, Status> {
+        let who = caller(&request).cloned();
         let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
+        if let Some(info) = object::info(&obj) {
+            let m = object::meta(&obj).cloned().unwrap_or_default();
+            let ns = if info.namespaced && m.namespace.is_empty() { "default".to_string() } else { m.namespace };
+            self.authorize_write(who.as_ref(), Verb::Create, info, &ns, &m.name, None)?;
+        }
         self.create_object(obj).await.map(Response::new)
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Object>, Status> {
+        let who = caller(&request).cloned();
         let r = request.into_inner().r#ref.unwrap_or_default();
         let info = lookup_kind(&r.kind)?;
         let ns = if r.namespace.is_empty() { "default" } else { r.namespace.as_str() };
+        self.authorize_read(who.as_ref(), Verb::Get, info, if info.namespaced { ns } else { "" }, &r.name).await?;
         let kv = self.read(&key(info, ns, &r.name)).await?.ok_or_else(|| not_found(info, &r.name))?;
         decode(&kv).map(Response::new)
     }
 
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let who = caller(&request).cloned();
         let r = request.into_inner();
         let info = lookup_kind(&r.kind)?;
+        self.authorize_read(who.as_ref(), Verb::List, info, &r.namespace, "").await?;
         let filter = Filter::parse(&r.label_selector, &r.field_selector)?;
         let p = prefix(info, &r.namespace);
         // The token carries the first page's revision, so that every page reports it and a
@@ -583,21 +681,25 @@ impl pb::objects_server::Objects for ObjectsService {
     }
 
     async fn update(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::Object>, Status> {
+        let who = caller(&request).cloned();
         let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
-        self.update_object(obj, false).await.map(Response::new)
+        self.update_object(obj, false, who.as_ref()).await.map(Response::new)
     }
 
     async fn update_status(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::Object>, Status> {
+        let who = caller(&request).cloned();
         let obj = request.into_inner().object.ok_or_else(|| Status::invalid_argument("object: Required value"))?;
-        self.update_object(obj, true).await.map(Response::new)
+        self.update_object(obj, true, who.as_ref()).await.map(Response::new)
     }
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = caller(&request).cloned();
         let r = request.into_inner();
-        self.apply_objects(r.objects, r.dry_run).await.map(Response::new)
+        self.apply_objects(r.objects, r.dry_run, who.as_ref()).await.map(Response::new)
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let who = caller(&request).cloned();
         let r = request.into_inner();
         let reference = r.r#ref.unwrap_or_default();
         let info = lookup_kind(&reference.kind)?;
@@ -614,6 +716,8 @@ impl pb::objects_server::Objects for ObjectsService {
             return Err(conflict(info, &reference.name));
         }
         let mut obj = decode(&kv)?;
+        let scope = if info.namespaced { ns } else { "" };
+        self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj))?;
         let policy = match r.propagation_policy.as_str() {
             "" | "Background" => None,
             "Foreground" => Some("foregroundDeletion"),
@@ -659,8 +763,10 @@ impl pb::objects_server::Objects for ObjectsService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<pb::WatchObjectsRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let who = caller(&request).cloned();
         let r = request.into_inner();
         let info = lookup_kind(&r.kind)?;
+        self.authorize_read(who.as_ref(), Verb::Watch, info, &r.namespace, "").await?;
         let filter = Filter::parse(&r.label_selector, &r.field_selector)?;
         let start = match r.resource_version.as_str() {
             "" | "0" => 0,

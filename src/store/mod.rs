@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::proto::v1 as pb;
 pub use kv::{Kv, KvError, MemKv, SledKv, Space};
+pub use raft::codec::{member_from_pb, member_to_pb};
 pub use raft::network::Faults;
 use raft::network::{Network, Peers};
 use raft::state_machine::{Shared, StateMachine};
@@ -421,13 +422,32 @@ impl Store {
         voters: BTreeSet<u64>,
         retain: bool,
     ) -> Result<pb::MembershipResponse, StoreError> {
-        let r = self.inner.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), retain).await;
+        let req = pb::ChangeMembershipRequest { voters: voters.into_iter().collect(), retain, ..Default::default() };
+        self.change_members(req).await
+    }
+
+    /// Applies one membership change, given as its request (see `ChangeMembershipRequest`);
+    /// forwarded to the leader from a follower.
+    pub async fn change_members(&self, req: pb::ChangeMembershipRequest) -> Result<pb::MembershipResponse, StoreError> {
+        let change: ChangeMembers<u64, Member> = if !req.voters.is_empty() {
+            ChangeMembers::ReplaceAllVoters(req.voters.iter().copied().collect())
+        } else if !req.add_voters.is_empty() {
+            ChangeMembers::AddVoterIds(req.add_voters.iter().copied().collect())
+        } else if !req.remove_voters.is_empty() {
+            ChangeMembers::RemoveVoters(req.remove_voters.iter().copied().collect())
+        } else if !req.set_nodes.is_empty() {
+            ChangeMembers::SetNodes(req.set_nodes.iter().map(|(id, n)| (*id, codec::member_from_pb(n))).collect())
+        } else if !req.remove_nodes.is_empty() {
+            ChangeMembers::RemoveNodes(req.remove_nodes.iter().copied().collect())
+        } else {
+            return Err(StoreError::Membership("an empty membership change".into()));
+        };
+        let r = self.inner.raft.change_membership(change, req.retain).await;
         match r {
             Ok(resp) => Ok(membership_response(&resp.log_id, resp.membership.as_ref())),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 let (leader, addr) = Self::leader_addr(&f).ok_or(StoreError::NoLeader(Duration::ZERO))?;
                 let mut client = pb::store_admin_client::StoreAdminClient::new(self.forward_channel(leader, &addr)?);
-                let req = pb::ChangeMembershipRequest { voters: voters.into_iter().collect(), retain };
                 client
                     .change_membership(Self::forwarded(req, Duration::from_secs(60)))
                     .await
@@ -477,6 +497,11 @@ impl Store {
                     .as_ref()
                     .and_then(|r| r.get(id).cloned().flatten())
                     .map(|l| codec::log_id_to_pb(&l)),
+                last_contact_ms: match (m.state == ServerState::Leader, *id == m.id) {
+                    (true, true) => 0,
+                    (true, false) => self.inner.peers.last_contact(*id).map_or(-1, |d| d.as_millis() as i64),
+                    _ => -1,
+                },
             })
             .collect();
         pb::StoreStatusResponse {
@@ -492,6 +517,21 @@ impl Store {
             revision: self.revision(),
             members,
         }
+    }
+
+    /// Starts an election on this replica and waits up to `limit` for a leader; returns the
+    /// leader's id (this replica when the election was won).
+    pub async fn campaign(&self, limit: Duration) -> Result<u64, StoreError> {
+        let before = self.inner.raft.metrics().borrow().current_term;
+        self.inner.raft.trigger().elect().await.map_err(|e| StoreError::Stopped(e.to_string()))?;
+        let m = self
+            .inner
+            .raft
+            .wait(Some(limit))
+            .metrics(|m| m.current_term > before && m.current_leader.is_some(), "a leader after the election")
+            .await
+            .map_err(|_| StoreError::Timeout { what: "an election", after: limit })?;
+        Ok(m.current_leader.unwrap_or(0))
     }
 
     /// Whether this replica currently believes it leads.

@@ -71,11 +71,20 @@ pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
     tls: Option<ClientTlsConfig>,
+    /// When each peer last answered an append-entries (meaningful on the leader).
+    contacts: Mutex<HashMap<u64, std::time::Instant>>,
 }
 
 impl Peers {
     pub fn new(id: u64, faults: Arc<Faults>, connect_timeout: Duration, tls: Option<ClientTlsConfig>) -> Arc<Peers> {
-        Arc::new(Peers { id, faults, channels: Mutex::new(HashMap::new()), connect_timeout, tls })
+        Arc::new(Peers {
+            id,
+            faults,
+            channels: Mutex::new(HashMap::new()),
+            connect_timeout,
+            tls,
+            contacts: Mutex::new(HashMap::new()),
+        })
     }
 
     /// A channel to `addr` (host:port). Connection happens on first use.
@@ -100,6 +109,15 @@ impl Peers {
 }
 
 impl Peers {
+    /// How long ago `id` last answered this replica's replication, if it ever did.
+    pub fn last_contact(&self, id: u64) -> Option<Duration> {
+        self.contacts.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|t| t.elapsed())
+    }
+
+    fn contacted(&self, id: u64) {
+        self.contacts.lock().unwrap_or_else(|p| p.into_inner()).insert(id, std::time::Instant::now());
+    }
+
     /// A channel for forwarding a request to the leader, refused (UNAVAILABLE, nothing sent)
     /// when the test fault table cuts the link.
     pub fn forward_channel(&self, leader: u64, addr: &str) -> Result<Channel, tonic::Status> {
@@ -184,6 +202,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         };
         let resp = self.client()?.append_entries(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
+        self.peers.contacted(self.target);
         use pb::append_entries_response::Result as R;
         match resp.into_inner().result {
             Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),

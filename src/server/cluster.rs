@@ -1,0 +1,685 @@
+//! The `keel.v1.Cluster` service: join by token, promotion to voter, join tokens,
+//! membership and status.
+//!
+//! Cluster state lives in the store under `/keel/`, next to the objects:
+//!
+//! ```text
+//! /keel/cluster-id             the cluster's id
+//! /keel/pki/ca                 the CA certificate and key (JSON)
+//! /keel/tokens/<id>            a join token: role, SHA-256 of its secret, expiry (JSON)
+//! /keel/replicas/<name>        a replica's id and key fingerprint (JSON)
+//! /keel/nodes/<name>           a node's key fingerprint (JSON)
+//! /keel/next-replica-id        the next replica id to hand out
+//! ```
+//!
+//! A name is bound to a key: a replica or node that joins again under its name with the
+//! same key gets its identity back; another key is refused with the command that removes
+//! the old registration.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use super::auth::{caller, unauthenticated};
+use super::status::from_store;
+use crate::pki::{self, Ca, Credentials, Identity, JoinToken, TokenRole};
+use crate::proto::v1 as pb;
+use crate::store::{Member, Store};
+
+pub const CLUSTER_ID_KEY: &str = "/keel/cluster-id";
+pub const CA_KEY: &str = "/keel/pki/ca";
+pub const TOKENS: &str = "/keel/tokens/";
+pub const REPLICAS: &str = "/keel/replicas/";
+pub const NODES: &str = "/keel/nodes/";
+pub const NEXT_REPLICA_ID: &str = "/keel/next-replica-id";
+
+/// Lifetime of certificates signed at join.
+pub const JOIN_CERT_LIFETIME: Duration = super::bootstrap::CERT_LIFETIME;
+
+#[derive(Serialize, Deserialize)]
+struct StoredCa {
+    cert_pem: String,
+    key_pem: String,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct StoredToken {
+    role: String,
+    secret_sha256: String,
+    /// Unix seconds; 0 never expires.
+    expires: i64,
+    created: String,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Registration {
+    /// Replicas only.
+    #[serde(default)]
+    id: u64,
+    fingerprint: String,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn rfc3339(unix: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64)).to_string()
+}
+
+fn put(key: &str, value: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest { key: key.into(), value, prev_kv: false })),
+    }
+}
+
+fn mod_equals(key: &str, rev: i64) -> pb::Compare {
+    pb::Compare {
+        result: pb::compare::CompareResult::Equal as i32,
+        target: pb::compare::Target::Mod as i32,
+        key: key.into(),
+        target_union: Some(pb::compare::TargetUnion::ModRevision(rev)),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+async fn read(store: &Store, key: &str) -> Result<Option<pb::KeyValue>, Status> {
+    let r = store.range(pb::RangeRequest { key: key.into(), ..Default::default() }).await.map_err(from_store)?;
+    Ok(r.kvs.into_iter().next())
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, key: &str) -> Result<Option<(T, i64)>, Status> {
+    match read(store, key).await? {
+        None => Ok(None),
+        Some(kv) => serde_json::from_slice(&kv.value)
+            .map(|v| Some((v, kv.mod_revision)))
+            .map_err(|e| Status::internal(format!("{key} is damaged: {e}"))),
+    }
+}
+
+/// Writes a new cluster's state (id, CA, the first replica's registration, a server and an
+/// agent token) into the store of its first replica. Returns the two tokens.
+pub async fn initialize(
+    store: &Store,
+    ca: &Ca,
+    cluster_id: &str,
+    name: &str,
+    id: u64,
+    creds: &Credentials,
+) -> Result<(JoinToken, JoinToken), Status> {
+    let ca_hash = ca.hash().map_err(|e| Status::internal(e.to_string()))?;
+    let server = JoinToken::generate(&ca_hash, TokenRole::Server);
+    let agent = JoinToken::generate(&ca_hash, TokenRole::Agent);
+    let fingerprint = pki::key_fingerprint(&creds.cert_pem).map_err(|e| Status::internal(e.to_string()))?;
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let token = |t: &JoinToken, what: &str| StoredToken {
+        role: t.role.to_string(),
+        secret_sha256: t.secret_hash(),
+        expires: 0,
+        created: now.clone(),
+        description: format!("created by --cluster-init ({what})"),
+    };
+    let txn = pb::TxnRequest {
+        // Only once: a cluster that has an id keeps it.
+        compare: vec![mod_equals(CLUSTER_ID_KEY, 0)],
+        success: vec![
+            put(CLUSTER_ID_KEY, cluster_id.as_bytes().to_vec()),
+            put(CA_KEY, json(&StoredCa { cert_pem: ca.cert_pem.clone(), key_pem: ca.key_pem.clone() })),
+            put(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })),
+            put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()),
+            put(&format!("{TOKENS}{}", server.id), json(&token(&server, "servers"))),
+            put(&format!("{TOKENS}{}", agent.id), json(&token(&agent, "agents"))),
+        ],
+        failure: vec![],
+    };
+    // The replica has just started: retry until it leads itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.txn(txn.clone(), true).await {
+            Ok(r) if r.succeeded => return Ok((server, agent)),
+            Ok(_) => return Err(Status::already_exists("this cluster was initialized before")),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "cluster state not written yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(from_store(e)),
+        }
+    }
+}
+
+pub struct ClusterService {
+    store: Store,
+    /// This replica's own credentials, to ask other replicas for their status.
+    creds: Credentials,
+    /// One membership change at a time from this replica.
+    membership: tokio::sync::Mutex<()>,
+}
+
+impl ClusterService {
+    pub fn new(store: Store, creds: Credentials) -> ClusterService {
+        ClusterService { store, creds, membership: tokio::sync::Mutex::new(()) }
+    }
+
+    async fn ca(&self) -> Result<Ca, Status> {
+        let (ca, _) = read_json::<StoredCa>(&self.store, CA_KEY).await?.ok_or_else(|| {
+            Status::failed_precondition("this cluster has no CA in its store (it was not started with --cluster-init)")
+        })?;
+        Ok(Ca { cert_pem: ca.cert_pem, key_pem: ca.key_pem })
+    }
+
+    /// Checks a join token; returns its role.
+    async fn check_token(&self, token: &JoinToken, ca: &Ca) -> Result<TokenRole, Status> {
+        let hash = ca.hash().map_err(|e| Status::internal(e.to_string()))?;
+        if token.ca_hash != hash {
+            return Err(Status::permission_denied(
+                "the join token belongs to another cluster: its CA hash does not match this cluster's CA",
+            ));
+        }
+        let key = format!("{TOKENS}{}", token.id);
+        let (stored, _) = read_json::<StoredToken>(&self.store, &key).await?.ok_or_else(|| {
+            Status::unauthenticated(format!("join token {:?} is not valid: it does not exist or was revoked", token.id))
+        })?;
+        let given = token.secret_hash();
+        // Compare all bytes, so the time taken does not say how much matched.
+        let same = given.len() == stored.secret_sha256.len()
+            && given.bytes().zip(stored.secret_sha256.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            return Err(Status::unauthenticated(format!("join token {:?}: wrong secret", token.id)));
+        }
+        if stored.expires != 0 && unix_now() >= stored.expires {
+            return Err(Status::unauthenticated(format!(
+                "join token {:?} expired at {}; create a new one with `keelctl token create --role {}`",
+                token.id,
+                rfc3339(stored.expires),
+                stored.role
+            )));
+        }
+        let role: TokenRole = stored.role.parse().map_err(|e: pki::PkiError| Status::internal(e.to_string()))?;
+        if role != token.role {
+            return Err(Status::unauthenticated(format!("join token {:?}: wrong role", token.id)));
+        }
+        Ok(role)
+    }
+
+    fn members(&self) -> (BTreeSet<u64>, BTreeSet<u64>) {
+        let st = self.store.status();
+        let voters = st.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+        let all = st.members.iter().map(|m| m.id).collect();
+        (voters, all)
+    }
+
+    /// Binds `name` to `fingerprint` and returns its replica id (the old one on a rejoin).
+    async fn register_replica(&self, name: &str, fingerprint: &str) -> Result<u64, Status> {
+        let key = format!("{REPLICAS}{name}");
+        for _ in 0..10 {
+            let existing = read_json::<Registration>(&self.store, &key).await?;
+            let (_, members) = self.members();
+            let (id, mut compare, mut ops) = match existing {
+                Some((reg, _)) if reg.fingerprint == fingerprint => return Ok(reg.id),
+                Some((reg, _)) if members.contains(&reg.id) => {
+                    return Err(Status::already_exists(format!(
+                        "replica name {name:?} belongs to member {} with another key. If that replica is gone for good, \
+                         remove it with `keelctl cluster remove {}` and join again; otherwise start this one with another --name",
+                        reg.id, reg.id
+                    )))
+                }
+                // Registered but never became a member (a join that failed half way): the
+                // name is free again, the id is kept.
+                Some((reg, rev)) => (reg.id, vec![mod_equals(&key, rev)], vec![]),
+                None => {
+                    let next = read(&self.store, NEXT_REPLICA_ID).await?;
+                    let (stored_next, rev) = next
+                        .map(|kv| (String::from_utf8_lossy(&kv.value).parse::<u64>().unwrap_or(1), kv.mod_revision))
+                        .unwrap_or((1, 0));
+                    let id = stored_next.max(members.iter().max().map_or(1, |m| m + 1));
+                    (
+                        id,
+                        vec![mod_equals(&key, 0), mod_equals(NEXT_REPLICA_ID, rev)],
+                        vec![put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes())],
+                    )
+                }
+            };
+            ops.push(put(&key, json(&Registration { id, fingerprint: fingerprint.to_string() })));
+            compare.retain(|c| !c.key.is_empty());
+            let r = self.store.txn(pb::TxnRequest { compare, success: ops, failure: vec![] }, true).await;
+            if r.map_err(from_store)?.succeeded {
+                return Ok(id);
+            }
+        }
+        Err(Status::aborted("replica registrations kept changing; retry the join"))
+    }
+
+    async fn register_node(&self, name: &str, fingerprint: &str) -> Result<(), Status> {
+        let key = format!("{NODES}{name}");
+        let rev = match read_json::<Registration>(&self.store, &key).await? {
+            Some((reg, _)) if reg.fingerprint == fingerprint => return Ok(()),
+            Some(_) => {
+                return Err(Status::already_exists(format!(
+                    "node name {name:?} is registered with another key. If that machine is gone for good, remove it with \
+                     `keelctl cluster remove node/{name}` and join again; otherwise start this agent with another --name"
+                )))
+            }
+            None => 0,
+        };
+        let txn = pb::TxnRequest {
+            compare: vec![mod_equals(&key, rev)],
+            success: vec![put(&key, json(&Registration { id: 0, fingerprint: fingerprint.to_string() }))],
+            failure: vec![],
+        };
+        if self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+            Ok(())
+        } else {
+            Err(Status::aborted(format!("node {name:?} registered concurrently; retry the join")))
+        }
+    }
+
+    fn replica_caller<T>(req: &Request<T>) -> Result<u64, Status> {
+        match caller(req) {
+            Some(Identity::Replica(id)) => Ok(*id),
+            Some(other) => Err(Status::permission_denied(format!("{other} is not a replica"))),
+            None => Err(unauthenticated()),
+        }
+    }
+
+    fn admin_caller<T>(req: &Request<T>) -> Result<(), Status> {
+        match caller(req) {
+            Some(id) if id.is_admin() || id.is_replica() => Ok(()),
+            Some(other) => Err(Status::permission_denied(format!("{other} may not manage the cluster"))),
+            None => Err(unauthenticated()),
+        }
+    }
+
+    async fn status_of(&self, addr: &str) -> Result<pb::StoreStatusResponse, String> {
+        let ch = crate::client::endpoint(addr, &self.creds)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        let mut req = Request::new(pb::StoreStatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        pb::store_admin_client::StoreAdminClient::new(ch)
+            .status(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+    }
+
+    async fn name_of(&self, id: u64) -> Result<Option<String>, Status> {
+        let r = self
+            .store
+            .range(pb::RangeRequest {
+                key: REPLICAS.into(),
+                range_end: crate::store::prefix_end(REPLICAS.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_store)?;
+        for kv in r.kvs {
+            if serde_json::from_slice::<Registration>(&kv.value).is_ok_and(|reg| reg.id == id) {
+                return Ok(Some(String::from_utf8_lossy(&kv.key[REPLICAS.len()..]).into_owned()));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn token_info(id: &str, t: &StoredToken) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: id.to_string(),
+        role: t.role.clone(),
+        expires: if t.expires == 0 { String::new() } else { rfc3339(t.expires) },
+        created: t.created.clone(),
+        description: t.description.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = request.into_inner();
+        let token: JoinToken = r.token.parse().map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
+        let role: TokenRole = r.role.parse().map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
+        if !crate::api::validation::is_dns1123_subdomain(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "name {:?}: must be a lowercase RFC 1123 subdomain (letters, digits, '-' and '.')",
+                r.name
+            )));
+        }
+        let ca = self.ca().await?;
+        let token_role = self.check_token(&token, &ca).await?;
+        // A server token may join agents too (as with k3s); an agent token only agents.
+        if role == TokenRole::Server && token_role != TokenRole::Server {
+            return Err(Status::permission_denied("an agent token cannot join a server; use a server token"));
+        }
+        let fingerprint = pki::request_fingerprint(&r.csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cluster_id = read(&self.store, CLUSTER_ID_KEY)
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
+        let sign = |id: &Identity, addrs: &[String]| {
+            ca.sign_request(&r.csr_pem, id, JOIN_CERT_LIFETIME, addrs)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
+        };
+        match role {
+            TokenRole::Server => {
+                if r.advertise.is_empty() {
+                    return Err(Status::invalid_argument("advertise: Required value for a server"));
+                }
+                let id = self.register_replica(&r.name, &fingerprint).await?;
+                let cert = sign(&Identity::Replica(id), std::slice::from_ref(&r.advertise))?;
+                tracing::info!(name = r.name, id, "replica joined");
+                Ok(Response::new(pb::JoinResponse {
+                    certificate_pem: cert,
+                    ca_pem: ca.cert_pem.clone(),
+                    replica_id: id,
+                    cluster_id,
+                    ca_key_pem: ca.key_pem.clone(),
+                }))
+            }
+            TokenRole::Agent => {
+                self.register_node(&r.name, &fingerprint).await?;
+                let cert = sign(&Identity::Node(r.name.clone()), &[])?;
+                tracing::info!(name = r.name, "node joined");
+                Ok(Response::new(pb::JoinResponse {
+                    certificate_pem: cert,
+                    ca_pem: ca.cert_pem.clone(),
+                    replica_id: 0,
+                    cluster_id,
+                    ca_key_pem: String::new(),
+                }))
+            }
+        }
+    }
+
+    async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
+        let id = Self::replica_caller(&request)?;
+        let advertise = request.into_inner().advertise;
+        if advertise.is_empty() {
+            return Err(Status::invalid_argument("advertise: Required value"));
+        }
+        let _one = self.membership.lock().await;
+        let name = self.name_of(id).await?.unwrap_or_else(|| format!("replica-{id}"));
+        let member = Member { addr: advertise.clone(), name };
+        let st = self.store.status();
+        let current = st.members.iter().find(|m| m.id == id);
+        let mut action = "unchanged";
+        let mut membership = None;
+        match current {
+            Some(m) => {
+                if m.node.as_ref().map(|n| n.addr.as_str()) != Some(advertise.as_str()) {
+                    let req = pb::ChangeMembershipRequest {
+                        set_nodes: [(id, crate::store::member_to_pb(&member))].into(),
+                        ..Default::default()
+                    };
+                    membership = self.store.change_members(req).await.map_err(from_store)?.membership;
+                    action = "address updated";
+                }
+                if !m.voter {
+                    let req = pb::ChangeMembershipRequest { add_voters: vec![id], ..Default::default() };
+                    membership = self.store.change_members(req).await.map_err(from_store)?.membership;
+                    action = "promoted";
+                }
+            }
+            None => {
+                // Catch up as a learner first, so that the new voter never slows the quorum.
+                self.store.add_learner(id, member, true).await.map_err(from_store)?;
+                let req = pb::ChangeMembershipRequest { add_voters: vec![id], ..Default::default() };
+                membership = self.store.change_members(req).await.map_err(from_store)?.membership;
+                action = "added";
+            }
+        }
+        tracing::info!(id, action, "replica membership");
+        Ok(Response::new(pb::PromoteResponse { membership, action: action.to_string() }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let r = request.into_inner();
+        let role: TokenRole = r.role.parse().map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
+        let ca = self.ca().await?;
+        let token = JoinToken::generate(&ca.hash().map_err(|e| Status::internal(e.to_string()))?, role);
+        let stored = StoredToken {
+            role: role.to_string(),
+            secret_sha256: token.secret_hash(),
+            expires: if r.ttl_seconds == 0 { 0 } else { unix_now() + r.ttl_seconds as i64 },
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            description: r.description,
+        };
+        let key = format!("{TOKENS}{}", token.id);
+        let txn = pb::TxnRequest {
+            compare: vec![mod_equals(&key, 0)],
+            success: vec![put(&key, json(&stored))],
+            failure: vec![],
+        };
+        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+            return Err(Status::aborted("token id collision; retry"));
+        }
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: token.to_string(),
+            info: Some(token_info(&token.id, &stored)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let r = self
+            .store
+            .range(pb::RangeRequest {
+                key: TOKENS.into(),
+                range_end: crate::store::prefix_end(TOKENS.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_store)?;
+        let tokens = r
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let t: StoredToken = serde_json::from_slice(&kv.value).ok()?;
+                Some(token_info(&String::from_utf8_lossy(&kv.key[TOKENS.len()..]), &t))
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let id = request.into_inner().id;
+        let key = format!("{TOKENS}{id}");
+        let txn = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: pb::compare::CompareResult::Greater as i32,
+                target: pb::compare::Target::Mod as i32,
+                key: key.clone().into(),
+                target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: vec![],
+                    prev_kv: false,
+                })),
+            }],
+            failure: vec![],
+        };
+        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+            return Err(Status::not_found(format!("join token {id:?} not found")));
+        }
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn members(&self, request: Request<pb::MembersRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let local = self.store.status();
+        // The leader's view has replication progress and last contact.
+        let leader_view = match local.members.iter().find(|m| m.id == local.leader_id) {
+            Some(_) if local.leader_id == local.id => Some(local.clone()),
+            Some(m) => self.status_of(&m.node.clone().unwrap_or_default().addr).await.ok(),
+            None => None,
+        };
+        let view = leader_view.as_ref().unwrap_or(&local);
+        let mut members = Vec::new();
+        for m in &view.members {
+            let node = m.node.clone().unwrap_or_default();
+            let (status, error) = if m.id == local.id {
+                (Some(local.clone()), String::new())
+            } else {
+                match self.status_of(&node.addr).await {
+                    Ok(s) => (Some(s), String::new()),
+                    Err(e) => (None, e),
+                }
+            };
+            members.push(pb::MemberInfo {
+                id: m.id,
+                name: node.name,
+                address: node.addr,
+                role: if m.voter { "voter" } else { "learner" }.into(),
+                status,
+                error,
+                last_contact_ms: m.last_contact_ms,
+            });
+        }
+        Ok(Response::new(pb::MembersResponse { members, leader_id: view.leader_id }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let r = request.into_inner();
+        if !r.node.is_empty() {
+            let key = format!("{NODES}{}", r.node);
+            let node_key = format!("/registry/nodes/{}", r.node);
+            let del = |k: &str| pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    key: k.into(),
+                    range_end: vec![],
+                    prev_kv: false,
+                })),
+            };
+            let txn = pb::TxnRequest {
+                compare: vec![pb::Compare {
+                    result: pb::compare::CompareResult::Greater as i32,
+                    target: pb::compare::Target::Mod as i32,
+                    key: key.clone().into(),
+                    target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
+                }],
+                success: vec![del(&key), del(&node_key)],
+                failure: vec![],
+            };
+            if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+                return Err(Status::not_found(format!("node {:?} is not registered", r.node)));
+            }
+            return Ok(Response::new(pb::RemoveMemberResponse { membership: None }));
+        }
+        let id = r.id;
+        let _one = self.membership.lock().await;
+        let (voters, all) = self.members();
+        if !all.contains(&id) {
+            return Err(Status::not_found(format!("replica {id} is not a member")));
+        }
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(Status::failed_precondition("cannot remove the last voter"));
+            }
+            let req = pb::ChangeMembershipRequest { remove_voters: vec![id], retain: false, ..Default::default() };
+            self.store.change_members(req).await.map_err(from_store)?;
+        }
+        let (_, all) = self.members();
+        let mut membership = None;
+        if all.contains(&id) {
+            let req = pb::ChangeMembershipRequest { remove_nodes: vec![id], ..Default::default() };
+            membership = self.store.change_members(req).await.map_err(from_store)?.membership;
+        }
+        // Free its name: the registration goes with the member.
+        if let Some(name) = self.name_of(id).await? {
+            let key = format!("{REPLICAS}{name}");
+            let del = pb::TxnRequest {
+                compare: vec![],
+                success: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                        key: key.into(),
+                        range_end: vec![],
+                        prev_kv: false,
+                    })),
+                }],
+                failure: vec![],
+            };
+            self.store.txn(del, true).await.map_err(from_store)?;
+        }
+        Ok(Response::new(pb::RemoveMemberResponse { membership }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let id = request.into_inner().id;
+        let (voters, _) = self.members();
+        if !voters.contains(&id) {
+            return Err(Status::invalid_argument(format!("replica {id} is not a voter")));
+        }
+        if self.store.current_leader() == Some(id) {
+            return Ok(Response::new(pb::TransferLeaderResponse { leader_id: id }));
+        }
+        if self.store.id() != id {
+            // The target itself must start the election.
+            let addr = self
+                .store
+                .status()
+                .members
+                .into_iter()
+                .find(|m| m.id == id)
+                .and_then(|m| m.node)
+                .map(|n| n.addr)
+                .ok_or_else(|| Status::not_found(format!("replica {id} has no address")))?;
+            let ch = crate::client::endpoint(&addr, &self.creds)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .connect_timeout(Duration::from_millis(500))
+                .connect_lazy();
+            let mut req = Request::new(pb::TransferLeaderRequest { id });
+            req.set_timeout(Duration::from_secs(10));
+            return pb::cluster_client::ClusterClient::new(ch).transfer_leader(req).await;
+        }
+        let leader = self.store.campaign(Duration::from_secs(5)).await.map_err(from_store)?;
+        if leader != id {
+            return Err(Status::unavailable(format!(
+                "replica {id} called an election but replica {leader} leads; the voters kept the current leader \
+                 (its lease was still valid). Retry, or stop the leader to force a change"
+            )));
+        }
+        Ok(Response::new(pb::TransferLeaderResponse { leader_id: leader }))
+    }
+
+    async fn certificates(
+        &self,
+        request: Request<pb::CertificatesRequest>,
+    ) -> Result<Response<pb::CertificatesResponse>, Status> {
+        Self::admin_caller(&request)?;
+        let now = unix_now();
+        let info = |subject: String, pem: &str| -> Result<pb::CertificateInfo, Status> {
+            let t = pki::not_after(pem).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::CertificateInfo { subject, not_after: rfc3339(t), seconds_left: t - now })
+        };
+        let own = self.creds.identity().map_or_else(|| "this replica".to_string(), |i| i.to_string());
+        let certificates = vec![info("ca".into(), &self.creds.ca_pem)?, info(own, &self.creds.cert_pem)?];
+        Ok(Response::new(pb::CertificatesResponse { certificates }))
+    }
+}

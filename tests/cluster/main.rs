@@ -1,0 +1,300 @@
+//! Cluster lifecycle against real `keel` processes on 127.0.0.1: bootstrap with
+//! --cluster-init, joins by token (good, wrong secret, wrong CA, expired, concurrent),
+//! restart on a new port, agents and what a node may touch.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keel::pki::Credentials;
+use keel::proto::v1 as pb;
+use tokio::time::Instant;
+use tonic::Code;
+
+mod nodes;
+
+const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+
+/// A `keel` process, killed when dropped; its output goes to `<dir>/<name>.log`.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(dir: &Path, name: &str, args: &[String]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::options().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(KEEL)
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself; its exit status and output.
+    async fn exit(mut self, limit: Duration) -> (bool, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.success(), self.output());
+            }
+            assert!(Instant::now() < deadline, "keel did not exit within {limit:?}:\n{}", self.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn port() -> String {
+    format!("127.0.0.1:{}", keel::harness::free_port().unwrap())
+}
+
+fn args(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+/// A replica process, with what it needs to be restarted.
+struct Replica {
+    proc: Option<Proc>,
+    name: String,
+    data: PathBuf,
+    addr: String,
+}
+
+impl Replica {
+    fn init(dir: &Path, name: &str) -> Replica {
+        let addr = port();
+        let data = dir.join(name);
+        let a = args(&format!("server --cluster-init --name {name} --listen {addr} --data-dir {}", data.display()));
+        Replica { proc: Some(Proc::spawn(dir, name, &a)), name: name.into(), data, addr }
+    }
+
+    fn join(dir: &Path, name: &str, seed: &str, token: &str) -> Replica {
+        let addr = port();
+        let data = dir.join(name);
+        let a = args(&format!(
+            "server --name {name} --listen {addr} --data-dir {} --server {seed} --token {token}",
+            data.display()
+        ));
+        Replica { proc: Some(Proc::spawn(dir, name, &a)), name: name.into(), data, addr }
+    }
+
+    /// Restarts from its data directory (no token), on `addr`.
+    fn restart(&mut self, dir: &Path, addr: &str) {
+        self.proc = None;
+        self.addr = addr.to_string();
+        let a = args(&format!("server --name {} --listen {addr} --data-dir {}", self.name, self.data.display()));
+        self.proc = Some(Proc::spawn(dir, &self.name, &a));
+    }
+
+    fn token(&self, kind: &str) -> String {
+        std::fs::read_to_string(self.data.join(kind)).unwrap().trim().to_string()
+    }
+}
+
+/// The admin credentials `--cluster-init` wrote.
+fn admin(first: &Replica) -> Credentials {
+    let cfg = keel::cli::config::Config::load(&keel::server::bootstrap::admin_config_path(&first.data)).unwrap();
+    cfg.selected(None).unwrap().unwrap().credentials().unwrap()
+}
+
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn cluster_client(addr: &str, creds: &Credentials) -> pb::cluster_client::ClusterClient<tonic::transport::Channel> {
+    let ch = keel::client::endpoint(addr, creds).unwrap().connect_timeout(Duration::from_secs(1)).connect_lazy();
+    pb::cluster_client::ClusterClient::new(ch)
+}
+
+/// The membership as the cluster reports it, once every member answers.
+async fn members(addr: &str, creds: &Credentials) -> Option<pb::MembersResponse> {
+    let r = cluster_client(addr, creds).members(pb::MembersRequest {}).await.ok()?.into_inner();
+    r.members.iter().all(|m| m.status.is_some()).then_some(r)
+}
+
+/// Waits until the cluster has exactly `want` voters (and no learner), all answering.
+async fn wait_voters(addr: &str, creds: &Credentials, want: usize) -> pb::MembersResponse {
+    wait_for(&format!("{want} voters"), Duration::from_secs(60), || async {
+        members(addr, creds)
+            .await
+            .filter(|r| r.members.len() == want && r.members.iter().all(|m| m.role == "voter") && r.leader_id != 0)
+    })
+    .await
+}
+
+async fn write_config_map(addr: &str, creds: &Credentials, name: &str) -> Result<(), tonic::Status> {
+    let ch = keel::client::endpoint(addr, creds).unwrap().connect_lazy();
+    let cm = pb::ConfigMap {
+        metadata: Some(pb::ObjectMeta { name: name.into(), namespace: "default".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let req =
+        pb::ApplyRequest { objects: vec![pb::Object { kind: Some(pb::object::Kind::ConfigMap(cm)) }], dry_run: false };
+    pb::objects_client::ObjectsClient::new(ch).apply(req).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_bootstrap_by_token_join_concurrently_and_survive_a_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init(d, "r1");
+    let token_path = r1.data.join("token");
+    wait_for("the first replica's token", Duration::from_secs(20), || async { token_path.exists().then_some(()) })
+        .await;
+    let creds = admin(&r1);
+    let server_token = r1.token("token");
+    assert!(server_token.starts_with("K1") && server_token.contains("::server::"), "{server_token}");
+    assert!(r1.proc.as_ref().unwrap().output().contains("Admin configuration:"));
+
+    // Two replicas join at the same time through the first one.
+    let r2 = Replica::join(d, "r2", &r1.addr, &server_token);
+    let mut r3 = Replica::join(d, "r3", &r1.addr, &server_token);
+    let m = wait_voters(&r1.addr, &creds, 3).await;
+    let mut ids: Vec<u64> = m.members.iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, [1, 2, 3], "each joiner got its own id");
+    let names: Vec<&str> = m.members.iter().map(|m| m.name.as_str()).collect();
+    assert!(names.contains(&"r2") && names.contains(&"r3"), "{names:?}");
+    write_config_map(&r2.addr, &creds, "through-a-joined-replica").await.unwrap();
+
+    // r3 comes back on another port: its certificate, not its address, is its identity,
+    // and the membership follows it.
+    let r3_id = m.members.iter().find(|m| m.name == "r3").unwrap().id;
+    let new_addr = port();
+    r3.restart(d, &new_addr);
+    let moved = wait_for("r3's new address in the membership", Duration::from_secs(60), || async {
+        members(&r1.addr, &creds)
+            .await
+            .filter(|r| r.members.iter().any(|m| m.id == r3_id && m.address == new_addr && m.role == "voter"))
+    })
+    .await;
+    assert_eq!(moved.members.len(), 3, "no member was added or lost by the move");
+    write_config_map(&new_addr, &creds, "through-the-moved-replica").await.unwrap();
+
+    // A restart in place changes nothing: no second membership change.
+    let before = cluster_client(&r1.addr, &creds).members(pb::MembersRequest {}).await.unwrap().into_inner();
+    let log_before = before.members.iter().find(|m| m.id == before.leader_id).unwrap().status.clone().unwrap();
+    let mut r2 = r2;
+    let r2_addr = r2.addr.clone();
+    r2.restart(d, &r2_addr);
+    let after = wait_voters(&r1.addr, &creds, 3).await;
+    let m2: Vec<_> = after.members.iter().map(|m| (m.id, m.address.clone())).collect();
+    let b2: Vec<_> = before.members.iter().map(|m| (m.id, m.address.clone())).collect();
+    assert_eq!(m2, b2);
+    let _ = log_before;
+
+    // The admin configuration drives keelctl against the joined cluster.
+    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let out = Command::new(env!("CARGO_BIN_EXE_keelctl"))
+        .args(["--server", &format!("{},{},{}", r1.addr, r2.addr, new_addr), "cluster", "members"])
+        .env("KEELCONFIG", &cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("ID  NAME") && text.matches(" voter ").count() == 3, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_with_a_bad_token_get_a_clear_error_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init(d, "r1");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let good: keel::pki::JoinToken = r1.token("token").parse().unwrap();
+
+    let try_join = |name: &str, token: String| {
+        let data = d.join(name);
+        let a = args(&format!(
+            "server --name {name} --listen {} --data-dir {} --server {} --token {token}",
+            port(),
+            data.display(),
+            r1.addr
+        ));
+        (Proc::spawn(d, name, &a), data)
+    };
+    let refused = |(p, data): (Proc, PathBuf), want: &'static str| async move {
+        let (ok, out) = p.exit(Duration::from_secs(20)).await;
+        assert!(!ok, "the join must fail:\n{out}");
+        assert!(out.contains(want), "expected {want:?} in:\n{out}");
+        assert!(!data.join("tls").exists(), "a refused join leaves no certificate behind");
+    };
+
+    let mut wrong = good.clone();
+    wrong.secret = "x".repeat(32);
+    refused(try_join("bad-secret", wrong.to_string()), "wrong secret").await;
+
+    // A second cluster posing as the first: its token pins its own CA, which the first
+    // cluster does not present, so the token is never sent.
+    let other = Replica::init(d, "other");
+    let other_token = other.data.join("token");
+    wait_for("the other cluster's token", Duration::from_secs(20), || async { other_token.exists().then_some(()) })
+        .await;
+    refused(try_join("bad-ca", other.token("token")), "the token was not sent").await;
+
+    // An expired token.
+    let short = cluster_client(&r1.addr, &creds)
+        .create_token(pb::CreateTokenRequest { role: "server".into(), ttl_seconds: 1, description: "short".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    refused(try_join("expired", short.token.clone()), "expired at").await;
+
+    // A revoked token, and an agent token used for a server.
+    let revoked = cluster_client(&r1.addr, &creds)
+        .create_token(pb::CreateTokenRequest { role: "server".into(), ttl_seconds: 0, description: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = revoked.info.unwrap().id;
+    cluster_client(&r1.addr, &creds).revoke_token(pb::RevokeTokenRequest { id: id.clone() }).await.unwrap();
+    refused(try_join("revoked", revoked.token), "does not exist or was revoked").await;
+    refused(try_join("agent-token", r1.token("agent-token")), "an agent token cannot join a server").await;
+    refused(try_join("garbage", "K1nope".into()), "malformed join token").await;
+
+    // Nothing joined: one voter, and the tokens list shows what exists.
+    let m = wait_voters(&r1.addr, &creds, 1).await;
+    assert_eq!(m.members.len(), 1);
+    let list = cluster_client(&r1.addr, &creds).list_tokens(pb::ListTokensRequest {}).await.unwrap().into_inner();
+    assert!(list.tokens.iter().all(|t| t.id != id), "revoked tokens are gone");
+    assert!(list.tokens.iter().any(|t| t.description == "short" && !t.expires.is_empty()));
+
+    // Without a certificate, no call gets through; with the admin's, tokens are managed.
+    let anon = tonic::transport::Endpoint::from_shared(format!("https://{}", r1.addr))
+        .unwrap()
+        .tls_config(keel::pki::anonymous_client_tls(&creds.ca_pem))
+        .unwrap()
+        .connect_lazy();
+    let e = pb::cluster_client::ClusterClient::new(anon).list_tokens(pb::ListTokensRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}
