@@ -29,11 +29,24 @@ struct Cli {
 enum Command {
     /// Run a control-plane replica.
     Server(ServerArgs),
+    /// Manage this replica's secrets key file (<data-dir>/secrets.key).
+    #[command(subcommand)]
+    SecretsKey(SecretsKeyCommand),
     /// Run a node agent: join with a token once, register the Node, keep its Lease.
     Agent(AgentArgs),
     /// Run a benchmark against real processes on loopback.
     #[command(subcommand)]
     Bench(keel::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretsKeyCommand {
+    /// Put a new key first: Secrets written after the next start are sealed with it. Copy
+    /// the file to every replica, restart them, then `keelctl cluster reencrypt-secrets`.
+    Rotate {
+        #[arg(long, default_value = "/var/lib/keel", env = "KEEL_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -209,6 +222,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
             &keel::pki::Ca { cert_pem: resp.ca_pem.clone(), key_pem: resp.ca_key_pem.clone() },
         )?;
         keel::pki::write_private(&a.data_dir.join("cluster-id"), &resp.cluster_id)?;
+        keel::pki::write_private(&a.data_dir.join("secrets.key"), &resp.secrets_keys)?;
         keel::pki::write_private(&joined_marker, seed)?;
         println!("Joined cluster {} as replica {} ({name}).", resp.cluster_id, resp.replica_id);
         (creds, Start::Joined { seed: seed.clone() })
@@ -311,6 +325,11 @@ fn run() -> anyhow::Result<()> {
         match cli.command {
             Command::Server(a) => server(a).await,
             Command::Agent(a) => agent(a).await,
+            Command::SecretsKey(SecretsKeyCommand::Rotate { data_dir }) => {
+                let name = keel::server::secrets::Keyring::rotate(&data_dir.join("secrets.key"))?;
+                println!("{} now seals with {name} (after a restart)", data_dir.join("secrets.key").display());
+                Ok(())
+            }
             Command::Bench(b) => keel::bench::run(b).await,
         }
     })

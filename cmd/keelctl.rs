@@ -185,6 +185,8 @@ enum ClusterCommand {
     TransferLeader { id: u64 },
     /// Expiry of the CA and of every replica's certificate, and of this user's.
     Certs,
+    /// Re-seal every Secret with the active secrets key (after `keel secrets-key rotate`).
+    ReencryptSecrets,
 }
 
 #[derive(Subcommand)]
@@ -657,6 +659,10 @@ async fn cluster_command(
             })
             .await?;
             println!("{id} removed");
+        }
+        ClusterCommand::ReencryptSecrets => {
+            let r = api.call(|mut c| async move { c.reencrypt_secrets(pb::ReencryptSecretsRequest {}).await }).await?;
+            println!("{} secrets re-sealed with {}, {} already were", r.resealed, r.active_key, r.unchanged);
         }
         ClusterCommand::TransferLeader { id } => {
             let r = api.call(|mut c| async move { c.transfer_leader(pb::TransferLeaderRequest { id }).await }).await?;

@@ -63,6 +63,8 @@ pub async fn wait_default_namespaces(addr: &str, timeout: Duration, creds: &Cred
 pub struct TestPki {
     pub ca: Ca,
     pub admin: Credentials,
+    /// One secrets key file for every replica of the cluster.
+    pub secrets_key: String,
 }
 
 impl TestPki {
@@ -70,7 +72,11 @@ impl TestPki {
         let pki = |e: crate::pki::PkiError| HarnessError::Timeout(format!("test PKI: {e}"));
         let ca = Ca::generate("test").map_err(pki)?;
         let admin = ca.issue(&Identity::Admin("admin".into()), Duration::from_secs(24 * 3600), &[]).map_err(pki)?;
-        Ok(TestPki { ca, admin })
+        let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
+        let path = dir.path().join("secrets.key");
+        crate::server::secrets::Keyring::load_or_create(&path).map_err(pki)?;
+        let secrets_key = std::fs::read_to_string(&path).map_err(io("read secrets key"))?;
+        Ok(TestPki { ca, admin, secrets_key })
     }
 
     pub fn replica(&self, id: u64, addr: &str) -> Result<Credentials, HarnessError> {
@@ -159,9 +165,9 @@ impl ProcCluster {
         }
         let pki = TestPki::new()?;
         for n in &nodes {
-            pki.replica(n.id, &n.addr)?
-                .save(&n.data_dir.join("tls"))
-                .map_err(|e| HarnessError::Timeout(format!("write certificates: {e}")))?;
+            let write = |e: crate::pki::PkiError| HarnessError::Timeout(format!("write certificates: {e}"));
+            pki.replica(n.id, &n.addr)?.save(&n.data_dir.join("tls")).map_err(write)?;
+            crate::pki::write_private(&n.data_dir.join("secrets.key"), &pki.secrets_key).map_err(write)?;
         }
         let mut c = ProcCluster {
             exe: exe.to_path_buf(),

@@ -158,13 +158,14 @@ pub struct ClusterService {
     store: Store,
     /// This replica's own credentials, to ask other replicas for their status.
     creds: Credentials,
+    keys: std::sync::Arc<super::secrets::Keyring>,
     /// One membership change at a time from this replica.
     membership: tokio::sync::Mutex<()>,
 }
 
 impl ClusterService {
-    pub fn new(store: Store, creds: Credentials) -> ClusterService {
-        ClusterService { store, creds, membership: tokio::sync::Mutex::new(()) }
+    pub fn new(store: Store, creds: Credentials, keys: std::sync::Arc<super::secrets::Keyring>) -> ClusterService {
+        ClusterService { store, creds, keys, membership: tokio::sync::Mutex::new(()) }
     }
 
     async fn ca(&self) -> Result<Ca, Status> {
@@ -380,6 +381,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     replica_id: id,
                     cluster_id,
                     ca_key_pem: ca.key_pem.clone(),
+                    secrets_keys: self.keys.text().to_string(),
                 }))
             }
             TokenRole::Agent => {
@@ -392,6 +394,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     replica_id: 0,
                     cluster_id,
                     ca_key_pem: String::new(),
+                    secrets_keys: String::new(),
                 }))
             }
         }
@@ -666,6 +669,49 @@ impl pb::cluster_server::Cluster for ClusterService {
             )));
         }
         Ok(Response::new(pb::TransferLeaderResponse { leader_id: leader }))
+    }
+
+    async fn reencrypt_secrets(
+        &self,
+        request: Request<pb::ReencryptSecretsRequest>,
+    ) -> Result<Response<pb::ReencryptSecretsResponse>, Status> {
+        Self::admin_caller(&request)?;
+        const SECRETS: &str = "/registry/secrets/";
+        let active = self.keys.active().to_string();
+        let (mut resealed, mut unchanged) = (0, 0);
+        let r = self
+            .store
+            .range(pb::RangeRequest {
+                key: SECRETS.into(),
+                range_end: crate::store::prefix_end(SECRETS.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_store)?;
+        for kv in r.kvs {
+            if super::secrets::Keyring::sealed_with(&kv.value) == Some(active.as_str()) {
+                unchanged += 1;
+                continue;
+            }
+            let plain = self
+                .keys
+                .open(&kv.value)
+                .map_err(|e| Status::failed_precondition(format!("{}: {e}", String::from_utf8_lossy(&kv.key))))?;
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            // Compare the revision read: a Secret written meanwhile is sealed with the
+            // active key already.
+            let txn = pb::TxnRequest {
+                compare: vec![mod_equals(&key, kv.mod_revision)],
+                success: vec![put(&key, self.keys.seal(&plain))],
+                failure: vec![],
+            };
+            if self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+                resealed += 1;
+            } else {
+                unchanged += 1;
+            }
+        }
+        Ok(Response::new(pb::ReencryptSecretsResponse { resealed, unchanged, active_key: active }))
     }
 
     async fn certificates(

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod join;
 pub mod kv;
 pub mod objects;
+pub mod secrets;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -36,6 +37,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("secrets key: {0}")]
+    Secrets(crate::pki::PkiError),
 }
 
 /// A running replica.
@@ -61,6 +64,11 @@ impl Server {
         creds: &Credentials,
     ) -> Result<Server, ServerError> {
         config.peer_tls = Some(creds.client_tls());
+        // Every replica of a cluster must hold the same keys: joiners receive them, and a
+        // cluster provisioned by hand gets the same file on every replica.
+        let keys = Arc::new(
+            secrets::Keyring::load_or_create(&config.data_dir.join("secrets.key")).map_err(ServerError::Secrets)?,
+        );
         let listener =
             TcpListener::bind(listen).await.map_err(|source| ServerError::Listen { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: listen, source })?;
@@ -90,7 +98,7 @@ impl Server {
                 require(Allow::ReplicasAndAdmins),
             ))
             .add_service(Auth::new(
-                pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone())),
+                pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone(), keys.clone())),
                 require(Allow::Anyone),
             ))
             .add_service(Auth::new(
@@ -98,7 +106,11 @@ impl Server {
                 require(Allow::ReplicasAndAdmins),
             ))
             .add_service(Auth::new(
-                pb::cluster_server::ClusterServer::new(cluster::ClusterService::new(store.clone(), creds.clone())),
+                pb::cluster_server::ClusterServer::new(cluster::ClusterService::new(
+                    store.clone(),
+                    creds.clone(),
+                    keys.clone(),
+                )),
                 auth::optional(),
             ))
             .add_service(Auth::new(health, require(Allow::Anyone)))
@@ -110,7 +122,7 @@ impl Server {
         if let Some(voters) = initial_cluster {
             store.initialize(voters).await?;
         }
-        let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone()));
+        let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone(), keys.clone()));
         let loops = vec![tokio::spawn(crate::controllers::namespace::run(addr, creds.clone()))];
         Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })
     }

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::caller;
 use super::authz::{self, Verb};
+use super::secrets::Keyring;
 use super::status::from_store;
 use crate::api::kinds::{self, KindInfo};
 use crate::api::selector::{FieldSelector, LabelSelector};
@@ -43,11 +45,12 @@ fn releasable(obj: &pb::Object) -> bool {
 
 pub struct ObjectsService {
     store: Store,
+    keys: Arc<Keyring>,
 }
 
 impl ObjectsService {
-    pub fn new(store: Store) -> ObjectsService {
-        ObjectsService { store }
+    pub fn new(store: Store, keys: Arc<Keyring>) -> ObjectsService {
+        ObjectsService { store, keys }
     }
 }
 
@@ -83,8 +86,11 @@ fn lookup_kind(kind: &str) -> Result<&'static KindInfo, Status> {
     kinds::by_name(kind).ok_or_else(|| Status::not_found(format!("the server doesn't have a resource type {kind:?}")))
 }
 
-fn decode(kv: &pb::KeyValue) -> Result<pb::Object, Status> {
-    let mut obj = pb::Object::decode(kv.value.as_slice()).map_err(|e| {
+fn decode(kv: &pb::KeyValue, keys: &Keyring) -> Result<pb::Object, Status> {
+    let plain = keys.open(&kv.value).map_err(|e| {
+        Status::internal(format!("stored object at {} cannot be decrypted: {e}", String::from_utf8_lossy(&kv.key)))
+    })?;
+    let mut obj = pb::Object::decode(plain.as_slice()).map_err(|e| {
         Status::internal(format!("stored object at {} is damaged: {e}", String::from_utf8_lossy(&kv.key)))
     })?;
     if let Some(m) = object::meta_mut(&mut obj) {
@@ -94,12 +100,18 @@ fn decode(kv: &pb::KeyValue) -> Result<pb::Object, Status> {
     Ok(obj)
 }
 
-fn encode(obj: &pb::Object) -> Vec<u8> {
+/// The stored form: protobuf, sealed for Secrets (see `secrets`).
+fn encode(obj: &pb::Object, keys: &Keyring) -> Vec<u8> {
     let mut stored = obj.clone();
     if let Some(m) = object::meta_mut(&mut stored) {
         m.resource_version.clear();
     }
-    stored.encode_to_vec()
+    let bytes = stored.encode_to_vec();
+    if object::kind(obj) == Some(kinds::Kind::Secret) {
+        keys.seal(&bytes)
+    } else {
+        bytes
+    }
 }
 
 fn invalid(info: &KindInfo, name: &str, errors: Vec<validation::FieldError>) -> Status {
@@ -179,7 +191,7 @@ impl ObjectsService {
             .read_with(&ns_key, serializable)
             .await?
             .ok_or_else(|| Status::not_found(format!("namespaces {namespace:?} not found")))?;
-        let ns = decode(&kv)?;
+        let ns = decode(&kv, &self.keys)?;
         if object::meta(&ns).is_some_and(|m| !m.deletion_timestamp.is_empty()) {
             return Err(Status::failed_precondition(format!(
                 "unable to create new content in namespace {namespace} because it is being terminated"
@@ -233,7 +245,7 @@ impl ObjectsService {
         let (mut obj, info) = self.admit_new(obj)?;
         let (namespace, name) = object::meta(&obj).map(|m| (m.namespace.clone(), m.name.clone())).unwrap_or_default();
         let k = key(info, &namespace, &name);
-        let value = encode(&obj);
+        let value = encode(&obj, &self.keys);
         // First with a local read of the namespace (the transaction compares its revision, so
         // a stale read only fails the write), then once more with a linearizable read.
         for serializable in [true, false] {
@@ -313,7 +325,7 @@ impl ObjectsService {
             .await
             .map_err(from_store)?;
         for kv in &r.kvs {
-            let pod = decode(kv)?;
+            let pod = decode(kv, &self.keys)?;
             if authz::pod_node(&pod) != Some(node.as_str()) {
                 continue;
             }
@@ -380,7 +392,7 @@ impl ObjectsService {
         if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
             return Err(conflict(info, &m.name));
         }
-        let current = decode(&kv)?;
+        let current = decode(&kv, &self.keys)?;
         let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
         self.authorize_write(who, verb, info, &namespace, &m.name, Some(&current))?;
         let mut next = self.prepare_update(info, &namespace, &current, &obj, status_only)?;
@@ -389,7 +401,7 @@ impl ObjectsService {
         }
         let txn = pb::TxnRequest {
             compare: vec![mod_equals(&k, kv.mod_revision)],
-            success: vec![write_op(&k, &next)],
+            success: vec![write_op(&k, &next, &self.keys)],
             failure: vec![],
         };
         let resp = self.store.txn(txn, true).await.map_err(from_store)?;
@@ -449,12 +461,18 @@ impl ObjectsService {
                     compare.push(mod_equals(&ns_key, rev));
                 }
             }
-            return Ok(Planned { op: Some(put(&k, encode(&obj))), key: k, compare, object: obj, action: "created" });
+            return Ok(Planned {
+                op: Some(put(&k, encode(&obj, &self.keys))),
+                key: k,
+                compare,
+                object: obj,
+                action: "created",
+            });
         };
         if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
             return Err(conflict(info, &m.name));
         }
-        let current = decode(&kv)?;
+        let current = decode(&kv, &self.keys)?;
         self.authorize_write(who, Verb::Update, info, &namespace, &m.name, Some(&current))?;
         let desired = apply::merge(&current, &manifest).map_err(Status::invalid_argument)?;
         let next = self.prepare_update(info, &namespace, &current, &desired, false)?;
@@ -462,7 +480,7 @@ impl ObjectsService {
         if next == current {
             return Ok(Planned { op: None, key: k, compare, object: current, action: "unchanged" });
         }
-        Ok(Planned { op: Some(write_op(&k, &next)), key: k, compare, object: next, action: "configured" })
+        Ok(Planned { op: Some(write_op(&k, &next, &self.keys)), key: k, compare, object: next, action: "configured" })
     }
 
     /// Applies every object in one transaction, re-planning when another writer got there
@@ -535,12 +553,12 @@ struct Planned {
 
 /// The write that stores `next`: a put, or the delete of an object whose deletion was
 /// requested and whose last finalizer just went.
-fn write_op(k: &str, next: &pb::Object) -> pb::RequestOp {
+fn write_op(k: &str, next: &pb::Object, keys: &Keyring) -> pb::RequestOp {
     let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty()) && releasable(next);
     if finished {
         delete(k)
     } else {
-        put(k, encode(next))
+        put(k, encode(next, keys))
     }
 }
 
@@ -630,7 +648,7 @@ impl pb::objects_server::Objects for ObjectsService {
         let ns = if r.namespace.is_empty() { "default" } else { r.namespace.as_str() };
         self.authorize_read(who.as_ref(), Verb::Get, info, if info.namespaced { ns } else { "" }, &r.name).await?;
         let kv = self.read(&key(info, ns, &r.name)).await?.ok_or_else(|| not_found(info, &r.name))?;
-        decode(&kv).map(Response::new)
+        decode(&kv, &self.keys).map(Response::new)
     }
 
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
@@ -662,7 +680,7 @@ impl pb::objects_server::Objects for ObjectsService {
             .map_err(from_store)?;
         let mut items = Vec::new();
         for kv in &resp.kvs {
-            let obj = decode(kv)?;
+            let obj = decode(kv, &self.keys)?;
             if filter.matches(&obj) {
                 items.push(obj);
             }
@@ -715,7 +733,7 @@ impl pb::objects_server::Objects for ObjectsService {
         if !r.resource_version.is_empty() && r.resource_version != kv.mod_revision.to_string() {
             return Err(conflict(info, &reference.name));
         }
-        let mut obj = decode(&kv)?;
+        let mut obj = decode(&kv, &self.keys)?;
         let scope = if info.namespaced { ns } else { "" };
         self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj))?;
         let policy = match r.propagation_policy.as_str() {
@@ -746,7 +764,7 @@ impl pb::objects_server::Objects for ObjectsService {
                 n.status.get_or_insert_with(Default::default).phase = "Terminating".into();
             }
         }
-        let op = if holds { put(&k, encode(&obj)) } else { delete(&k) };
+        let op = if holds { put(&k, encode(&obj, &self.keys)) } else { delete(&k) };
         let txn = pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
         let resp = self.store.txn(txn, true).await.map_err(from_store)?;
         if !resp.succeeded {
@@ -788,6 +806,7 @@ impl pb::objects_server::Objects for ObjectsService {
         })?;
         let (tx, rx) = mpsc::channel(256);
         let store = self.store.clone();
+        let keys = self.keys.clone();
         tokio::spawn(async move {
             let mut bookmark = tokio::time::interval(Duration::from_secs(1));
             bookmark.tick().await;
@@ -802,7 +821,7 @@ impl pb::objects_server::Objects for ObjectsService {
                         // first, so that the bookmark never runs ahead of what was delivered.
                         let rev = store.watch_revision();
                         while let Some(b) = watch.try_next() {
-                            if !send_batch(&tx, &filter, b).await {
+                            if !send_batch(&tx, &filter, &keys, b).await {
                                 return;
                             }
                         }
@@ -811,7 +830,7 @@ impl pb::objects_server::Objects for ObjectsService {
                         continue;
                     }
                 };
-                if !send_batch(&tx, &filter, batch).await {
+                if !send_batch(&tx, &filter, &keys, batch).await {
                     return;
                 }
             }
@@ -825,6 +844,7 @@ impl pb::objects_server::Objects for ObjectsService {
 async fn send_batch(
     tx: &mpsc::Sender<Result<pb::WatchEvent, Status>>,
     filter: &Filter,
+    keys: &Keyring,
     batch: Result<crate::store::WatchBatch, WatchError>,
 ) -> bool {
     let batch = match batch {
@@ -836,7 +856,8 @@ async fn send_batch(
     };
     for e in batch.events {
         let is_delete = e.r#type == pb::event::EventType::Delete as i32;
-        let decoded = |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(decode);
+        let decoded =
+            |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(|kv| decode(kv, keys));
         let new = if is_delete { None } else { decoded(&e.kv) };
         let old = decoded(&e.prev_kv);
         let (new, old) = match (new.transpose(), old.transpose()) {
@@ -868,8 +889,8 @@ async fn send_batch(
 
 /// Creates `default` and `kube-system` if they do not exist, retrying until the cluster
 /// has a leader. Every replica runs it; the create is idempotent.
-pub async fn ensure_default_namespaces(store: Store) {
-    let svc = ObjectsService::new(store);
+pub async fn ensure_default_namespaces(store: Store, keys: Arc<Keyring>) {
+    let svc = ObjectsService::new(store, keys);
     for name in DEFAULT_NAMESPACES {
         let ns = pb::Object {
             kind: Some(pb::object::Kind::Namespace(pb::Namespace {

@@ -298,3 +298,66 @@ async fn joins_with_a_bad_token_get_a_clear_error_and_leave_nothing_behind() {
     let e = pb::cluster_client::ClusterClient::new(anon).list_tokens(pb::ListTokensRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secrets_key_reseals_every_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r1 = Replica::init(d, "r1");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let secret = pb::Secret {
+        metadata: Some(pb::ObjectMeta { name: "db".into(), namespace: "default".into(), ..Default::default() }),
+        data: [("password".to_string(), b"hunter2".to_vec())].into(),
+        ..Default::default()
+    };
+    let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
+    pb::objects_client::ObjectsClient::new(ch)
+        .create(pb::CreateRequest { object: Some(pb::Object { kind: Some(pb::object::Kind::Secret(secret)) }) })
+        .await
+        .unwrap();
+    let raw = |addr: String| {
+        let creds = creds.clone();
+        async move {
+            let ch = keel::client::endpoint(&addr, &creds).unwrap().connect_lazy();
+            let r = pb::kv_client::KvClient::new(ch)
+                .range(pb::RangeRequest { key: b"/registry/secrets/default/db".to_vec(), ..Default::default() })
+                .await
+                .ok()?;
+            r.into_inner().kvs.into_iter().next().map(|kv| kv.value)
+        }
+    };
+    let before = raw(r1.addr.clone()).await.unwrap();
+    assert!(before.starts_with(b"k8s:enc:aesgcm:v1:key1:"));
+
+    let out = Command::new(KEEL).args(["secrets-key", "rotate", "--data-dir"]).arg(&r1.data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let addr = r1.addr.clone();
+    r1.restart(d, &addr);
+    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let text = wait_for("re-encryption", Duration::from_secs(30), || async {
+        let out = Command::new(env!("CARGO_BIN_EXE_keelctl"))
+            .args(["--server", &addr, "cluster", "reencrypt-secrets"])
+            .env("KEELCONFIG", &cfg)
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await;
+    assert_eq!(text.trim(), "1 secrets re-sealed with key2, 0 already were");
+    let after = raw(addr.clone()).await.unwrap();
+    assert!(after.starts_with(b"k8s:enc:aesgcm:v1:key2:"), "{}", String::from_utf8_lossy(&after[..24]));
+    let ch = keel::client::endpoint(&addr, &creds).unwrap().connect_lazy();
+    let got = pb::objects_client::ObjectsClient::new(ch)
+        .get(pb::GetRequest {
+            r#ref: Some(pb::ObjectRef { kind: "Secret".into(), namespace: "default".into(), name: "db".into() }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match got.kind {
+        Some(pb::object::Kind::Secret(s)) => assert_eq!(s.data["password"], b"hunter2"),
+        other => panic!("{other:?}"),
+    }
+}
