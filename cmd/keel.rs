@@ -125,6 +125,13 @@ struct ServerArgs {
     /// starts with the same list; a replica with existing data ignores it.
     #[arg(long, conflicts_with_all = ["cluster_init", "server"])]
     initial_cluster: Option<String>,
+    /// With --cluster-init: start the new cluster from this backup (`keelctl cluster snapshot
+    /// save`), at this replica's address.
+    #[arg(long, requires = "cluster_init")]
+    restore: Option<PathBuf>,
+    /// The recovery key file a sealed backup was made with.
+    #[arg(long, requires = "restore")]
+    recovery_key: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
     #[arg(long, default_value_t = 100)]
@@ -179,6 +186,8 @@ fn hostname() -> String {
 enum Start {
     /// A new cluster: CA, certificate, admin configuration, then tokens once Raft runs.
     Init { ca: keel::pki::Ca, cluster_id: String },
+    /// A new cluster from a backup: its CA and keys, then its content once Raft runs.
+    Restore { payload: Box<keel::proto::v1::BackupPayload>, marker: PathBuf },
     /// Joined through `seed` just now or earlier: never initializes a cluster of its own.
     Joined { seed: String },
     /// Certificates were provisioned beforehand (--initial-cluster) or this is a restart.
@@ -201,6 +210,13 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
             );
         }
         let creds = Credentials::load(&tls)?;
+        let pending = a.data_dir.join("restore-pending");
+        if pending.exists() {
+            bail!(
+                "{}: a restore into this directory did not finish; remove the directory and run the restore again",
+                a.data_dir.display()
+            );
+        }
         let start = match std::fs::read_to_string(&joined_marker) {
             Ok(seed) => Start::Joined { seed: seed.trim().to_string() },
             Err(_) => Start::Existing,
@@ -226,6 +242,31 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         keel::pki::write_private(&joined_marker, seed)?;
         println!("Joined cluster {} as replica {} ({name}).", resp.cluster_id, resp.replica_id);
         (creds, Start::Joined { seed: seed.clone() })
+    } else if let Some(file) = &a.restore {
+        let recovery = match &a.recovery_key {
+            Some(k) => Some(keel::server::secrets::Keyring::parse(
+                &std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?,
+                &k.display().to_string(),
+            )?),
+            None => None,
+        };
+        let (header, payload) = keel::server::backup::read(file, recovery.as_ref())?;
+        let ca = keel::server::cluster::backup_ca(&payload)
+            .with_context(|| format!("{}: the backup holds no cluster CA", file.display()))?;
+        let id = a.id.unwrap_or(1);
+        let marker = a.data_dir.join("restore-pending");
+        keel::pki::write_private(&marker, &file.display().to_string())?;
+        let creds =
+            bootstrap::init_from_backup(&a.data_dir, id, &advertise, &ca, &header.cluster_id, &payload.secrets_keys)?;
+        println!(
+            "Restoring cluster {} from {} (revision {}, {} keys, taken {}).",
+            header.cluster_id,
+            file.display(),
+            header.revision,
+            header.keys,
+            header.created
+        );
+        (creds, Start::Restore { payload: Box::new(payload), marker })
     } else {
         let id = a.id.unwrap_or(1);
         let (creds, ca) = bootstrap::init_cluster(&a.data_dir, id, &advertise)?;
@@ -278,6 +319,13 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
             "  Join another replica: keel server --server {advertise} --token $(cat {}) ...",
             a.data_dir.join("token").display()
         );
+    }
+    if let Start::Restore { payload, marker } = &start {
+        let n = keel::server::cluster::load_backup(&server.store, payload, &name, id, &creds).await?;
+        std::fs::remove_file(marker).with_context(|| format!("remove {}", marker.display()))?;
+        let admin = bootstrap::admin_config_path(&a.data_dir);
+        println!("Restored {n} keys. Admin configuration: {}", admin.display());
+        println!("  Join tokens of the old cluster still work; `keelctl token create` makes new ones.");
     }
     let seeds = match &start {
         Start::Joined { seed } => vec![seed.clone()],

@@ -187,6 +187,34 @@ enum ClusterCommand {
     Certs,
     /// Re-seal every Secret with the active secrets key (after `keel secrets-key rotate`).
     ReencryptSecrets,
+    /// Backups of the whole store.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Write a consistent, checksummed copy of the store to FILE.
+    Save {
+        file: std::path::PathBuf,
+        /// Seal the copy with this recovery key (see `new-key`); it holds the CA's key.
+        #[arg(long)]
+        recovery_key: Option<std::path::PathBuf>,
+    },
+    /// Create a recovery key file.
+    NewKey { file: std::path::PathBuf },
+    /// Check a backup file's checksum (and, with the key, that it opens).
+    Verify {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        recovery_key: Option<std::path::PathBuf>,
+    },
+}
+
+fn recovery_key(path: &Option<std::path::PathBuf>) -> anyhow::Result<Option<keel::server::secrets::Keyring>> {
+    let Some(p) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+    Ok(Some(keel::server::secrets::Keyring::parse(&text, &p.display().to_string())?))
 }
 
 #[derive(Subcommand)]
@@ -659,6 +687,50 @@ async fn cluster_command(
             })
             .await?;
             println!("{id} removed");
+        }
+        ClusterCommand::Snapshot(SnapshotCommand::NewKey { file }) => {
+            if file.exists() {
+                anyhow::bail!("{} exists; not overwriting a key", file.display());
+            }
+            keel::server::secrets::Keyring::load_or_create(&file)?;
+            println!("recovery key written to {}; keep it apart from the backups", file.display());
+        }
+        ClusterCommand::Snapshot(SnapshotCommand::Verify { file, recovery_key: key }) => {
+            let key = recovery_key(&key)?;
+            match keel::server::backup::read(&file, key.as_ref()) {
+                Ok((h, _)) => println!(
+                    "{}: OK (cluster {}, revision {}, {} keys, taken {})",
+                    file.display(),
+                    h.cluster_id,
+                    h.revision,
+                    h.keys,
+                    h.created
+                ),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        ClusterCommand::Snapshot(SnapshotCommand::Save { file, recovery_key: key }) => {
+            let key = recovery_key(&key)?;
+            let mut stream = api.call(|mut c| async move { c.snapshot(pb::SnapshotRequest {}).await }).await?;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(cli::status_error)? {
+                bytes.extend_from_slice(&chunk.data);
+            }
+            let payload = <pb::BackupPayload as prost::Message>::decode(bytes.as_slice())
+                .context("the server sent a damaged snapshot")?;
+            let h = keel::server::backup::write(&file, &payload, key.as_ref())?;
+            println!(
+                "Snapshot saved to {}: revision {}, {} keys, sha256 {}{}",
+                file.display(),
+                h.revision,
+                h.keys,
+                h.sha256,
+                if h.sealed_with.is_empty() {
+                    " (NOT sealed: it holds the CA key)".to_string()
+                } else {
+                    ", sealed".to_string()
+                }
+            );
         }
         ClusterCommand::ReencryptSecrets => {
             let r = api.call(|mut c| async move { c.reencrypt_secrets(pb::ReencryptSecretsRequest {}).await }).await?;

@@ -57,6 +57,29 @@ pub fn init_cluster(data_dir: &Path, id: u64, advertise: &str) -> Result<(Creden
     Ok((creds, ca))
 }
 
+/// A new cluster's first replica from a backup: the backup's CA (so certificates it signed,
+/// agents' included, stay valid) and secrets keys, a new certificate for this replica, and
+/// an admin configuration.
+pub fn init_from_backup(
+    data_dir: &Path,
+    id: u64,
+    advertise: &str,
+    ca: &Ca,
+    cluster_id: &str,
+    secrets_keys: &str,
+) -> Result<Credentials, PkiError> {
+    let creds = ca.issue(&Identity::Replica(id), CERT_LIFETIME, &[advertise.to_string()])?;
+    let admin = ca.issue(&Identity::Admin("admin".into()), CERT_LIFETIME, &[])?;
+    save_ca(data_dir, ca)?;
+    creds.save(&tls_dir(data_dir))?;
+    write_private(&data_dir.join("cluster-id"), cluster_id)?;
+    if !secrets_keys.is_empty() {
+        write_private(&data_dir.join("secrets.key"), secrets_keys)?;
+    }
+    write_admin_config(data_dir, advertise, &admin)?;
+    Ok(creds)
+}
+
 /// Writes `admin.yaml`: one context, `default`, with the admin's credentials.
 pub fn write_admin_config(data_dir: &Path, server: &str, admin: &Credentials) -> Result<(), PkiError> {
     let config = Config {

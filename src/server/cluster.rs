@@ -154,6 +154,56 @@ pub async fn initialize(
     }
 }
 
+/// The CA a backup holds.
+pub fn backup_ca(payload: &pb::BackupPayload) -> Option<Ca> {
+    let kv = payload.data.as_ref()?.kvs.iter().find(|kv| kv.key == CA_KEY.as_bytes())?;
+    let ca: StoredCa = serde_json::from_slice(&kv.value).ok()?;
+    Some(Ca { cert_pem: ca.cert_pem, key_pem: ca.key_pem })
+}
+
+/// Writes a backup's keys into the store of a new cluster's first replica, which becomes the
+/// only registered replica. Values are copied as they are (Secrets stay sealed); revisions
+/// start over. Returns the number of keys written.
+pub async fn load_backup(
+    store: &Store,
+    payload: &pb::BackupPayload,
+    name: &str,
+    id: u64,
+    creds: &Credentials,
+) -> Result<usize, Status> {
+    let kvs = payload.data.as_ref().map(|d| d.kvs.as_slice()).unwrap_or_default();
+    let keep = |k: &[u8]| !k.starts_with(REPLICAS.as_bytes()) && k != NEXT_REPLICA_ID.as_bytes();
+    let kept: Vec<&pb::KeyValue> = kvs.iter().filter(|kv| keep(&kv.key)).collect();
+    let fingerprint = pki::key_fingerprint(&creds.cert_pem).map_err(|e| Status::internal(e.to_string()))?;
+    let mut ops: Vec<pb::RequestOp> = kept
+        .iter()
+        .map(|kv| pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: kv.key.clone(),
+                value: kv.value.clone(),
+                prev_kv: false,
+            })),
+        })
+        .collect();
+    ops.push(put(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })));
+    ops.push(put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for batch in ops.chunks(256) {
+        let txn = pb::TxnRequest { compare: vec![], success: batch.to_vec(), failure: vec![] };
+        loop {
+            match store.txn(txn.clone(), true).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "restore write not done yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(from_store(e)),
+            }
+        }
+    }
+    Ok(kept.len())
+}
+
 pub struct ClusterService {
     store: Store,
     /// This replica's own credentials, to ask other replicas for their status.
@@ -712,6 +762,35 @@ impl pb::cluster_server::Cluster for ClusterService {
             }
         }
         Ok(Response::new(pb::ReencryptSecretsResponse { resealed, unchanged, active_key: active }))
+    }
+
+    type SnapshotStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
+
+    async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Self::admin_caller(&request)?;
+        // One linearizable range over every key: a consistent copy at one revision.
+        let r = self
+            .store
+            .range(pb::RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() })
+            .await
+            .map_err(from_store)?;
+        let cluster_id = read(&self.store, CLUSTER_ID_KEY)
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
+        let payload = pb::BackupPayload {
+            data: Some(pb::SnapshotData {
+                format_version: 1,
+                revision: r.header.map_or(0, |h| h.revision),
+                kvs: r.kvs,
+            }),
+            secrets_keys: self.keys.text().to_string(),
+            cluster_id,
+        };
+        let bytes = prost::Message::encode_to_vec(&payload);
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> =
+            bytes.chunks(1 << 20).map(|c| Ok(pb::SnapshotChunk { data: c.to_vec() })).collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
     async fn certificates(

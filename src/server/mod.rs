@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod authz;
+pub mod backup;
 pub mod bootstrap;
 pub mod cluster;
 pub mod join;

@@ -361,3 +361,113 @@ async fn a_rotated_secrets_key_reseals_every_secret() {
         other => panic!("{other:?}"),
     }
 }
+
+fn keelctl(cfg: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keelctl"))
+        .args(args)
+        .env("KEELCONFIG", cfg)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_backup_restores_into_a_new_cluster_at_a_new_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init(d, "r1");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let old_token = r1.token("token");
+    let manifests = d.join("app.yaml");
+    std::fs::write(
+        &manifests,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {mode: blue}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {name: db}\nstringData: {password: hunter2}\n---\n\
+         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  \
+         template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx}]}\n",
+    )
+    .unwrap();
+    let (ok, out) = keelctl(&cfg, &["apply", "-f", &manifests.display().to_string()]);
+    assert!(ok, "{out}");
+
+    let key = d.join("recovery.key");
+    let file = d.join("backup.snap");
+    let (ok, out) = keelctl(&cfg, &["cluster", "snapshot", "new-key", &key.display().to_string()]);
+    assert!(ok, "{out}");
+    let (ok, out) = keelctl(
+        &cfg,
+        &["cluster", "snapshot", "save", &file.display().to_string(), "--recovery-key", &key.display().to_string()],
+    );
+    assert!(ok && out.contains("sealed"), "{out}");
+    let (ok, out) = keelctl(
+        &cfg,
+        &["cluster", "snapshot", "verify", &file.display().to_string(), "--recovery-key", &key.display().to_string()],
+    );
+    assert!(ok && out.contains(": OK"), "{out}");
+    drop(r1);
+
+    // A damaged copy is refused before anything is written.
+    let damaged = d.join("damaged.snap");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len() - 10;
+    bytes[n] ^= 0x55;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let bad_dir = d.join("bad");
+    let a = args(&format!(
+        "server --cluster-init --restore {} --recovery-key {} --data-dir {} --listen {}",
+        damaged.display(),
+        key.display(),
+        bad_dir.display(),
+        port()
+    ));
+    let (ok, out) = Proc::spawn(d, "bad", &a).exit(Duration::from_secs(20)).await;
+    assert!(!ok && out.contains("checksum mismatch"), "{out}");
+    assert!(!bad_dir.join("tls").exists(), "a refused restore writes nothing");
+
+    // The restore: a new single-replica cluster at a new address, with the old CA.
+    let addr = port();
+    let data = d.join("restored");
+    let a = args(&format!(
+        "server --cluster-init --name r1 --restore {} --recovery-key {} --data-dir {} --listen {addr}",
+        file.display(),
+        key.display(),
+        data.display()
+    ));
+    let restored = Proc::spawn(d, "restored", &a);
+    let m = wait_voters(&addr, &creds, 1).await;
+    assert_eq!(m.members[0].address, addr, "the new address was written in one step");
+    wait_for("the restored content", Duration::from_secs(20), || async {
+        restored.output().contains("Restored").then_some(())
+    })
+    .await;
+    // The old admin credential still works: same CA.
+    let ch = keel::client::endpoint(&addr, &creds).unwrap().connect_lazy();
+    let mut c = pb::objects_client::ObjectsClient::new(ch);
+    let get = |kind: &str, name: &str| pb::GetRequest {
+        r#ref: Some(pb::ObjectRef { kind: kind.into(), namespace: "default".into(), name: name.into() }),
+    };
+    c.get(get("Deployment", "web")).await.unwrap();
+    match c.get(get("ConfigMap", "settings")).await.unwrap().into_inner().kind {
+        Some(pb::object::Kind::ConfigMap(m)) => assert_eq!(m.data["mode"], "blue"),
+        other => panic!("{other:?}"),
+    }
+    match c.get(get("Secret", "db")).await.unwrap().into_inner().kind {
+        Some(pb::object::Kind::Secret(s)) => {
+            let v = s
+                .data
+                .get("password")
+                .cloned()
+                .or_else(|| s.string_data.get("password").map(|v| v.clone().into_bytes()));
+            assert_eq!(v.as_deref(), Some(&b"hunter2"[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    // And the old cluster's server token joins a second replica.
+    let _r2 = Replica::join(d, "r2", &addr, &old_token);
+    wait_voters(&addr, &creds, 2).await;
+}
