@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 mod nodes;
+mod runbook;
 
 const KEEL: &str = env!("CARGO_BIN_EXE_keel");
 
