@@ -129,6 +129,11 @@ struct ServerArgs {
     /// save`), at this replica's address.
     #[arg(long, requires = "cluster_init")]
     restore: Option<PathBuf>,
+    /// Quorum recovery, on the most up-to-date survivor (see `keelctl cluster recover
+    /// --plan`), stopped: make it the only voter, keeping all its data, in a new cluster
+    /// epoch that fences the old members out. Then join new replicas to it.
+    #[arg(long, conflicts_with_all = ["cluster_init", "server", "initial_cluster"])]
+    force_new_cluster: bool,
     /// The recovery key file a sealed backup was made with.
     #[arg(long, requires = "restore")]
     recovery_key: Option<PathBuf>,
@@ -210,6 +215,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
             );
         }
         let creds = Credentials::load(&tls)?;
+        let _ = a.force_new_cluster;
         let pending = a.data_dir.join("restore-pending");
         if pending.exists() {
             bail!(
@@ -222,6 +228,11 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
             Err(_) => Start::Existing,
         };
         (creds, start)
+    } else if a.force_new_cluster {
+        bail!(
+            "--force-new-cluster: {} holds no replica (no tls/); run it on a survivor's data directory",
+            a.data_dir.display()
+        );
     } else if a.initial_cluster.is_some() {
         bail!(
             "--initial-cluster needs this replica's certificates in {} (ca.crt, tls.crt, tls.key, signed by the cluster CA); \
@@ -239,6 +250,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         )?;
         keel::pki::write_private(&a.data_dir.join("cluster-id"), &resp.cluster_id)?;
         keel::pki::write_private(&a.data_dir.join("secrets.key"), &resp.secrets_keys)?;
+        keel::pki::write_private(&a.data_dir.join("epoch"), &resp.epoch)?;
         keel::pki::write_private(&joined_marker, seed)?;
         println!("Joined cluster {} as replica {} ({name}).", resp.cluster_id, resp.replica_id);
         (creds, Start::Joined { seed: seed.clone() })
@@ -291,10 +303,24 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     config.write_timeout = Duration::from_millis(a.write_timeout_ms);
     config.max_batch = a.max_batch;
     config.max_in_flight = a.max_in_flight;
+    let epoch_file = a.data_dir.join("epoch");
+    if a.force_new_cluster {
+        let epoch = uuid::Uuid::new_v4().to_string();
+        let forced = keel::store::Store::force_new_cluster(&config)
+            .with_context(|| format!("--force-new-cluster on {}", a.data_dir.display()))?;
+        keel::pki::write_private(&epoch_file, &epoch)?;
+        println!(
+            "Forced a new cluster: replica {id} is the only voter, all {} log entries kept, term {}, epoch {epoch}. \
+             Join new replicas with a server token; replicas of the old cluster are refused.",
+            forced.last_index, forced.term
+        );
+    }
+    config.epoch = std::fs::read_to_string(&epoch_file).map(|e| e.trim().to_string()).unwrap_or_default();
     // Only a replica that did not join may found a cluster (and only while its store is
     // empty: Store::initialize does nothing otherwise).
     let initial = match (&start, &a.initial_cluster) {
         (Start::Joined { .. }, _) => None,
+        _ if a.force_new_cluster => None,
         (_, Some(s)) => Some(parse_cluster(s)?),
         (_, None) => Some([(id, Member { addr: advertise.clone(), name: name.clone() })].into()),
     };

@@ -183,6 +183,13 @@ enum ClusterCommand {
     Remove { id: String },
     /// Make replica ID the leader.
     TransferLeader { id: u64 },
+    /// After losing quorum: ask the surviving replicas (--server) for their logs and say
+    /// which one to recover from and what, if anything, is at risk.
+    Recover {
+        /// Only report (the recovery itself is `keel server --force-new-cluster`).
+        #[arg(long, required = true)]
+        plan: bool,
+    },
     /// Expiry of the CA and of every replica's certificate, and of this user's.
     Certs,
     /// Re-seal every Secret with the active secrets key (after `keel secrets-key rotate`).
@@ -731,6 +738,14 @@ async fn cluster_command(
                     ", sealed".to_string()
                 }
             );
+        }
+        ClusterCommand::Recover { plan: _ } => {
+            let client = keel::client::KvClient::new(servers, Duration::from_secs(3), creds)?;
+            let mut survivors = Vec::new();
+            for (i, s) in servers.iter().enumerate() {
+                survivors.push((s.clone(), client.status_of(i).await.map_err(|e| e.to_string())));
+            }
+            print!("{}", cli::cluster::recovery_plan(&survivors)?);
         }
         ClusterCommand::ReencryptSecrets => {
             let r = api.call(|mut c| async move { c.reencrypt_secrets(pb::ReencryptSecretsRequest {}).await }).await?;

@@ -432,6 +432,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     cluster_id,
                     ca_key_pem: ca.key_pem.clone(),
                     secrets_keys: self.keys.text().to_string(),
+                    epoch: self.store.epoch().to_string(),
                 }))
             }
             TokenRole::Agent => {
@@ -445,6 +446,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     cluster_id,
                     ca_key_pem: String::new(),
                     secrets_keys: String::new(),
+                    epoch: String::new(),
                 }))
             }
         }
@@ -644,10 +646,10 @@ impl pb::cluster_server::Cluster for ClusterService {
         let id = r.id;
         let _one = self.membership.lock().await;
         let (voters, all) = self.members();
-        if !all.contains(&id) {
+        if !all.contains(&id) && self.name_of(id).await?.is_none() {
             return Err(Status::not_found(format!("replica {id} is not a member")));
         }
-        if voters.contains(&id) {
+        if voters.contains(&id) && all.contains(&id) {
             if voters.len() == 1 {
                 return Err(Status::failed_precondition("cannot remove the last voter"));
             }

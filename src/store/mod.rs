@@ -101,6 +101,9 @@ pub struct StoreConfig {
     /// TLS to peers (this replica's client certificate and the cluster CA). `Server::start`
     /// always sets it; None (plain HTTP/2) is only for a store without a server.
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The cluster epoch: changed by a forced recovery (`force_new_cluster`), it fences
+    /// replicas of the cluster as it was before, whose Raft messages are then refused.
+    pub epoch: String,
 }
 
 impl StoreConfig {
@@ -122,6 +125,7 @@ impl StoreConfig {
             cache_bytes: 256 << 20,
             watch: WatchConfig::default(),
             peer_tls: None,
+            epoch: String::new(),
         }
     }
 }
@@ -197,6 +201,15 @@ impl Store {
         Store::open_with(config, faults, kv).await
     }
 
+    /// Quorum recovery on a stopped replica: rewrites the membership so that this replica is
+    /// the only voter, keeping all its data. Run before `open`; see `force_single_voter`.
+    pub fn force_new_cluster(config: &StoreConfig) -> Result<raft::log_store::Forced, StoreError> {
+        let kv = SledKv::open(&config.data_dir.join("db"), config.cache_bytes)?;
+        check_data_version(&kv)?;
+        let member = Member { addr: config.advertise.clone(), name: config.name.clone() };
+        raft::log_store::force_single_voter(&kv, config.id, member)
+    }
+
     /// Opens the store on a given engine (the in-memory one in unit tests).
     pub async fn open_with(config: StoreConfig, faults: Arc<Faults>, kv: Arc<dyn Kv>) -> Result<Store, StoreError> {
         check_data_version(kv.as_ref())?;
@@ -218,13 +231,18 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Stopped(format!("invalid raft configuration: {e}")))?;
-        let peers = Peers::new(config.id, faults, Duration::from_millis(500), config.peer_tls.clone());
+        let peers =
+            Peers::new(config.id, faults, Duration::from_millis(500), config.peer_tls.clone(), config.epoch.clone());
         let network = Network { peers: peers.clone() };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| StoreError::Stopped(e.to_string()))?;
         let proposer = proposer::Proposer::start(raft.clone(), peers.clone(), config.max_batch, config.max_in_flight);
         Ok(Store { inner: Arc::new(Inner { id: config.id, raft, kv, shared, peers, proposer, config }) })
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.inner.peers.epoch
     }
 
     pub fn id(&self) -> u64 {
@@ -237,8 +255,12 @@ impl Store {
 
     /// The gRPC service peers replicate through.
     pub fn raft_service(&self) -> pb::raft_server::RaftServer<raft::service::RaftService> {
-        let svc =
-            raft::service::RaftService::new(self.inner.raft.clone(), self.inner.id, self.inner.peers.faults.clone());
+        let svc = raft::service::RaftService::new(
+            self.inner.raft.clone(),
+            self.inner.id,
+            self.inner.peers.faults.clone(),
+            self.inner.peers.epoch.clone(),
+        );
         pb::raft_server::RaftServer::new(svc).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
     }
 
@@ -516,6 +538,8 @@ impl Store {
             purged_index: m.purged.map_or(0, |l| l.index),
             revision: self.revision(),
             members,
+            last_log_term: raft::log_store::last_log_id(self.inner.kv.as_ref()).map_or(0, |l| l.leader_id.term),
+            epoch: self.inner.peers.epoch.clone(),
         }
     }
 

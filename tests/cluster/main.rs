@@ -472,3 +472,76 @@ async fn a_sealed_backup_restores_into_a_new_cluster_at_a_new_address() {
     let _r2 = Replica::join(d, "r2", &addr, &old_token);
     wait_voters(&addr, &creds, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_losing_quorum_the_survivor_recovers_with_its_data_and_fences_the_old_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r1 = Replica::init(d, "r1");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let token = r1.token("token");
+    let mut r2 = Replica::join(d, "r2", &r1.addr, &token);
+    let r3 = Replica::join(d, "r3", &r1.addr, &token);
+    wait_voters(&r1.addr, &creds, 3).await;
+    for i in 0..30 {
+        write_config_map(&r1.addr, &creds, &format!("before-{i}")).await.unwrap();
+    }
+
+    // Two of three are gone for good: no quorum, no writes.
+    let r2_addr = r2.addr.clone();
+    r2.proc = None;
+    drop(r3);
+    let lost = tokio::time::timeout(Duration::from_secs(15), write_config_map(&r1.addr, &creds, "no-quorum")).await;
+    assert!(!matches!(lost, Ok(Ok(()))), "a write without quorum must not succeed");
+
+    // The plan, from the survivor alone.
+    let (ok, plan) = keelctl(&cfg, &["--server", &r1.addr, "cluster", "recover", "--plan"]);
+    assert!(ok, "{plan}");
+    assert!(plan.contains("Most up-to-date survivor: replica 1"), "{plan}");
+    assert!(plan.contains("No committed entry is missing"), "{plan}");
+
+    // Recover: r1 alone, data intact.
+    r1.proc = None;
+    let a =
+        args(&format!("server --force-new-cluster --name r1 --listen {} --data-dir {}", r1.addr, r1.data.display()));
+    let forced = Proc::spawn(d, "r1-forced", &a);
+    wait_voters(&r1.addr, &creds, 1).await;
+    assert!(forced.output().contains("Forced a new cluster"), "{}", forced.output());
+    let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
+    let list = pb::objects_client::ObjectsClient::new(ch)
+        .list(pb::ListRequest { kind: "ConfigMap".into(), namespace: "default".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<String> =
+        list.items.iter().filter_map(|o| keel::api::object::meta(o).map(|m| m.name.clone())).collect();
+    for i in 0..30 {
+        assert!(names.contains(&format!("before-{i}")), "acknowledged write before-{i} lost: {names:?}");
+    }
+
+    // Two fresh replicas join; the cluster is whole again.
+    let _r4 = Replica::join(d, "r4", &r1.addr, &token);
+    let _r5 = Replica::join(d, "r5", &r1.addr, &token);
+    let m = wait_voters(&r1.addr, &creds, 3).await;
+    let mut ids: Vec<u64> = m.members.iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, [1, 4, 5]);
+    write_config_map(&r1.addr, &creds, "after").await.unwrap();
+
+    // The old r2 comes back with its stale data: it is refused and changes nothing.
+    r2.restart(d, &r2_addr);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = wait_voters(&r1.addr, &creds, 3).await;
+    let mut ids: Vec<u64> = m.members.iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, [1, 4, 5], "the old member did not get back in");
+    write_config_map(&r1.addr, &creds, "after-old-member").await.unwrap();
+    let logs: String = ["r1-forced", "r2", "r4", "r5"]
+        .iter()
+        .map(|n| std::fs::read_to_string(d.join(format!("{n}.log"))).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("refused a Raft message from another cluster epoch"), "the fence held, and says so:\n{logs}");
+}

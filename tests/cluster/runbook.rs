@@ -67,7 +67,16 @@ async fn the_operations_runbook_runs_as_written() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.is_some_and(|s| s.success()), "the runbook failed ({status:?}):\n{text}");
     // What each runbook shows, it showed.
-    for want in ["Leader: replica 1", "node1", "restored", "secrets re-sealed with key2", "CERTIFICATE", "3 removed"] {
+    for want in [
+        "Leader: replica 1",
+        "node1",
+        "restored",
+        "secrets re-sealed with key2",
+        "CERTIFICATE",
+        "3 removed",
+        "Most up-to-date survivor: replica 1",
+        " r5 ",
+    ] {
         assert!(text.contains(want), "{want:?} missing from the runbook's output:\n{text}");
     }
 }

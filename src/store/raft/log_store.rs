@@ -112,6 +112,68 @@ impl LogStore {
     }
 }
 
+/// The id of the last entry in the log, if any.
+pub fn last_log_id(kv: &dyn Kv) -> Option<LogId<u64>> {
+    let (_, v) = kv.scan(Space::Log, (Bound::Unbounded, Bound::Unbounded), true).next()?.ok()?;
+    decode_entry(&v).ok().map(|e| e.log_id)
+}
+
+/// What `force_single_voter` did.
+#[derive(Debug, Clone, Copy)]
+pub struct Forced {
+    /// The last log index before the new membership entry.
+    pub last_index: u64,
+    pub term: u64,
+}
+
+/// Quorum recovery: appends a membership entry that makes `id` the only voter, in a term
+/// above every term this log has seen, and votes for itself in it. Nothing else changes:
+/// every entry this replica holds is kept and, once it elects itself, committed.
+pub fn force_single_voter(kv: &dyn Kv, id: u64, member: crate::store::Member) -> Result<Forced, StoreError> {
+    verify_and_repair(kv)?;
+    let last = match kv.scan(Space::Log, (Bound::Unbounded, Bound::Unbounded), true).next() {
+        Some(item) => {
+            let (_, v) = item.map_err(StoreError::Engine)?;
+            Some(decode_entry(&v).map_err(|e| StoreError::Stopped(format!("last log entry: {e}")))?.log_id)
+        }
+        None => None,
+    };
+    let purged = match kv.get(Space::RaftMeta, LAST_PURGED).map_err(StoreError::Engine)? {
+        Some(b) => {
+            let id: pb::LogId = codec::decode(&b, "log id").map_err(|e| StoreError::Stopped(e.to_string()))?;
+            Some(codec::log_id_from_pb(&id).map_err(|e| StoreError::Stopped(e.to_string()))?)
+        }
+        None => None,
+    };
+    let last = last.or(purged);
+    let vote_term = match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
+        Some(b) => {
+            let v: pb::Vote = codec::decode(&b, "vote").map_err(|e| StoreError::Stopped(e.to_string()))?;
+            codec::vote_from_pb(&Some(v)).map_err(|e| StoreError::Stopped(e.to_string()))?.leader_id.term
+        }
+        None => 0,
+    };
+    let term = vote_term.max(last.map_or(0, |l| l.leader_id.term)) + 1;
+    let index = last.map_or(0, |l| l.index) + 1;
+    let membership = openraft::Membership::new(
+        vec![[id].into()],
+        [(id, member)].into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+    );
+    let entry = Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(term, id), index),
+        payload: openraft::EntryPayload::Membership(membership),
+    };
+    let mut log = Batch::default();
+    log.put(index_key(index), encode_entry(&entry));
+    kv.write(Space::Log, log).map_err(StoreError::Engine)?;
+    let vote = Vote::new(term, id);
+    let mut meta = Batch::default();
+    meta.put(VOTE.to_vec(), codec::vote_to_pb(&vote).encode_to_vec());
+    kv.write(Space::RaftMeta, meta).map_err(StoreError::Engine)?;
+    kv.flush_blocking().map_err(StoreError::Engine)?;
+    Ok(Forced { last_index: index - 1, term })
+}
+
 /// Completes every queued append with one flush. A dedicated thread: the flush blocks, and
 /// calling it directly skips a hop through the engine's own thread pool.
 fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {

@@ -64,6 +64,9 @@ pub struct LinkCut {
     pub to: u64,
 }
 
+/// The metadata key that carries the sender's cluster epoch.
+pub const EPOCH_HEADER: &str = "keel-epoch";
+
 /// Lazily connected gRPC channels to peers, by address.
 pub struct Peers {
     pub id: u64,
@@ -73,10 +76,18 @@ pub struct Peers {
     tls: Option<ClientTlsConfig>,
     /// When each peer last answered an append-entries (meaningful on the leader).
     contacts: Mutex<HashMap<u64, std::time::Instant>>,
+    /// Sent with every Raft message; peers of another epoch refuse it.
+    pub epoch: String,
 }
 
 impl Peers {
-    pub fn new(id: u64, faults: Arc<Faults>, connect_timeout: Duration, tls: Option<ClientTlsConfig>) -> Arc<Peers> {
+    pub fn new(
+        id: u64,
+        faults: Arc<Faults>,
+        connect_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+        epoch: String,
+    ) -> Arc<Peers> {
         Arc::new(Peers {
             id,
             faults,
@@ -84,6 +95,7 @@ impl Peers {
             connect_timeout,
             tls,
             contacts: Mutex::new(HashMap::new()),
+            epoch,
         })
     }
 
@@ -180,6 +192,9 @@ impl PeerClient {
     fn request<T>(&self, msg: T, option: &RPCOption) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.set_timeout(option.hard_ttl());
+        if let Ok(v) = self.peers.epoch.parse() {
+            req.metadata_mut().insert(EPOCH_HEADER, v);
+        }
         req
     }
 }

@@ -16,11 +16,27 @@ pub struct RaftService {
     raft: Raft,
     id: u64,
     faults: Arc<Faults>,
+    epoch: String,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, id: u64, faults: Arc<Faults>) -> RaftService {
-        RaftService { raft, id, faults }
+    pub fn new(raft: Raft, id: u64, faults: Arc<Faults>, epoch: String) -> RaftService {
+        RaftService { raft, id, faults, epoch }
+    }
+
+    /// Refuses a message from a replica of another cluster epoch: one left behind by a
+    /// forced recovery must not disturb the recovered cluster, nor be disturbed by it.
+    fn check_epoch<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let theirs = req.metadata().get(super::network::EPOCH_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if theirs != self.epoch {
+            tracing::warn!(theirs, ours = self.epoch, "refused a Raft message from another cluster epoch");
+            return Err(Status::failed_precondition(format!(
+                "cluster epoch mismatch: the sender is at epoch {theirs:?}, this replica at {:?}; the cluster was \
+                 recovered with --force-new-cluster, so a replica from before must wipe its data and join again",
+                self.epoch
+            )));
+        }
+        Ok(())
     }
 
     fn check_link(&self, from: u64) -> Result<(), Status> {
@@ -45,6 +61,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        self.check_epoch(&request)?;
         let r = request.into_inner();
         let vote = codec::vote_from_pb(&r.vote).map_err(invalid)?;
         self.check_link(vote.leader_id.node_id)?;
@@ -69,6 +86,7 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        self.check_epoch(&request)?;
         let r = request.into_inner();
         let vote = codec::vote_from_pb(&r.vote).map_err(invalid)?;
         self.check_link(vote.leader_id.node_id)?;
@@ -85,6 +103,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        self.check_epoch(&request)?;
         let r = request.into_inner();
         let vote = codec::vote_from_pb(&r.vote).map_err(invalid)?;
         self.check_link(vote.leader_id.node_id)?;
