@@ -134,6 +134,10 @@ struct ServerArgs {
     /// epoch that fences the old members out. Then join new replicas to it.
     #[arg(long, conflicts_with_all = ["cluster_init", "server", "initial_cluster"])]
     force_new_cluster: bool,
+    /// With --cluster-init: how long replica and node certificates are valid (they renew
+    /// when a third is left), e.g. 365d, 24h, 30s.
+    #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
+    cert_lifetime: Duration,
     /// The recovery key file a sealed backup was made with.
     #[arg(long, requires = "restore")]
     recovery_key: Option<PathBuf>,
@@ -177,6 +181,14 @@ fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<u64, Member>> {
         bail!("--initial-cluster is empty");
     }
     Ok(out)
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let secs = keel::cli::cluster::parse_ttl(s).map_err(|e| e.to_string())?;
+    if secs < 10 {
+        return Err(format!("{s:?}: a certificate must last at least 10s"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 fn hostname() -> String {
@@ -281,7 +293,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         (creds, Start::Restore { payload: Box::new(payload), marker })
     } else {
         let id = a.id.unwrap_or(1);
-        let (creds, ca) = bootstrap::init_cluster(&a.data_dir, id, &advertise)?;
+        let (creds, ca) = bootstrap::init_cluster(&a.data_dir, id, &advertise, a.cert_lifetime)?;
         let cluster_id = std::fs::read_to_string(a.data_dir.join("cluster-id")).unwrap_or_default();
         (creds, Start::Init { ca, cluster_id })
     };
@@ -333,7 +345,8 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(id, name, addr = %server.addr, data_dir = %a.data_dir.display(), "keel server ready");
     if let Start::Init { ca, cluster_id } = &start {
         let (server_token, agent_token) =
-            keel::server::cluster::initialize(&server.store, ca, cluster_id, &name, id, &creds).await?;
+            keel::server::cluster::initialize(&server.store, ca, cluster_id, &name, id, &creds, a.cert_lifetime)
+                .await?;
         keel::pki::write_private(&a.data_dir.join("token"), &format!("{server_token}\n"))?;
         keel::pki::write_private(&a.data_dir.join("agent-token"), &format!("{agent_token}\n"))?;
         let admin = bootstrap::admin_config_path(&a.data_dir);

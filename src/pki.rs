@@ -114,6 +114,14 @@ pub fn key_fingerprint(cert_pem: &str) -> Result<String, PkiError> {
     Ok(hex(&Sha256::digest(cert.public_key().raw)))
 }
 
+/// A certificate's validity, as seconds since the Unix epoch (not before, not after).
+pub fn validity_of(cert_pem: &str) -> Result<(i64, i64), PkiError> {
+    let der = pem_der(cert_pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Invalid(format!("certificate: {e}")))?;
+    Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+}
+
 /// When a certificate expires, as seconds since the Unix epoch.
 pub fn not_after(cert_pem: &str) -> Result<i64, PkiError> {
     let der = pem_der(cert_pem)?;
@@ -217,6 +225,20 @@ impl Ca {
         let key = KeyPair::generate()?;
         let cert = Self::params(identity, lifetime, addresses)?.signed_by(&key, &self.issuer()?)?;
         Ok(Credentials { ca_pem: self.cert_pem.clone(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// A new certificate for the key `creds` already hold (renewal: the key, and so the
+    /// identity's fingerprint, stay the same).
+    pub fn renew(
+        &self,
+        creds: &Credentials,
+        identity: &Identity,
+        lifetime: Duration,
+        addresses: &[String],
+    ) -> Result<Credentials, PkiError> {
+        let key = KeyPair::from_pem(&creds.key_pem)?;
+        let cert = Self::params(identity, lifetime, addresses)?.signed_by(&key, &self.issuer()?)?;
+        Ok(Credentials { ca_pem: self.cert_pem.clone(), cert_pem: cert.pem(), key_pem: creds.key_pem.clone() })
     }
 
     /// Certifies the key of a signing request (PEM) as `identity`; the request's own subject
@@ -327,6 +349,24 @@ impl Credentials {
             .identity(TlsIdentity::from_pem(chain, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(true)
+    }
+}
+
+/// Credentials that renew while they are in use: readers take a copy of the current ones.
+#[derive(Debug)]
+pub struct LiveCredentials(std::sync::RwLock<Credentials>);
+
+impl LiveCredentials {
+    pub fn new(creds: Credentials) -> std::sync::Arc<LiveCredentials> {
+        std::sync::Arc::new(LiveCredentials(std::sync::RwLock::new(creds)))
+    }
+
+    pub fn get(&self) -> Credentials {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, creds: Credentials) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = creds;
     }
 }
 

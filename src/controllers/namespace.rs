@@ -19,17 +19,21 @@ const RETRY: Duration = Duration::from_millis(500);
 /// A full re-list even when no watch event came.
 const RESYNC: Duration = Duration::from_secs(30);
 
-/// Runs until the task is dropped, against the replica at `addr`, as `creds` (the replica's
-/// own identity).
-pub async fn run(addr: std::net::SocketAddr, creds: crate::pki::Credentials) {
-    let Ok(endpoint) = crate::client::endpoint(&addr.to_string(), &creds) else { return };
-    let mut client = ObjectsClient::new(endpoint.connect_lazy());
+/// Runs until the task is dropped, against the replica at `addr`, as the replica itself
+/// (its credentials renew; the client reconnects with the current ones after an error).
+pub async fn run(addr: std::net::SocketAddr, creds: std::sync::Arc<crate::pki::LiveCredentials>) {
+    let connect =
+        || crate::client::endpoint(&addr.to_string(), &creds.get()).map(|e| ObjectsClient::new(e.connect_lazy()));
+    let Ok(mut client) = connect() else { return };
     loop {
         match sweep(&mut client).await {
             Ok((rv, busy)) => wait_for_change(&mut client, rv, if busy { RETRY } else { RESYNC }).await,
             Err(s) => {
                 tracing::debug!(error = %s, "namespace controller: list failed; retrying");
                 tokio::time::sleep(RETRY).await;
+                if let Ok(c) = connect() {
+                    client = c;
+                }
             }
         }
     }

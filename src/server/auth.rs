@@ -33,8 +33,8 @@ impl Allow {
 
 /// The verified identity of the caller, if it presented a client certificate.
 pub fn peer_identity<T>(req: &Request<T>) -> Option<Identity> {
-    let certs = req.peer_certs()?;
-    Identity::from_cert_der(certs.first()?)
+    let info = req.extensions().get::<super::tls::PeerInfo>()?;
+    Identity::from_cert_der(info.certs.as_ref()?.first()?)
 }
 
 /// The identity the interceptor stored for the handler.

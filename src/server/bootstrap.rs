@@ -45,10 +45,15 @@ pub fn save_ca(data_dir: &Path, ca: &Ca) -> Result<(), PkiError> {
 
 /// Creates a new cluster's CA, this replica's certificate and the admin's configuration.
 /// Returns the replica's credentials and the CA.
-pub fn init_cluster(data_dir: &Path, id: u64, advertise: &str) -> Result<(Credentials, Ca), PkiError> {
+pub fn init_cluster(
+    data_dir: &Path,
+    id: u64,
+    advertise: &str,
+    lifetime: Duration,
+) -> Result<(Credentials, Ca), PkiError> {
     let cluster_id = uuid::Uuid::new_v4().to_string();
     let ca = Ca::generate(&cluster_id)?;
-    let creds = ca.issue(&Identity::Replica(id), CERT_LIFETIME, &[advertise.to_string()])?;
+    let creds = ca.issue(&Identity::Replica(id), lifetime, &[advertise.to_string()])?;
     let admin = ca.issue(&Identity::Admin("admin".into()), CERT_LIFETIME, &[])?;
     save_ca(data_dir, &ca)?;
     creds.save(&tls_dir(data_dir))?;

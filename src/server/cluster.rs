@@ -34,6 +34,19 @@ pub const TOKENS: &str = "/keel/tokens/";
 pub const REPLICAS: &str = "/keel/replicas/";
 pub const NODES: &str = "/keel/nodes/";
 pub const NEXT_REPLICA_ID: &str = "/keel/next-replica-id";
+/// Seconds that replica and node certificates are valid for (set by --cluster-init).
+pub const CERT_LIFETIME_KEY: &str = "/keel/cert-lifetime";
+
+/// The cluster's certificate lifetime for replicas and nodes, if the store answers.
+pub async fn stored_cert_lifetime(store: &Store) -> Option<Duration> {
+    let kv = read(store, CERT_LIFETIME_KEY).await.ok()??;
+    String::from_utf8_lossy(&kv.value).parse().map(Duration::from_secs).ok()
+}
+
+/// The cluster's certificate lifetime for replicas and nodes (a year unless set).
+pub async fn cert_lifetime(store: &Store) -> Duration {
+    stored_cert_lifetime(store).await.unwrap_or(JOIN_CERT_LIFETIME)
+}
 
 /// Lifetime of certificates signed at join.
 pub const JOIN_CERT_LIFETIME: Duration = super::bootstrap::CERT_LIFETIME;
@@ -113,6 +126,7 @@ pub async fn initialize(
     name: &str,
     id: u64,
     creds: &Credentials,
+    cert_lifetime: Duration,
 ) -> Result<(JoinToken, JoinToken), Status> {
     let ca_hash = ca.hash().map_err(|e| Status::internal(e.to_string()))?;
     let server = JoinToken::generate(&ca_hash, TokenRole::Server);
@@ -134,6 +148,7 @@ pub async fn initialize(
             put(CA_KEY, json(&StoredCa { cert_pem: ca.cert_pem.clone(), key_pem: ca.key_pem.clone() })),
             put(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })),
             put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()),
+            put(CERT_LIFETIME_KEY, cert_lifetime.as_secs().to_string().into_bytes()),
             put(&format!("{TOKENS}{}", server.id), json(&token(&server, "servers"))),
             put(&format!("{TOKENS}{}", agent.id), json(&token(&agent, "agents"))),
         ],
@@ -206,15 +221,19 @@ pub async fn load_backup(
 
 pub struct ClusterService {
     store: Store,
-    /// This replica's own credentials, to ask other replicas for their status.
-    creds: Credentials,
+    /// This replica's own credentials (they renew), to ask other replicas for their status.
+    creds: std::sync::Arc<pki::LiveCredentials>,
     keys: std::sync::Arc<super::secrets::Keyring>,
     /// One membership change at a time from this replica.
     membership: tokio::sync::Mutex<()>,
 }
 
 impl ClusterService {
-    pub fn new(store: Store, creds: Credentials, keys: std::sync::Arc<super::secrets::Keyring>) -> ClusterService {
+    pub fn new(
+        store: Store,
+        creds: std::sync::Arc<pki::LiveCredentials>,
+        keys: std::sync::Arc<super::secrets::Keyring>,
+    ) -> ClusterService {
         ClusterService { store, creds, keys, membership: tokio::sync::Mutex::new(()) }
     }
 
@@ -348,7 +367,7 @@ impl ClusterService {
     }
 
     async fn status_of(&self, addr: &str) -> Result<pb::StoreStatusResponse, String> {
-        let ch = crate::client::endpoint(addr, &self.creds)
+        let ch = crate::client::endpoint(addr, &self.creds.get())
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_millis(500))
             .connect_lazy();
@@ -413,9 +432,9 @@ impl pb::cluster_server::Cluster for ClusterService {
             .await?
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
             .unwrap_or_default();
+        let lifetime = cert_lifetime(&self.store).await;
         let sign = |id: &Identity, addrs: &[String]| {
-            ca.sign_request(&r.csr_pem, id, JOIN_CERT_LIFETIME, addrs)
-                .map_err(|e| Status::invalid_argument(e.to_string()))
+            ca.sign_request(&r.csr_pem, id, lifetime, addrs).map_err(|e| Status::invalid_argument(e.to_string()))
         };
         match role {
             TokenRole::Server => {
@@ -705,7 +724,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .and_then(|m| m.node)
                 .map(|n| n.addr)
                 .ok_or_else(|| Status::not_found(format!("replica {id} has no address")))?;
-            let ch = crate::client::endpoint(&addr, &self.creds)
+            let ch = crate::client::endpoint(&addr, &self.creds.get())
                 .map_err(|e| Status::internal(e.to_string()))?
                 .connect_timeout(Duration::from_millis(500))
                 .connect_lazy();
@@ -805,8 +824,9 @@ impl pb::cluster_server::Cluster for ClusterService {
             let t = pki::not_after(pem).map_err(|e| Status::internal(e.to_string()))?;
             Ok(pb::CertificateInfo { subject, not_after: rfc3339(t), seconds_left: t - now })
         };
-        let own = self.creds.identity().map_or_else(|| "this replica".to_string(), |i| i.to_string());
-        let certificates = vec![info("ca".into(), &self.creds.ca_pem)?, info(own, &self.creds.cert_pem)?];
+        let creds = self.creds.get();
+        let own = creds.identity().map_or_else(|| "this replica".to_string(), |i| i.to_string());
+        let certificates = vec![info("ca".into(), &creds.ca_pem)?, info(own, &creds.cert_pem)?];
         Ok(Response::new(pb::CertificatesResponse { certificates }))
     }
 }

@@ -10,15 +10,16 @@ pub mod cluster;
 pub mod join;
 pub mod kv;
 pub mod objects;
+pub mod renew;
 pub mod secrets;
 pub mod status;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 use crate::pki::Credentials;
 use crate::proto::{self, v1 as pb};
@@ -65,6 +66,11 @@ impl Server {
         creds: &Credentials,
     ) -> Result<Server, ServerError> {
         config.peer_tls = Some(creds.client_tls());
+        let data_dir = config.data_dir.clone();
+        let advertise = config.advertise.clone();
+        let live = crate::pki::LiveCredentials::new(creds.clone());
+        let resolver = tls::Resolver::new(creds).map_err(ServerError::Secrets)?;
+        let tls_config = tls::server_config(&creds.ca_pem, resolver.clone()).map_err(ServerError::Secrets)?;
         // Every replica of a cluster must hold the same keys: joiners receive them, and a
         // cluster provisioned by hand gets the same file on every replica.
         let keys = Arc::new(
@@ -85,13 +91,11 @@ impl Server {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
-        // Small gRPC frames must not wait for Nagle's algorithm.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (incoming, acceptor) = tls::incoming(listener, tls_config);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         use auth::{require, Allow};
         use tonic::service::interceptor::InterceptedService as Auth;
         let router = tonic::transport::Server::builder()
-            .tls_config(creds.server_tls())?
             .tcp_nodelay(true)
             .add_service(Auth::new(store.raft_service(), require(Allow::Replicas)))
             .add_service(Auth::new(
@@ -109,7 +113,7 @@ impl Server {
             .add_service(Auth::new(
                 pb::cluster_server::ClusterServer::new(cluster::ClusterService::new(
                     store.clone(),
-                    creds.clone(),
+                    live.clone(),
                     keys.clone(),
                 )),
                 auth::optional(),
@@ -124,7 +128,11 @@ impl Server {
             store.initialize(voters).await?;
         }
         let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone(), keys.clone()));
-        let loops = vec![tokio::spawn(crate::controllers::namespace::run(addr, creds.clone()))];
+        let loops = vec![
+            acceptor,
+            tokio::spawn(crate::controllers::namespace::run(addr, live.clone())),
+            tokio::spawn(renew::run(store.clone(), live, resolver, data_dir, advertise)),
+        ];
         Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })
     }
 

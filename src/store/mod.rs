@@ -241,6 +241,11 @@ impl Store {
         Ok(Store { inner: Arc::new(Inner { id: config.id, raft, kv, shared, peers, proposer, config }) })
     }
 
+    /// Connects to peers with new TLS from now on (see `Peers::set_tls`).
+    pub fn set_peer_tls(&self, tls: tonic::transport::ClientTlsConfig) {
+        self.inner.peers.set_tls(tls);
+    }
+
     pub fn epoch(&self) -> &str {
         &self.inner.peers.epoch
     }

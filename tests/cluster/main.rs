@@ -85,6 +85,14 @@ impl Replica {
         Replica { proc: Some(Proc::spawn(dir, name, &a)), name: name.into(), data, addr }
     }
 
+    fn init_with(dir: &Path, name: &str, extra: &str) -> Replica {
+        let addr = port();
+        let data = dir.join(name);
+        let a =
+            args(&format!("server --cluster-init --name {name} --listen {addr} --data-dir {} {extra}", data.display()));
+        Replica { proc: Some(Proc::spawn(dir, name, &a)), name: name.into(), data, addr }
+    }
+
     fn join(dir: &Path, name: &str, seed: &str, token: &str) -> Replica {
         let addr = port();
         let data = dir.join(name);
@@ -544,4 +552,55 @@ async fn after_losing_quorum_the_survivor_recovers_with_its_data_and_fences_the_
         .map(|n| std::fs::read_to_string(d.join(format!("{n}.log"))).unwrap_or_default())
         .collect();
     assert!(logs.contains("refused a Raft message from another cluster epoch"), "the fence held, and says so:\n{logs}");
+}
+
+fn cert_end(r: &Replica) -> i64 {
+    let pem = std::fs::read_to_string(r.data.join("tls/tls.crt")).unwrap();
+    keel::pki::validity_of(&pem).unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init_with(d, "r1", "--cert-lifetime 30s");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let token = r1.token("token");
+    let r2 = Replica::join(d, "r2", &r1.addr, &token);
+    let r3 = Replica::join(d, "r3", &r1.addr, &token);
+    wait_voters(&r1.addr, &creds, 3).await;
+    let replicas = [&r1, &r2, &r3];
+    let first: Vec<i64> = replicas.iter().map(|r| cert_end(r)).collect();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for (r, end) in replicas.iter().zip(&first) {
+        assert!(*end - now <= 31, "{} got a 30-second certificate, not one ending in {}s", r.name, end - now);
+    }
+
+    // Well past the first certificates' end, writes keep going through every replica.
+    let until = Instant::now() + Duration::from_secs(75);
+    let (mut ok, mut failed) = (0, 0);
+    let mut i = 0usize;
+    while Instant::now() < until {
+        let r = replicas[i % 3];
+        match write_config_map(&r.addr, &creds, &format!("w{i}")).await {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                eprintln!("write {i} through {}: {e}", r.name);
+            }
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok > 200, "{ok} writes went through");
+    assert!(failed * 100 <= ok, "{failed} of {} writes failed across renewals", ok + failed);
+    let m = wait_voters(&r1.addr, &creds, 3).await;
+    assert_eq!(m.members.len(), 3);
+    for (r, end) in replicas.iter().zip(&first) {
+        let renewals = r.proc.as_ref().unwrap().output().matches("certificate renewed").count();
+        assert!(renewals >= 3, "{} renewed {renewals} times in 75 s of 30 s certificates", r.name);
+        assert!(cert_end(r) > end + 40, "{}'s certificate on disk is the renewed one", r.name);
+    }
 }

@@ -73,7 +73,7 @@ pub struct Peers {
     pub faults: Arc<Faults>,
     channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
-    tls: Option<ClientTlsConfig>,
+    tls: Mutex<Option<ClientTlsConfig>>,
     /// When each peer last answered an append-entries (meaningful on the leader).
     contacts: Mutex<HashMap<u64, std::time::Instant>>,
     /// Sent with every Raft message; peers of another epoch refuse it.
@@ -93,7 +93,7 @@ impl Peers {
             faults,
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
-            tls,
+            tls: Mutex::new(tls),
             contacts: Mutex::new(HashMap::new()),
             epoch,
         })
@@ -105,7 +105,8 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let mut endpoint = match &self.tls {
+        let tls = self.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut endpoint = match &tls {
             Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone())?,
             None => Endpoint::from_shared(format!("http://{addr}"))?,
         };
@@ -121,6 +122,13 @@ impl Peers {
 }
 
 impl Peers {
+    /// New TLS for connections to peers (a renewed certificate); open channels are dropped
+    /// and reconnect with it.
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// How long ago `id` last answered this replica's replication, if it ever did.
     pub fn last_contact(&self, id: u64) -> Option<Duration> {
         self.contacts.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|t| t.elapsed())

@@ -1,0 +1,73 @@
+//! Certificates that never brick the cluster: a replica renews its own certificate, for the
+//! same key, once two thirds of its life have passed, and swaps it into its listener and its
+//! connections to peers without a restart. Every replica holds the CA key, so none depends
+//! on another to renew. A replica that was down past its certificate's end renews at start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::bootstrap;
+use super::tls::Resolver;
+use crate::pki::{self, LiveCredentials};
+use crate::store::Store;
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Renews when a third of the lifetime is left; checks again in proportion to what is left.
+pub async fn run(
+    store: Store,
+    live: Arc<LiveCredentials>,
+    resolver: Arc<Resolver>,
+    data_dir: PathBuf,
+    advertise: String,
+) {
+    loop {
+        let creds = live.get();
+        let Ok((not_before, not_after)) = pki::validity_of(&creds.cert_pem) else { return };
+        // The cluster's setting; without a quorum to read it, the lifetime this certificate
+        // was issued with (less the minute of clock slack in front).
+        let lifetime = match super::cluster::stored_cert_lifetime(&store).await {
+            Some(d) => d.as_secs() as i64,
+            None => (not_after - not_before - 60).max(1),
+        };
+        let left = not_after - unix_now();
+        if left <= lifetime / 3 {
+            match renew(&creds, &data_dir, &advertise, lifetime) {
+                Ok(next) => {
+                    let until = pki::validity_of(&next.cert_pem).map(|v| v.1).unwrap_or(0);
+                    if let Err(e) = resolver.replace(&next) {
+                        tracing::warn!(error = %e, "renewed certificate not usable; keeping the old one");
+                    } else {
+                        store.set_peer_tls(next.client_tls());
+                        live.set(next);
+                        tracing::info!(valid_for_s = until - unix_now(), "certificate renewed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, left_s = left, "certificate renewal failed; retrying"),
+            }
+        } else if left < 30 * 86_400 {
+            tracing::warn!(left_s = left, "certificate expires within 30 days");
+        }
+        let left = (not_after - unix_now()).max(0) as u64;
+        let wait = Duration::from_secs((left / 6).clamp(1, 300));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn renew(
+    creds: &pki::Credentials,
+    data_dir: &std::path::Path,
+    advertise: &str,
+    lifetime: i64,
+) -> Result<pki::Credentials, String> {
+    let ca = bootstrap::load_ca(data_dir).ok_or("this replica holds no CA key (tls/ca.key)")?;
+    let identity = creds.identity().ok_or("the certificate names no identity")?;
+    let next = ca
+        .renew(creds, &identity, Duration::from_secs(lifetime.max(1) as u64), &[advertise.to_string()])
+        .map_err(|e| e.to_string())?;
+    pki::write_private(&bootstrap::tls_dir(data_dir).join("tls.crt"), &next.cert_pem).map_err(|e| e.to_string())?;
+    Ok(next)
+}
