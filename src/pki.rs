@@ -265,6 +265,12 @@ pub fn new_request() -> Result<(KeyPair, String), PkiError> {
     Ok((key, csr))
 }
 
+/// A signing request for a key already held (PEM), to renew its certificate.
+pub fn request_for(key_pem: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    Ok(CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?)
+}
+
 /// The fingerprint of the key in a signing request.
 pub fn request_fingerprint(csr_pem: &str) -> Result<String, PkiError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)

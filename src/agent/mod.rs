@@ -17,7 +17,7 @@ use crate::proto::v1::objects_client::ObjectsClient;
 use crate::server::authz::NODE_LEASE_NAMESPACE;
 
 pub const LEASE_SECONDS: i32 = 40;
-pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -38,6 +38,7 @@ fn now() -> String {
 /// joining with the token (re-attesting with the same name).
 pub async fn credentials(cfg: &AgentConfig) -> anyhow::Result<Credentials> {
     let tls = cfg.data_dir.join("tls");
+    let mut key = None;
     if Credentials::exists(&tls) {
         let creds = Credentials::load(&tls)?;
         let left = pki::not_after(&creds.cert_pem)? - time::OffsetDateTime::now_utc().unix_timestamp();
@@ -51,6 +52,8 @@ pub async fn credentials(cfg: &AgentConfig) -> anyhow::Result<Credentials> {
                 ),
             }
         }
+        // Re-attest with the same key: the node stays the node it was.
+        key = Some(creds.key_pem.clone());
         if cfg.token.is_none() {
             anyhow::bail!(
                 "the node certificate in {} expired; start the agent once with --token (a fresh agent join token) to re-attest",
@@ -60,7 +63,7 @@ pub async fn credentials(cfg: &AgentConfig) -> anyhow::Result<Credentials> {
     }
     let token = cfg.token.as_deref().context("this node has no certificate yet: give --token to join")?;
     let seed = cfg.servers.first().context("no --server to join through")?;
-    let (creds, _) = crate::server::join::join(seed, token, TokenRole::Agent, &cfg.name, "")
+    let (creds, _) = crate::server::join::join_with_key(seed, token, TokenRole::Agent, &cfg.name, "", key.as_deref())
         .await
         .with_context(|| format!("join through {seed}"))?;
     creds.save(&tls)?;
@@ -69,15 +72,48 @@ pub async fn credentials(cfg: &AgentConfig) -> anyhow::Result<Credentials> {
 
 pub struct Agent {
     cfg: AgentConfig,
+    creds: Credentials,
     client: ObjectsClient<Channel>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig, creds: &Credentials) -> anyhow::Result<Agent> {
+        let client = Self::connect(&cfg, creds)?;
+        Ok(Agent { cfg, creds: creds.clone(), client })
+    }
+
+    fn addr(cfg: &AgentConfig) -> anyhow::Result<String> {
         // One replica for now; the failover client of keelctl is the model for more.
-        let addr = cfg.servers.first().context("no --server")?.trim_start_matches("https://").to_string();
-        let ch = crate::client::endpoint(&addr, creds)?.connect_timeout(Duration::from_secs(2)).connect_lazy();
-        Ok(Agent { cfg, client: ObjectsClient::new(ch) })
+        Ok(cfg.servers.first().context("no --server")?.trim_start_matches("https://").to_string())
+    }
+
+    fn connect(cfg: &AgentConfig, creds: &Credentials) -> anyhow::Result<ObjectsClient<Channel>> {
+        let ch =
+            crate::client::endpoint(&Self::addr(cfg)?, creds)?.connect_timeout(Duration::from_secs(2)).connect_lazy();
+        Ok(ObjectsClient::new(ch))
+    }
+
+    /// Renews the node certificate, for the same key, once a third of its life is left;
+    /// later calls use the new one. True when it renewed.
+    pub async fn renew_if_due(&mut self) -> anyhow::Result<bool> {
+        let (not_before, not_after) = pki::validity_of(&self.creds.cert_pem)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let lifetime = (not_after - not_before - 60).max(1);
+        if not_after - now > lifetime / 3 {
+            return Ok(false);
+        }
+        let ch = crate::client::endpoint(&Self::addr(&self.cfg)?, &self.creds)?.connect_lazy();
+        let csr = pki::request_for(&self.creds.key_pem)?;
+        let r = pb::cluster_client::ClusterClient::new(ch)
+            .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr })
+            .await?
+            .into_inner();
+        let next = Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: self.creds.key_pem.clone() };
+        next.save(&self.cfg.data_dir.join("tls"))?;
+        self.client = Self::connect(&self.cfg, &next)?;
+        self.creds = next;
+        tracing::info!("node certificate renewed");
+        Ok(true)
     }
 
     fn node_ref(&self) -> pb::ObjectRef {
@@ -199,6 +235,9 @@ impl Agent {
             }
             if let Err(s) = self.renew_lease().await {
                 tracing::warn!(error = %s, "lease not renewed; retrying");
+            }
+            if let Err(e) = self.renew_if_due().await {
+                tracing::warn!(error = %e, "node certificate not renewed; retrying");
             }
             n += 1;
         }

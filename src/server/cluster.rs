@@ -814,6 +814,33 @@ impl pb::cluster_server::Cluster for ClusterService {
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let who = caller(&request).cloned().ok_or_else(unauthenticated)?;
+        let Identity::Node(name) = &who else {
+            return Err(Status::permission_denied(format!("{who} renews its certificate itself")));
+        };
+        let csr = request.into_inner().csr_pem;
+        // The same key as registered: a renewal never changes who the node is.
+        let fingerprint = pki::request_fingerprint(&csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = format!("{NODES}{name}");
+        match read_json::<Registration>(&self.store, &key).await? {
+            Some((reg, _)) if reg.fingerprint == fingerprint => {}
+            Some(_) => {
+                return Err(Status::permission_denied(
+                    "the signing request is for another key than node's registration",
+                ))
+            }
+            None => return Err(Status::permission_denied(format!("node {name:?} is not registered"))),
+        }
+        let ca = self.ca().await?;
+        let lifetime = cert_lifetime(&self.store).await;
+        let cert = ca.sign_request(&csr, &who, lifetime, &[]).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::RenewCertificateResponse { certificate_pem: cert, ca_pem: ca.cert_pem }))
+    }
+
     async fn certificates(
         &self,
         request: Request<pb::CertificatesRequest>,

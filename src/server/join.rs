@@ -126,6 +126,19 @@ pub async fn join(
     name: &str,
     advertise: &str,
 ) -> Result<(Credentials, pb::JoinResponse), JoinError> {
+    join_with_key(addr, token, role, name, advertise, None).await
+}
+
+/// As [`join`], for the key in `key_pem` when given (re-attesting keeps the identity's key),
+/// else a new one.
+pub async fn join_with_key(
+    addr: &str,
+    token: &str,
+    role: TokenRole,
+    name: &str,
+    advertise: &str,
+    key_pem: Option<&str>,
+) -> Result<(Credentials, pb::JoinResponse), JoinError> {
     let addr = addr.trim_start_matches("https://").trim_end_matches('/');
     let token: JoinToken = token.parse()?;
     let ca_pem = presented_ca(addr).await?;
@@ -133,7 +146,13 @@ pub async fn join(
     if got != token.ca_hash {
         return Err(JoinError::WrongCa { addr: addr.to_string(), got, want: token.ca_hash });
     }
-    let (key, csr) = pki::new_request()?;
+    let (key_pem, csr) = match key_pem {
+        Some(k) => (k.to_string(), pki::request_for(k)?),
+        None => {
+            let (key, csr) = pki::new_request()?;
+            (key.serialize_pem(), csr)
+        }
+    };
     let unreachable = |reason: String| JoinError::Unreachable { addr: addr.to_string(), reason };
     let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .map_err(|e| unreachable(e.to_string()))?
@@ -156,11 +175,7 @@ pub async fn join(
         message: s.message().to_string(),
     })?;
     let resp = resp.into_inner();
-    let creds = Credentials {
-        ca_pem: resp.ca_pem.clone(),
-        cert_pem: resp.certificate_pem.clone(),
-        key_pem: key.serialize_pem(),
-    };
+    let creds = Credentials { ca_pem: resp.ca_pem.clone(), cert_pem: resp.certificate_pem.clone(), key_pem };
     Ok((creds, resp))
 }
 

@@ -571,6 +571,32 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
     let r2 = Replica::join(d, "r2", &r1.addr, &token);
     let r3 = Replica::join(d, "r3", &r1.addr, &token);
     wait_voters(&r1.addr, &creds, 3).await;
+    let agent_token = r1.token("agent-token");
+    let agent = |name: &str, token: Option<&str>| {
+        let mut a = args(&format!("agent --name {name} --server {} --data-dir {}", r1.addr, d.join(name).display()));
+        if let Some(t) = token {
+            a.extend(["--token".to_string(), t.to_string()]);
+        }
+        Proc::spawn(d, name, &a)
+    };
+    // n1 runs throughout; n2 registers, then stays down until its certificate has expired.
+    let n1 = agent("n1", Some(&agent_token));
+    let n2 = agent("n2", Some(&agent_token));
+    let n2_cert = d.join("n2/tls/tls.crt");
+    wait_for("n2 registered", Duration::from_secs(20), || async { n2.output().contains("registered").then_some(()) })
+        .await;
+    drop(n2);
+    let n2_uid = {
+        let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
+        let node = pb::objects_client::ObjectsClient::new(ch)
+            .get(pb::GetRequest {
+                r#ref: Some(pb::ObjectRef { kind: "Node".into(), namespace: String::new(), name: "n2".into() }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keel::api::object::meta(&node).unwrap().uid.clone()
+    };
     let replicas = [&r1, &r2, &r3];
     let first: Vec<i64> = replicas.iter().map(|r| cert_end(r)).collect();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -603,4 +629,40 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
         assert!(renewals >= 3, "{} renewed {renewals} times in 75 s of 30 s certificates", r.name);
         assert!(cert_end(r) > end + 40, "{}'s certificate on disk is the renewed one", r.name);
     }
+    let renewed = n1.output().matches("node certificate renewed").count();
+    assert!(renewed >= 2, "the agent renewed its certificate {renewed} times:\n{}", n1.output());
+
+    // n2's certificate expired while it was down: without a token it says what to do; with
+    // a fresh one it re-attests under its name and key, and its Node is the same object.
+    let end = keel::pki::validity_of(&std::fs::read_to_string(&n2_cert).unwrap()).unwrap().1;
+    assert!(end < time::OffsetDateTime::now_utc().unix_timestamp(), "n2's certificate has expired");
+    let (ok, out) = agent("n2", None).exit(Duration::from_secs(20)).await;
+    assert!(!ok && out.contains("expired") && out.contains("--token"), "{out}");
+    let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
+    let fresh = pb::cluster_client::ClusterClient::new(ch)
+        .create_token(pb::CreateTokenRequest { role: "agent".into(), ttl_seconds: 600, description: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let n2 = agent("n2", Some(&fresh));
+    wait_for("n2 re-attested with a new certificate", Duration::from_secs(20), || async {
+        let pem = std::fs::read_to_string(&n2_cert).ok()?;
+        let end = keel::pki::validity_of(&pem).ok()?.1;
+        (end > time::OffsetDateTime::now_utc().unix_timestamp() + 10).then_some(())
+    })
+    .await;
+    wait_for("n2 registered again", Duration::from_secs(20), || async {
+        n2.output().matches("Node n2 registered.").count().ge(&2).then_some(())
+    })
+    .await;
+    let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
+    let node = pb::objects_client::ObjectsClient::new(ch)
+        .get(pb::GetRequest {
+            r#ref: Some(pb::ObjectRef { kind: "Node".into(), namespace: String::new(), name: "n2".into() }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keel::api::object::meta(&node).unwrap().uid, n2_uid, "the same Node, not a new one");
 }
