@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a control-plane replica.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Manage this replica's secrets key file (<data-dir>/secrets.key).
     #[command(subcommand)]
     SecretsKey(SecretsKeyCommand),
@@ -138,6 +138,15 @@ struct ServerArgs {
     /// when a third is left), e.g. 365d, 24h, 30s.
     #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
+    /// Take a verified snapshot (a backup file) this often while leading; 0 turns it off.
+    #[arg(long, default_value = "12h", value_parser = keel::cli::cluster::parse_ttl)]
+    snapshot_interval: u64,
+    /// Scheduled snapshots kept.
+    #[arg(long, default_value_t = 5)]
+    snapshot_retention: usize,
+    /// Where scheduled snapshots go (default <data-dir>/snapshots).
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
     /// The recovery key file a sealed backup was made with.
     #[arg(long, requires = "restore")]
     recovery_key: Option<PathBuf>,
@@ -372,12 +381,29 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     };
     let member =
         tokio::spawn(keel::server::join::ensure_member(server.store.clone(), creds.clone(), advertise.clone(), seeds));
+    let snapshots = (a.snapshot_interval > 0).then(|| {
+        let keys = keel::server::secrets::Keyring::load_or_create(&a.data_dir.join("secrets.key"));
+        let dir = a.snapshot_dir.clone().unwrap_or_else(|| a.data_dir.join("snapshots"));
+        let interval = Duration::from_secs(a.snapshot_interval);
+        keys.ok().map(|k| {
+            tokio::spawn(keel::server::backup::schedule(
+                server.store.clone(),
+                std::sync::Arc::new(k),
+                dir,
+                interval,
+                a.snapshot_retention,
+            ))
+        })
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
     }
     member.abort();
+    if let Some(Some(t)) = snapshots {
+        t.abort();
+    }
     tracing::info!("shutting down");
     server.stop().await?;
     Ok(())
@@ -410,7 +436,7 @@ fn run() -> anyhow::Result<()> {
     let rt = rt.enable_all().build()?;
     rt.block_on(async {
         match cli.command {
-            Command::Server(a) => server(a).await,
+            Command::Server(a) => server(*a).await,
             Command::Agent(a) => agent(a).await,
             Command::SecretsKey(SecretsKeyCommand::Rotate { data_dir }) => {
                 let name = keel::server::secrets::Keyring::rotate(&data_dir.join("secrets.key"))?;

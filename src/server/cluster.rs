@@ -790,24 +790,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         Self::admin_caller(&request)?;
         // One linearizable range over every key: a consistent copy at one revision.
-        let r = self
-            .store
-            .range(pb::RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() })
-            .await
-            .map_err(from_store)?;
-        let cluster_id = read(&self.store, CLUSTER_ID_KEY)
-            .await?
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-            .unwrap_or_default();
-        let payload = pb::BackupPayload {
-            data: Some(pb::SnapshotData {
-                format_version: 1,
-                revision: r.header.map_or(0, |h| h.revision),
-                kvs: r.kvs,
-            }),
-            secrets_keys: self.keys.text().to_string(),
-            cluster_id,
-        };
+        let payload = super::backup::take(&self.store, self.keys.text()).await.map_err(from_store)?;
         let bytes = prost::Message::encode_to_vec(&payload);
         let chunks: Vec<Result<pb::SnapshotChunk, Status>> =
             bytes.chunks(1 << 20).map(|c| Ok(pb::SnapshotChunk { data: c.to_vec() })).collect();

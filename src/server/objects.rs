@@ -90,7 +90,7 @@ fn decode(kv: &pb::KeyValue, keys: &Keyring) -> Result<pb::Object, Status> {
     let plain = keys.open(&kv.value).map_err(|e| {
         Status::internal(format!("stored object at {} cannot be decrypted: {e}", String::from_utf8_lossy(&kv.key)))
     })?;
-    let mut obj = pb::Object::decode(plain.as_slice()).map_err(|e| {
+    let mut obj = pb::Object::decode(&*plain).map_err(|e| {
         Status::internal(format!("stored object at {} is damaged: {e}", String::from_utf8_lossy(&kv.key)))
     })?;
     if let Some(m) = object::meta_mut(&mut obj) {
@@ -613,6 +613,11 @@ impl Filter {
         })
     }
 
+    /// No selector at all: every object matches.
+    fn is_everything(&self) -> bool {
+        self.labels.0.is_empty() && self.fields.0.is_empty()
+    }
+
     fn matches(&self, obj: &pb::Object) -> bool {
         let empty = Default::default();
         let labels = object::meta(obj).map_or(&empty, |m| &m.labels);
@@ -859,7 +864,11 @@ async fn send_batch(
         let decoded =
             |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(|kv| decode(kv, keys));
         let new = if is_delete { None } else { decoded(&e.kv) };
-        let old = decoded(&e.prev_kv);
+        // Without selectors the previous object matters only for a delete (it is what the
+        // DELETED event carries): a thousand watchers need not decode it a thousand times.
+        let everything = filter.is_everything();
+        let had_old = e.prev_kv.as_ref().is_some_and(|kv| !kv.value.is_empty());
+        let old = if is_delete || !everything { decoded(&e.prev_kv) } else { None };
         let (new, old) = match (new.transpose(), old.transpose()) {
             (Ok(n), Ok(o)) => (n, o),
             (Err(s), _) | (_, Err(s)) => {
@@ -868,7 +877,7 @@ async fn send_batch(
             }
         };
         let rev = batch.revision.to_string();
-        let was = old.as_ref().is_some_and(|o| filter.matches(o));
+        let was = if everything { had_old } else { old.as_ref().is_some_and(|o| filter.matches(o)) };
         let (kind, mut obj) = match new {
             Some(n) if filter.matches(&n) => (if was { "MODIFIED" } else { "ADDED" }, n),
             Some(n) if was => ("DELETED", n),

@@ -110,9 +110,9 @@ impl Keyring {
         std::str::from_utf8(&rest[..end]).ok()
     }
 
-    /// Opens a sealed value; a value that is not sealed is returned as it is.
-    pub fn open(&self, value: &[u8]) -> Result<Vec<u8>, String> {
-        let Some(name) = Keyring::sealed_with(value) else { return Ok(value.to_vec()) };
+    /// Opens a sealed value; a value that is not sealed is returned as it is, uncopied.
+    pub fn open<'a>(&self, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+        let Some(name) = Keyring::sealed_with(value) else { return Ok(std::borrow::Cow::Borrowed(value)) };
         let body = &value[PREFIX.len() + name.len() + 1..];
         let key = self
             .keys
@@ -128,7 +128,7 @@ impl Keyring {
         let mut data = sealed.to_vec();
         let plain =
             key.open_in_place(nonce, Aad::empty(), &mut data).map_err(|_| "authentication failed".to_string())?;
-        Ok(plain.to_vec())
+        Ok(std::borrow::Cow::Owned(plain.to_vec()))
     }
 }
 
@@ -144,8 +144,8 @@ mod tests {
         let sealed = ring.seal(b"hunter2");
         assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
         assert_eq!(Keyring::sealed_with(&sealed), Some("key1"));
-        assert_eq!(ring.open(&sealed).unwrap(), b"hunter2");
-        assert_eq!(ring.open(b"plain").unwrap(), b"plain");
+        assert_eq!(&*ring.open(&sealed).unwrap(), b"hunter2");
+        assert_eq!(&*ring.open(b"plain").unwrap(), b"plain");
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(Keyring::rotate(&path).unwrap(), "key2");
         let rotated = Keyring::load_or_create(&path).unwrap();
         assert_eq!(rotated.active(), "key2");
-        assert_eq!(rotated.open(&sealed).unwrap(), b"hunter2", "old keys still open");
+        assert_eq!(&*rotated.open(&sealed).unwrap(), b"hunter2", "old keys still open");
         assert!(ring.open(&rotated.seal(b"x")).unwrap_err().contains("key2"));
         assert!(Keyring::parse("k:short\n", "f").is_err());
     }

@@ -666,3 +666,31 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
         .into_inner();
     assert_eq!(keel::api::object::meta(&node).unwrap().uid, n2_uid, "the same Node, not a new one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_takes_verified_snapshots_on_schedule_and_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init_with(d, "r1", "--snapshot-interval 1s --snapshot-retention 2");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    write_config_map(&r1.addr, &creds, "in-the-snapshot").await.unwrap();
+    let snaps = r1.data.join("snapshots");
+    let proc = r1.proc.as_ref().unwrap();
+    wait_for("four verified snapshots", Duration::from_secs(30), || async {
+        (proc.output().matches("scheduled snapshot written and verified").count() >= 4).then_some(())
+    })
+    .await;
+    let files: Vec<PathBuf> = std::fs::read_dir(&snaps).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(files.len(), 2, "retention keeps the newest two: {files:?}");
+    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    for f in &files {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o077, 0, "a snapshot holds the CA key");
+        let (ok, out) = keelctl(&cfg, &["cluster", "snapshot", "verify", &f.display().to_string()]);
+        assert!(ok && out.contains(": OK"), "{out}");
+        let (_, payload) = keel::server::backup::read(f, None).unwrap();
+        assert!(payload.data.unwrap().kvs.iter().any(|kv| kv.key.ends_with(b"/in-the-snapshot")));
+    }
+}
