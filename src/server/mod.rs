@@ -131,7 +131,7 @@ impl Server {
         let loops = vec![
             acceptor,
             tokio::spawn(crate::controllers::namespace::run(addr, live.clone())),
-            tokio::spawn(renew::run(store.clone(), live, resolver, data_dir, advertise)),
+            tokio::spawn(renew::run(store.clone(), live, resolver, data_dir, advertise, addr)),
         ];
         Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })
     }

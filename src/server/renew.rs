@@ -23,7 +23,9 @@ pub async fn run(
     resolver: Arc<Resolver>,
     data_dir: PathBuf,
     advertise: String,
+    addr: std::net::SocketAddr,
 ) {
+    let mut last_event: Option<tokio::time::Instant> = None;
     loop {
         let creds = live.get();
         let Ok((not_before, not_after)) = pki::validity_of(&creds.cert_pem) else { return };
@@ -46,15 +48,70 @@ pub async fn run(
                         tracing::info!(valid_for_s = until - unix_now(), "certificate renewed");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, left_s = left, "certificate renewal failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, left_s = left, "certificate renewal failed; retrying");
+                    // Renewal starts at a third of the life left; a certificate down to its
+                    // last 30 days (or last quarter, for short test lifetimes) means renewal
+                    // keeps failing: say so where operators look, at most every few minutes.
+                    let due = left < (30 * 86_400).min(lifetime / 4);
+                    let quiet = last_event
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs((lifetime as u64 / 10).clamp(5, 600)));
+                    if due && quiet {
+                        let who = creds.identity().map_or_else(|| "this replica".to_string(), |i| i.to_string());
+                        let msg = format!(
+                            "the certificate of {who} expires in {left}s and renewal fails: {e}; see docs/operations.md (certificates)"
+                        );
+                        match warning_event(addr, &creds, &who, &msg).await {
+                            Ok(()) => last_event = Some(tokio::time::Instant::now()),
+                            Err(s) => tracing::warn!(error = %s, "certificate warning event not written"),
+                        }
+                    }
+                }
             }
-        } else if left < 30 * 86_400 {
-            tracing::warn!(left_s = left, "certificate expires within 30 days");
         }
         let left = (not_after - unix_now()).max(0) as u64;
         let wait = Duration::from_secs((left / 6).clamp(1, 300));
         tokio::time::sleep(wait).await;
     }
+}
+
+/// A Warning Event in kube-system about this replica's certificate, written through the
+/// Objects API as the replica.
+async fn warning_event(
+    addr: std::net::SocketAddr,
+    creds: &pki::Credentials,
+    who: &str,
+    message: &str,
+) -> Result<(), tonic::Status> {
+    use crate::proto::v1 as pb;
+    let ch = crate::client::endpoint(&addr.to_string(), creds)
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect_lazy();
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let name = who.replace(' ', "-");
+    let event = pb::CoreEvent {
+        metadata: Some(pb::ObjectMeta {
+            generate_name: format!("{name}.cert-"),
+            namespace: "kube-system".into(),
+            ..Default::default()
+        }),
+        involved_object: Some(pb::ObjectReference {
+            kind: "Replica".into(),
+            name,
+            namespace: "kube-system".into(),
+            ..Default::default()
+        }),
+        reason: "CertificateExpiring".into(),
+        message: message.to_string(),
+        r#type: "Warning".into(),
+        source: Some(pb::EventSource { component: "keel-server".into(), ..Default::default() }),
+        first_timestamp: now.clone(),
+        last_timestamp: now,
+        count: 1,
+        ..Default::default()
+    };
+    let obj = pb::Object { kind: Some(pb::object::Kind::Event(event)) };
+    pb::objects_client::ObjectsClient::new(ch).create(pb::CreateRequest { object: Some(obj) }).await.map(|_| ())
 }
 
 fn renew(

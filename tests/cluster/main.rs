@@ -694,3 +694,43 @@ async fn the_leader_takes_verified_snapshots_on_schedule_and_keeps_the_newest() 
         assert!(payload.data.unwrap().kvs.iter().any(|kv| kv.key.ends_with(b"/in-the-snapshot")));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_cannot_renew_raises_a_warning_event_before_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init_with(d, "r1", "--cert-lifetime 30s");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    // Without the CA key this replica cannot renew.
+    std::fs::remove_file(r1.data.join("tls/ca.key")).unwrap();
+    let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
+    let mut c = pb::objects_client::ObjectsClient::new(ch);
+    let event = wait_for("a CertificateExpiring event", Duration::from_secs(40), || {
+        let mut c = c.clone();
+        async move {
+            let list = c
+                .list(pb::ListRequest {
+                    kind: "Event".into(),
+                    namespace: "kube-system".into(),
+                    field_selector: "reason=CertificateExpiring".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            list.items.into_iter().next()
+        }
+    })
+    .await;
+    match event.kind {
+        Some(pb::object::Kind::Event(e)) => {
+            assert_eq!(e.r#type, "Warning");
+            assert!(e.message.contains("replica 1") && e.message.contains("renewal fails"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    c = c.clone();
+    let _ = c;
+}
