@@ -156,10 +156,13 @@ struct EditArgs {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a join token; it is printed once.
+    /// Create a join token (server, agent) or a user's bearer token; it is printed once.
     Create {
-        #[arg(long, value_parser = ["server", "agent"])]
+        #[arg(long, value_parser = ["server", "agent", "user"])]
         role: String,
+        /// --role user: the user's name.
+        #[arg(long, required_if_eq("role", "user"), default_value = "")]
+        user: String,
         /// How long it is valid: 30m, 24h, 7d; 0 never expires.
         #[arg(long, default_value = "24h")]
         ttl: String,
@@ -414,7 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::config::ADMIN_CONFIG
         ),
     };
-    let creds = ctx.credentials()?;
+    let creds = ctx.auth()?;
     let servers = match cli.server {
         Some(s) => s,
         None if !ctx.servers.is_empty() => ctx.servers.clone(),
@@ -424,7 +427,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .namespace
         .or_else(|| Some(ctx.namespace.clone()).filter(|n| !n.is_empty()))
         .unwrap_or_else(|| "default".to_string());
-    let client = KvClient::new(&servers, Duration::from_secs(10), &creds)?;
+    let client = KvClient::with_auth(&servers, Duration::from_secs(10), &creds)?;
     let api = cli::Api::new(&servers, &creds)?;
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
@@ -623,12 +626,16 @@ fn print_objects(objects: &[pb::Object], output: &str, all_namespaces: bool) -> 
 
 async fn token_command(api: &cli::cluster::ClusterApi, t: TokenCommand) -> anyhow::Result<()> {
     match t {
-        TokenCommand::Create { role, ttl, description } => {
+        TokenCommand::Create { role, user, ttl, description } => {
             let ttl_seconds = cli::cluster::parse_ttl(&ttl)?;
             let r = api
                 .call(|mut c| {
-                    let req =
-                        pb::CreateTokenRequest { role: role.clone(), ttl_seconds, description: description.clone() };
+                    let req = pb::CreateTokenRequest {
+                        role: role.clone(),
+                        ttl_seconds,
+                        description: description.clone(),
+                        user: user.clone(),
+                    };
                     async move { c.create_token(req).await }
                 })
                 .await?;
@@ -653,7 +660,7 @@ async fn token_command(api: &cli::cluster::ClusterApi, t: TokenCommand) -> anyho
 async fn cluster_command(
     api: &cli::cluster::ClusterApi,
     c: ClusterCommand,
-    creds: &keel::pki::Credentials,
+    creds: &keel::client::ClientAuth,
     servers: &[String],
 ) -> anyhow::Result<()> {
     match c {
@@ -740,7 +747,7 @@ async fn cluster_command(
             );
         }
         ClusterCommand::Recover { plan: _ } => {
-            let client = keel::client::KvClient::new(servers, Duration::from_secs(3), creds)?;
+            let client = keel::client::KvClient::with_auth(servers, Duration::from_secs(3), creds)?;
             let mut survivors = Vec::new();
             for (i, s) in servers.iter().enumerate() {
                 survivors.push((s.clone(), client.status_of(i).await.map_err(|e| e.to_string())));
@@ -782,10 +789,13 @@ async fn cluster_command(
                     Err(e) => println!("{s:<24} unreachable: {e}"),
                 }
             }
-            let mine = keel::pki::not_after(&creds.cert_pem)?;
-            let who = creds.identity().map_or_else(|| "this user".to_string(), |i| i.to_string());
-            let ts = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(mine.max(0) as u64));
-            row(&format!("{who} (you)"), &ts.to_string(), mine - now);
+            if let keel::client::ClientAuth::Certificate(mine) = creds {
+                let end = keel::pki::not_after(&mine.cert_pem)?;
+                let who = mine.identity().map_or_else(|| "this user".to_string(), |i| i.to_string());
+                let ts =
+                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(end.max(0) as u64));
+                row(&format!("{who} (you)"), &ts.to_string(), end - now);
+            }
         }
     }
     Ok(())

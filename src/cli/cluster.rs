@@ -2,28 +2,24 @@
 
 use std::time::Duration;
 
+use crate::client::{AuthChannel, ClientAuth};
 use anyhow::{bail, Context as _};
-use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::pki::Credentials;
 use crate::proto::v1 as pb;
 use crate::proto::v1::cluster_client::ClusterClient;
 
 /// Cluster API clients for every listed replica; calls go to the first that answers.
 pub struct ClusterApi {
-    clients: Vec<(String, ClusterClient<Channel>)>,
+    clients: Vec<(String, ClusterClient<AuthChannel>)>,
 }
 
 impl ClusterApi {
-    pub fn new(servers: &[String], creds: &Credentials) -> anyhow::Result<ClusterApi> {
+    pub fn new(servers: &[String], auth: &ClientAuth) -> anyhow::Result<ClusterApi> {
         let mut clients = Vec::new();
         for s in servers {
-            let ch = crate::client::endpoint(s, creds)
-                .with_context(|| format!("invalid server address {s:?}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(130))
-                .connect_lazy();
+            let ch = crate::client::auth_channel(s, auth, Duration::from_secs(2))
+                .with_context(|| format!("invalid server address {s:?}"))?;
             clients.push((s.clone(), ClusterClient::new(ch)));
         }
         Ok(ClusterApi { clients })
@@ -31,7 +27,7 @@ impl ClusterApi {
 
     pub async fn call<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
     where
-        F: Fn(ClusterClient<Channel>) -> Fut,
+        F: Fn(ClusterClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut last = None;
@@ -67,7 +63,8 @@ pub fn print_tokens(tokens: &[pb::TokenInfo]) {
     println!("{:<8} {:<7} {:<22} {:<22} DESCRIPTION", "ID", "ROLE", "EXPIRES", "CREATED");
     for t in tokens {
         let expires = if t.expires.is_empty() { "never" } else { t.expires.as_str() };
-        println!("{:<8} {:<7} {:<22} {:<22} {}", t.id, t.role, expires, t.created, t.description);
+        let role = if t.user.is_empty() { t.role.clone() } else { format!("user:{}", t.user) };
+        println!("{:<8} {:<7} {:<22} {:<22} {}", t.id, role, expires, t.created, t.description);
     }
 }
 

@@ -48,9 +48,30 @@ pub struct Context {
     /// This user's private key (PEM).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_key_data: String,
+    /// A bearer token (`keelctl token create --role user`), used when there is no
+    /// certificate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 impl Context {
+    /// How this context authenticates: its certificate, else its bearer token.
+    pub fn auth(&self) -> anyhow::Result<crate::client::ClientAuth> {
+        if self.client_certificate_data.is_empty() && !self.token.is_empty() {
+            if self.certificate_authority_data.is_empty() {
+                bail!(
+                    "context {:?} has a token but no certificate-authority-data to check the servers with",
+                    self.name
+                );
+            }
+            return Ok(crate::client::ClientAuth::Bearer {
+                ca_pem: self.certificate_authority_data.clone(),
+                token: self.token.clone(),
+            });
+        }
+        self.credentials().map(crate::client::ClientAuth::Certificate)
+    }
+
     /// The TLS credentials of this context.
     pub fn credentials(&self) -> anyhow::Result<crate::pki::Credentials> {
         if self.certificate_authority_data.is_empty()

@@ -9,8 +9,8 @@ pub mod print;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::client::{AuthChannel, ClientAuth};
 use anyhow::{bail, Context};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::api::{kinds, manifest, object};
@@ -19,7 +19,7 @@ use crate::proto::v1::objects_client::ObjectsClient;
 
 /// Objects API clients for every replica; calls go to the first that answers.
 pub struct Api {
-    clients: Vec<(String, ObjectsClient<Channel>)>,
+    clients: Vec<(String, ObjectsClient<AuthChannel>)>,
 }
 
 fn retryable(s: &tonic::Status) -> bool {
@@ -27,14 +27,11 @@ fn retryable(s: &tonic::Status) -> bool {
 }
 
 impl Api {
-    pub fn new(servers: &[String], creds: &crate::pki::Credentials) -> anyhow::Result<Api> {
+    pub fn new(servers: &[String], auth: &ClientAuth) -> anyhow::Result<Api> {
         let mut clients = Vec::new();
         for s in servers {
-            let ch = crate::client::endpoint(s, creds)
-                .with_context(|| format!("invalid server address {s:?}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(30))
-                .connect_lazy();
+            let ch = crate::client::auth_channel(s, auth, Duration::from_secs(2))
+                .with_context(|| format!("invalid server address {s:?}"))?;
             clients.push((s.clone(), ObjectsClient::new(ch)));
         }
         if clients.is_empty() {
@@ -47,7 +44,7 @@ impl Api {
     /// Only calls that are safe to repeat go through here.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
     where
-        F: Fn(ObjectsClient<Channel>) -> Fut,
+        F: Fn(ObjectsClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut last = None;

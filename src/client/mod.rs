@@ -16,6 +16,56 @@ pub fn endpoint(addr: &str, creds: &Credentials) -> Result<Endpoint, tonic::tran
     Endpoint::from_shared(format!("https://{addr}"))?.tls_config(creds.client_tls())
 }
 
+/// How a client proves who it is: a certificate from the cluster CA, or a bearer token
+/// (`keelctl token create --role user`) over TLS that trusts the cluster CA.
+#[derive(Clone, Debug)]
+pub enum ClientAuth {
+    Certificate(Credentials),
+    Bearer { ca_pem: String, token: String },
+}
+
+impl ClientAuth {
+    pub fn ca_pem(&self) -> &str {
+        match self {
+            ClientAuth::Certificate(c) => &c.ca_pem,
+            ClientAuth::Bearer { ca_pem, .. } => ca_pem,
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call when the client uses a token.
+#[derive(Clone)]
+pub struct AuthHeader(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for AuthHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that authenticates as `ClientAuth` says.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, AuthHeader>;
+
+/// A lazily connected, authenticated channel to the replica at `addr`.
+pub fn auth_channel(addr: &str, auth: &ClientAuth, connect_timeout: Duration) -> Result<AuthChannel, ClientError> {
+    let bad = |source| ClientError::BadAddress { addr: addr.to_string(), source };
+    let (endpoint, header) = match auth {
+        ClientAuth::Certificate(c) => (endpoint(addr, c).map_err(bad)?, None),
+        ClientAuth::Bearer { ca_pem, token } => {
+            let e = Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(crate::pki::anonymous_client_tls(ca_pem)))
+                .map_err(bad)?;
+            let v = format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?;
+            (e, Some(v))
+        }
+    };
+    let ch = endpoint.connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy();
+    Ok(tonic::service::interceptor::InterceptedService::new(ch, AuthHeader(header)))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no replica address given")]
@@ -28,6 +78,8 @@ pub enum ClientError {
     },
     #[error("{addr}: {status}")]
     Rpc { addr: String, status: Status },
+    #[error("the bearer token holds characters that cannot go in a header")]
+    BadToken,
 }
 
 impl ClientError {
@@ -46,7 +98,7 @@ fn fail_over(status: &Status) -> bool {
 
 /// Talks to the internal KV API of a set of replicas.
 pub struct KvClient {
-    endpoints: Vec<(String, Channel)>,
+    endpoints: Vec<(String, AuthChannel)>,
     preferred: AtomicUsize,
     timeout: Duration,
 }
@@ -54,17 +106,16 @@ pub struct KvClient {
 impl KvClient {
     /// `addrs` are host:port. Connections are made on first use.
     pub fn new(addrs: &[String], timeout: Duration, creds: &Credentials) -> Result<KvClient, ClientError> {
+        KvClient::with_auth(addrs, timeout, &ClientAuth::Certificate(creds.clone()))
+    }
+
+    pub fn with_auth(addrs: &[String], timeout: Duration, auth: &ClientAuth) -> Result<KvClient, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let mut endpoints = Vec::new();
         for addr in addrs {
-            let ch = endpoint(addr, creds)
-                .map_err(|source| ClientError::BadAddress { addr: addr.clone(), source })?
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true)
-                .connect_lazy();
-            endpoints.push((addr.clone(), ch));
+            endpoints.push((addr.clone(), auth_channel(addr, auth, Duration::from_millis(500))?));
         }
         Ok(KvClient { endpoints, preferred: AtomicUsize::new(0), timeout })
     }
@@ -89,7 +140,7 @@ impl KvClient {
     /// make writes idempotent with compares on mod_revision.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
-        F: Fn(pb::kv_client::KvClient<Channel>) -> Fut,
+        F: Fn(pb::kv_client::KvClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let n = self.endpoints.len();

@@ -6,9 +6,63 @@
 //! does not serve (`PERMISSION_DENIED`), and hands the identity on to the handler in the
 //! request's extensions. Finer rules (what a node may touch) live in the handlers.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
 use tonic::{Request, Status};
 
 use crate::pki::Identity;
+use crate::proto::v1 as pb;
+
+/// Users' bearer tokens, as this replica last read them from its store (every second, so a
+/// revoked token stops working within about a second on every replica).
+#[derive(Default)]
+pub struct UserTokens(RwLock<HashMap<String, super::cluster::StoredToken>>);
+
+impl UserTokens {
+    /// The user a bearer token (`<id>.<secret>`) authenticates, if it is valid.
+    pub fn lookup(&self, bearer: &str) -> Option<Identity> {
+        let (id, secret) = bearer.split_once('.')?;
+        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let t = map.get(id)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if t.expires != 0 && now >= t.expires {
+            return None;
+        }
+        use sha2::Digest;
+        let given = crate::pki::hex(&sha2::Sha256::digest(secret.as_bytes()));
+        let same = given.len() == t.secret_sha256.len()
+            && given.bytes().zip(t.secret_sha256.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        // Until RBAC lands, every user is an administrator.
+        same.then(|| Identity::Admin(t.user.clone()))
+    }
+
+    /// Re-reads the tokens from the local store every second, until dropped.
+    pub async fn refresh(self: Arc<Self>, store: crate::store::Store) {
+        let prefix = super::cluster::USER_TOKENS;
+        loop {
+            let req = pb::RangeRequest {
+                key: prefix.into(),
+                range_end: crate::store::prefix_end(prefix.as_bytes()),
+                serializable: true,
+                ..Default::default()
+            };
+            if let Ok(r) = store.range(req).await {
+                let map = r
+                    .kvs
+                    .iter()
+                    .filter_map(|kv| {
+                        let t = serde_json::from_slice(&kv.value).ok()?;
+                        Some((String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned(), t))
+                    })
+                    .collect();
+                *self.0.write().unwrap_or_else(|p| p.into_inner()) = map;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
 
 /// Which identities may call a service.
 #[derive(Clone, Copy, Debug)]
@@ -31,10 +85,14 @@ impl Allow {
     }
 }
 
-/// The verified identity of the caller, if it presented a client certificate.
-pub fn peer_identity<T>(req: &Request<T>) -> Option<Identity> {
-    let info = req.extensions().get::<super::tls::PeerInfo>()?;
-    Identity::from_cert_der(info.certs.as_ref()?.first()?)
+/// The verified identity of the caller: its client certificate, else its bearer token.
+pub fn peer_identity<T>(req: &Request<T>, tokens: &UserTokens) -> Option<Identity> {
+    let cert = req.extensions().get::<super::tls::PeerInfo>().and_then(|i| i.certs.clone());
+    if let Some(id) = cert.as_ref().and_then(|c| c.first()).and_then(|c| Identity::from_cert_der(c)) {
+        return Some(id);
+    }
+    let header = req.metadata().get("authorization")?.to_str().ok()?;
+    tokens.lookup(header.strip_prefix("Bearer ")?.trim())
 }
 
 /// The identity the interceptor stored for the handler.
@@ -44,15 +102,18 @@ pub fn caller<T>(req: &Request<T>) -> Option<&Identity> {
 
 pub fn unauthenticated() -> Status {
     Status::unauthenticated(
-        "no valid client certificate: every call needs a certificate signed by this cluster's CA \
-         (keelctl reads it from its context; agents and replicas get theirs when they join)",
+        "no valid credentials: every call needs a certificate signed by this cluster's CA or a valid bearer \
+         token (keelctl reads them from its context; agents and replicas get certificates when they join)",
     )
 }
 
 /// An interceptor for `tonic::service::interceptor::InterceptedService`.
-pub fn require(allow: Allow) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+pub fn require(
+    allow: Allow,
+    tokens: Arc<UserTokens>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |mut req: Request<()>| {
-        let id = peer_identity(&req).ok_or_else(unauthenticated)?;
+        let id = peer_identity(&req, &tokens).ok_or_else(unauthenticated)?;
         if !allow.permits(&id) {
             return Err(Status::permission_denied(format!("{id} may not call this service")));
         }
@@ -63,9 +124,11 @@ pub fn require(allow: Allow) -> impl Fn(Request<()>) -> Result<Request<()>, Stat
 
 /// For services with a call that works before the caller has a certificate (Join): passes
 /// the identity on when there is one; the handlers decide.
-pub fn optional() -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+pub fn optional(
+    tokens: Arc<UserTokens>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |mut req: Request<()>| {
-        if let Some(id) = peer_identity(&req) {
+        if let Some(id) = peer_identity(&req, &tokens) {
             req.extensions_mut().insert(id);
         }
         Ok(req)

@@ -96,6 +96,7 @@ pub fn write_admin_config(data_dir: &Path, server: &str, admin: &Credentials) ->
             certificate_authority_data: admin.ca_pem.clone(),
             client_certificate_data: admin.cert_pem.clone(),
             client_key_data: admin.key_pem.clone(),
+            token: String::new(),
         }],
     };
     let text = serde_saphyr::to_string(&config).map_err(|e| PkiError::Invalid(format!("admin configuration: {e}")))?;

@@ -31,6 +31,7 @@ use crate::store::{Member, Store};
 pub const CLUSTER_ID_KEY: &str = "/keel/cluster-id";
 pub const CA_KEY: &str = "/keel/pki/ca";
 pub const TOKENS: &str = "/keel/tokens/";
+pub const USER_TOKENS: &str = "/keel/user-tokens/";
 pub const REPLICAS: &str = "/keel/replicas/";
 pub const NODES: &str = "/keel/nodes/";
 pub const NEXT_REPLICA_ID: &str = "/keel/next-replica-id";
@@ -58,14 +59,17 @@ struct StoredCa {
 }
 
 #[derive(Serialize, Deserialize, Clone)]
-struct StoredToken {
-    role: String,
-    secret_sha256: String,
+pub(crate) struct StoredToken {
+    pub(crate) role: String,
+    pub(crate) secret_sha256: String,
     /// Unix seconds; 0 never expires.
-    expires: i64,
+    pub(crate) expires: i64,
     created: String,
     #[serde(default)]
     description: String,
+    /// User tokens: whom the token authenticates.
+    #[serde(default)]
+    pub(crate) user: String,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -139,6 +143,7 @@ pub async fn initialize(
         expires: 0,
         created: now.clone(),
         description: format!("created by --cluster-init ({what})"),
+        user: String::new(),
     };
     let txn = pb::TxnRequest {
         // Only once: a cluster that has an id keeps it.
@@ -380,6 +385,53 @@ impl ClusterService {
             .map_err(|s| s.message().to_string())
     }
 
+    /// Deletes `key` if it exists; whether it did.
+    async fn delete_if_present(&self, key: &str) -> Result<bool, Status> {
+        let txn = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: pb::compare::CompareResult::Greater as i32,
+                target: pb::compare::Target::Mod as i32,
+                key: key.into(),
+                target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: vec![],
+                    prev_kv: false,
+                })),
+            }],
+            failure: vec![],
+        };
+        Ok(self.store.txn(txn, true).await.map_err(from_store)?.succeeded)
+    }
+
+    /// A bearer token for a user: `<id>.<secret>`; only a hash of the secret is stored.
+    async fn create_user_token(&self, r: pb::CreateTokenRequest) -> Result<pb::CreateTokenResponse, Status> {
+        if !crate::api::validation::is_dns1123_subdomain(&r.user) {
+            return Err(Status::invalid_argument(format!("user {:?}: a lowercase RFC 1123 name is required", r.user)));
+        }
+        let t = JoinToken::generate("", TokenRole::Agent);
+        let stored = StoredToken {
+            role: "user".into(),
+            secret_sha256: t.secret_hash(),
+            expires: if r.ttl_seconds == 0 { 0 } else { unix_now() + r.ttl_seconds as i64 },
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            description: r.description,
+            user: r.user,
+        };
+        let key = format!("{USER_TOKENS}{}", t.id);
+        let txn = pb::TxnRequest {
+            compare: vec![mod_equals(&key, 0)],
+            success: vec![put(&key, json(&stored))],
+            failure: vec![],
+        };
+        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+            return Err(Status::aborted("token id collision; retry"));
+        }
+        Ok(pb::CreateTokenResponse { token: format!("{}.{}", t.id, t.secret), info: Some(token_info(&t.id, &stored)) })
+    }
+
     async fn name_of(&self, id: u64) -> Result<Option<String>, Status> {
         let r = self
             .store
@@ -406,6 +458,7 @@ fn token_info(id: &str, t: &StoredToken) -> pb::TokenInfo {
         expires: if t.expires == 0 { String::new() } else { rfc3339(t.expires) },
         created: t.created.clone(),
         description: t.description.clone(),
+        user: t.user.clone(),
     }
 }
 
@@ -518,6 +571,9 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         Self::admin_caller(&request)?;
         let r = request.into_inner();
+        if r.role == "user" {
+            return self.create_user_token(r).await.map(Response::new);
+        }
         let role: TokenRole = r.role.parse().map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
         let ca = self.ca().await?;
         let token = JoinToken::generate(&ca.hash().map_err(|e| Status::internal(e.to_string()))?, role);
@@ -527,6 +583,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             expires: if r.ttl_seconds == 0 { 0 } else { unix_now() + r.ttl_seconds as i64 },
             created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             description: r.description,
+            user: String::new(),
         };
         let key = format!("{TOKENS}{}", token.id);
         let txn = pb::TxnRequest {
@@ -557,12 +614,23 @@ impl pb::cluster_server::Cluster for ClusterService {
             })
             .await
             .map_err(from_store)?;
+        let users = self
+            .store
+            .range(pb::RangeRequest {
+                key: USER_TOKENS.into(),
+                range_end: crate::store::prefix_end(USER_TOKENS.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(from_store)?;
         let tokens = r
             .kvs
             .iter()
-            .filter_map(|kv| {
+            .map(|kv| (TOKENS.len(), kv))
+            .chain(users.kvs.iter().map(|kv| (USER_TOKENS.len(), kv)))
+            .filter_map(|(n, kv)| {
                 let t: StoredToken = serde_json::from_slice(&kv.value).ok()?;
-                Some(token_info(&String::from_utf8_lossy(&kv.key[TOKENS.len()..]), &t))
+                Some(token_info(&String::from_utf8_lossy(&kv.key[n..]), &t))
             })
             .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
@@ -574,27 +642,12 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         Self::admin_caller(&request)?;
         let id = request.into_inner().id;
-        let key = format!("{TOKENS}{id}");
-        let txn = pb::TxnRequest {
-            compare: vec![pb::Compare {
-                result: pb::compare::CompareResult::Greater as i32,
-                target: pb::compare::Target::Mod as i32,
-                key: key.clone().into(),
-                target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
-            }],
-            success: vec![pb::RequestOp {
-                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                    key: key.into(),
-                    range_end: vec![],
-                    prev_kv: false,
-                })),
-            }],
-            failure: vec![],
-        };
-        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
-            return Err(Status::not_found(format!("join token {id:?} not found")));
+        for prefix in [TOKENS, USER_TOKENS] {
+            if self.delete_if_present(&format!("{prefix}{id}")).await? {
+                return Ok(Response::new(pb::RevokeTokenResponse {}));
+            }
         }
-        Ok(Response::new(pb::RevokeTokenResponse {}))
+        Err(Status::not_found(format!("token {id:?} not found")))
     }
 
     async fn members(&self, request: Request<pb::MembersRequest>) -> Result<Response<pb::MembersResponse>, Status> {

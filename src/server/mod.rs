@@ -94,21 +94,23 @@ impl Server {
         let (incoming, acceptor) = tls::incoming(listener, tls_config);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         use auth::{require, Allow};
+        let tokens = Arc::new(auth::UserTokens::default());
+        let t = || tokens.clone();
         use tonic::service::interceptor::InterceptedService as Auth;
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .add_service(Auth::new(store.raft_service(), require(Allow::Replicas)))
+            .add_service(Auth::new(store.raft_service(), require(Allow::Replicas, t())))
             .add_service(Auth::new(
                 pb::kv_server::KvServer::new(kv::KvService::new(store.clone())),
-                require(Allow::ReplicasAndAdmins),
+                require(Allow::ReplicasAndAdmins, t()),
             ))
             .add_service(Auth::new(
                 pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone(), keys.clone())),
-                require(Allow::Anyone),
+                require(Allow::Anyone, t()),
             ))
             .add_service(Auth::new(
                 pb::store_admin_server::StoreAdminServer::new(admin::AdminService::new(store.clone())),
-                require(Allow::ReplicasAndAdmins),
+                require(Allow::ReplicasAndAdmins, t()),
             ))
             .add_service(Auth::new(
                 pb::cluster_server::ClusterServer::new(cluster::ClusterService::new(
@@ -116,11 +118,11 @@ impl Server {
                     live.clone(),
                     keys.clone(),
                 )),
-                auth::optional(),
+                auth::optional(t()),
             ))
-            .add_service(Auth::new(health, require(Allow::Anyone)))
-            .add_service(Auth::new(reflection, require(Allow::Anyone)))
-            .add_service(Auth::new(reflection_alpha, require(Allow::Anyone)));
+            .add_service(Auth::new(health, require(Allow::Anyone, t())))
+            .add_service(Auth::new(reflection, require(Allow::Anyone, t())))
+            .add_service(Auth::new(reflection_alpha, require(Allow::Anyone, t())));
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));
@@ -131,6 +133,7 @@ impl Server {
         let loops = vec![
             acceptor,
             tokio::spawn(crate::controllers::namespace::run(addr, live.clone())),
+            tokio::spawn(tokens.clone().refresh(store.clone())),
             tokio::spawn(renew::run(store.clone(), live, resolver, data_dir, advertise, addr)),
         ];
         Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })

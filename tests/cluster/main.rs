@@ -272,7 +272,12 @@ async fn joins_with_a_bad_token_get_a_clear_error_and_leave_nothing_behind() {
 
     // An expired token.
     let short = cluster_client(&r1.addr, &creds)
-        .create_token(pb::CreateTokenRequest { role: "server".into(), ttl_seconds: 1, description: "short".into() })
+        .create_token(pb::CreateTokenRequest {
+            role: "server".into(),
+            ttl_seconds: 1,
+            description: "short".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -281,7 +286,7 @@ async fn joins_with_a_bad_token_get_a_clear_error_and_leave_nothing_behind() {
 
     // A revoked token, and an agent token used for a server.
     let revoked = cluster_client(&r1.addr, &creds)
-        .create_token(pb::CreateTokenRequest { role: "server".into(), ttl_seconds: 0, description: String::new() })
+        .create_token(pb::CreateTokenRequest { role: "server".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -640,7 +645,7 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
     assert!(!ok && out.contains("expired") && out.contains("--token"), "{out}");
     let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
     let fresh = pb::cluster_client::ClusterClient::new(ch)
-        .create_token(pb::CreateTokenRequest { role: "agent".into(), ttl_seconds: 600, description: String::new() })
+        .create_token(pb::CreateTokenRequest { role: "agent".into(), ttl_seconds: 600, ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -733,4 +738,65 @@ async fn a_certificate_that_cannot_renew_raises_a_warning_event_before_it_expire
     }
     c = c.clone();
     let _ = c;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_authenticate_with_a_bearer_token_until_it_is_revoked_or_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r1 = Replica::init(d, "r1");
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let (ok, token) = keelctl(&cfg, &["token", "create", "--role", "user", "--user", "alice", "--ttl", "1h"]);
+    assert!(ok, "{token}");
+    let token = token.trim().to_string();
+
+    // A context with only the CA and the token.
+    let user_cfg = d.join("alice.yaml");
+    let ca = d.join("ca.crt");
+    std::fs::write(&ca, &creds.ca_pem).unwrap();
+    std::fs::write(
+        &user_cfg,
+        format!(
+            "current-context: alice\ncontexts:\n- name: alice\n  servers: [{}]\n  certificate-authority-data: |\n{}  token: {token}\n",
+            r1.addr,
+            creds.ca_pem.lines().map(|l| format!("    {l}\n")).collect::<String>()
+        ),
+    )
+    .unwrap();
+    // Replicas pick up new tokens within about a second.
+    let out = wait_for("the token to reach the replica", Duration::from_secs(10), || async {
+        let (ok, out) = keelctl(&user_cfg, &["get", "ns"]);
+        ok.then_some(out)
+    })
+    .await;
+    assert!(out.contains("kube-system"), "{out}");
+    let (ok, out) = keelctl(&cfg, &["token", "list"]);
+    assert!(ok && out.contains("user:alice"), "{out}");
+
+    // A wrong secret, then the revoked token, get nothing.
+    let id = token.split('.').next().unwrap().to_string();
+    let wrong = d.join("wrong.yaml");
+    std::fs::write(&wrong, std::fs::read_to_string(&user_cfg).unwrap().replace(&token, &format!("{id}.nope"))).unwrap();
+    let (ok, out) = keelctl(&wrong, &["get", "ns"]);
+    assert!(!ok && out.contains("Unauthenticated"), "{out}");
+    let (ok, out) = keelctl(&cfg, &["token", "revoke", &id]);
+    assert!(ok, "{out}");
+    let out = wait_for("the revocation to reach the replica", Duration::from_secs(10), || async {
+        let (ok, out) = keelctl(&user_cfg, &["get", "ns"]);
+        (!ok).then_some(out)
+    })
+    .await;
+    assert!(out.contains("Unauthenticated"), "{out}");
+
+    // An expired one.
+    let (ok, short) = keelctl(&cfg, &["token", "create", "--role", "user", "--user", "bob", "--ttl", "1s"]);
+    assert!(ok, "{short}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let bob = d.join("bob.yaml");
+    std::fs::write(&bob, std::fs::read_to_string(&user_cfg).unwrap().replace(&token, short.trim())).unwrap();
+    let (ok, out) = keelctl(&bob, &["get", "ns"]);
+    assert!(!ok && out.contains("Unauthenticated"), "{out}");
 }
