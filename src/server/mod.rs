@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod join;
 pub mod kv;
+pub mod learners;
 pub mod objects;
 pub mod renew;
 pub mod secrets;
@@ -53,6 +54,16 @@ pub struct Server {
     /// The control loops this replica runs (see `controllers`).
     loops: Vec<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How long the leader keeps a learner it does not hear from (KEEL_LEARNER_TIMEOUT, e.g.
+/// "90s"; 60 s by default).
+fn learner_timeout() -> std::time::Duration {
+    std::env::var("KEEL_LEARNER_TIMEOUT")
+        .ok()
+        .and_then(|v| crate::cli::cluster::parse_ttl(&v).ok())
+        .filter(|s| *s > 0)
+        .map_or(std::time::Duration::from_secs(60), std::time::Duration::from_secs)
 }
 
 impl Server {
@@ -134,6 +145,7 @@ impl Server {
             acceptor,
             tokio::spawn(crate::controllers::namespace::run(addr, live.clone())),
             tokio::spawn(tokens.clone().refresh(store.clone())),
+            tokio::spawn(learners::reap(store.clone(), learner_timeout())),
             tokio::spawn(renew::run(store.clone(), live, resolver, data_dir, advertise, addr)),
         ];
         Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })

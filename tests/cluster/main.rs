@@ -800,3 +800,48 @@ async fn users_authenticate_with_a_bearer_token_until_it_is_revoked_or_expires()
     let (ok, out) = keelctl(&bob, &["get", "ns"]);
     assert!(!ok && out.contains("Unauthenticated"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_that_never_answers_does_not_stay_in_the_membership() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let addr = port();
+    let data = d.join("r1");
+    let a = args(&format!("server --cluster-init --name r1 --listen {addr} --data-dir {}", data.display()));
+    let log = d.join("r1.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let _r1 = Proc {
+        child: Command::new(KEEL)
+            .args(&a)
+            .env("KEEL_LEARNER_TIMEOUT", "2s")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+        log,
+    };
+    let token_path = data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let cfg = keel::cli::config::Config::load(&keel::server::bootstrap::admin_config_path(&data)).unwrap();
+    let creds = cfg.selected(None).unwrap().unwrap().credentials().unwrap();
+    // A learner at an address where nothing listens: a join that died half way.
+    let ch = keel::client::endpoint(&addr, &creds).unwrap().connect_lazy();
+    pb::store_admin_client::StoreAdminClient::new(ch)
+        .add_learner(pb::AddLearnerRequest {
+            id: 9,
+            node: Some(pb::ReplicaNode { addr: port(), name: "gone".into() }),
+            blocking: false,
+        })
+        .await
+        .unwrap();
+    let has_learner = |r: &pb::MembersResponse| r.members.iter().any(|m| m.id == 9);
+    let first = cluster_client(&addr, &creds).members(pb::MembersRequest {}).await.unwrap().into_inner();
+    assert!(has_learner(&first), "the learner was added");
+    wait_for("the silent learner to be removed", Duration::from_secs(30), || async {
+        let r = cluster_client(&addr, &creds).members(pb::MembersRequest {}).await.ok()?.into_inner();
+        (!has_learner(&r)).then_some(())
+    })
+    .await;
+    wait_voters(&addr, &creds, 1).await;
+}
