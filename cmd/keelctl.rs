@@ -789,6 +789,23 @@ async fn cluster_command(
                     Err(e) => println!("{s:<24} unreachable: {e}"),
                 }
             }
+            // Nodes report their certificate's end on their Node object.
+            let nodes = cli::Api::new(servers, creds)?
+                .call(
+                    |mut c| async move { c.list(pb::ListRequest { kind: "Node".into(), ..Default::default() }).await },
+                )
+                .await;
+            if let Ok(list) = nodes {
+                for n in &list.items {
+                    let Some(m) = keel::api::object::meta(n) else { continue };
+                    let Some(end) = m.annotations.get(keel::agent::CERT_EXPIRES) else { continue };
+                    let left = humantime::parse_rfc3339(end)
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs() as i64 - now);
+                    row(&format!("node {}", m.name), end, left);
+                }
+            }
             if let keel::client::ClientAuth::Certificate(mine) = creds {
                 let end = keel::pki::not_after(&mine.cert_pem)?;
                 let who = mine.identity().map_or_else(|| "this user".to_string(), |i| i.to_string());

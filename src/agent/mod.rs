@@ -17,6 +17,8 @@ use crate::proto::v1::objects_client::ObjectsClient;
 use crate::server::authz::NODE_LEASE_NAMESPACE;
 
 pub const LEASE_SECONDS: i32 = 40;
+/// The Node annotation that says when the node's certificate ends (RFC 3339).
+pub const CERT_EXPIRES: &str = "keel.dev/certificate-expires";
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
@@ -150,6 +152,17 @@ impl Agent {
     }
 
     async fn report_ready(&mut self, mut obj: pb::Object) -> Result<pb::Object, tonic::Status> {
+        // The node certificate's end, for `keelctl cluster certs`.
+        let end = pki::validity_of(&self.creds.cert_pem).map(|v| v.1).unwrap_or(0);
+        let stamp = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(end.max(0) as u64))
+            .to_string();
+        if crate::api::object::meta(&obj).and_then(|m| m.annotations.get(CERT_EXPIRES)) != Some(&stamp) {
+            let mut annotated = obj.clone();
+            if let Some(m) = crate::api::object::meta_mut(&mut annotated) {
+                m.annotations.insert(CERT_EXPIRES.to_string(), stamp);
+            }
+            obj = self.client.update(pb::UpdateRequest { object: Some(annotated) }).await?.into_inner();
+        }
         if let Some(pb::object::Kind::Node(n)) = obj.kind.as_mut() {
             let status = n.status.get_or_insert_with(Default::default);
             let t = now();
