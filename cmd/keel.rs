@@ -138,6 +138,9 @@ struct ServerArgs {
     /// when a third is left), e.g. 365d, 24h, 30s.
     #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
+    /// Serve Prometheus metrics over HTTPS (client certificate required) on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Take a verified snapshot (a backup file) this often while leading; 0 turns it off.
     #[arg(long, default_value = "12h", value_parser = keel::cli::cluster::parse_ttl)]
     snapshot_interval: u64,
@@ -381,6 +384,12 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     };
     let member =
         tokio::spawn(keel::server::join::ensure_member(server.store.clone(), creds.clone(), advertise.clone(), seeds));
+    if let Some(listen) = a.metrics_listen {
+        let at = keel::server::metrics::serve(listen, server.store.clone(), server.creds.clone())
+            .await
+            .with_context(|| format!("--metrics-listen {listen}"))?;
+        tracing::info!(%at, "metrics on https://{at}/metrics");
+    }
     let snapshots = (a.snapshot_interval > 0).then(|| {
         let keys = keel::server::secrets::Keyring::load_or_create(&a.data_dir.join("secrets.key"));
         let dir = a.snapshot_dir.clone().unwrap_or_else(|| a.data_dir.join("snapshots"));

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod join;
 pub mod kv;
 pub mod learners;
+pub mod metrics;
 pub mod objects;
 pub mod renew;
 pub mod secrets;
@@ -48,6 +49,8 @@ pub enum ServerError {
 pub struct Server {
     pub store: Store,
     pub addr: SocketAddr,
+    /// This replica's credentials as they renew.
+    pub creds: Arc<crate::pki::LiveCredentials>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Creates the default namespaces; it retries until the cluster has a leader.
     bootstrap: tokio::task::JoinHandle<()>,
@@ -146,9 +149,9 @@ impl Server {
             tokio::spawn(crate::controllers::namespace::run(addr, live.clone())),
             tokio::spawn(tokens.clone().refresh(store.clone())),
             tokio::spawn(learners::reap(store.clone(), learner_timeout())),
-            tokio::spawn(renew::run(store.clone(), live, resolver, data_dir, advertise, addr)),
+            tokio::spawn(renew::run(store.clone(), live.clone(), resolver, data_dir, advertise, addr)),
         ];
-        Ok(Server { store, addr, task, bootstrap, loops, stop: Some(stop_tx) })
+        Ok(Server { store, addr, creds: live, task, bootstrap, loops, stop: Some(stop_tx) })
     }
 
     /// Stops serving and shuts the store down.

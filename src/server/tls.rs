@@ -100,6 +100,13 @@ pub struct TlsConn {
     info: PeerInfo,
 }
 
+impl TlsConn {
+    /// The verified client certificate chain, if the client sent one.
+    pub fn peer_certs(&self) -> Option<&Arc<Vec<CertificateDer<'static>>>> {
+        self.info.certs.as_ref()
+    }
+}
+
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {

@@ -845,3 +845,55 @@ async fn a_learner_that_never_answers_does_not_stay_in_the_membership() {
     .await;
     wait_voters(&addr, &creds, 1).await;
 }
+
+/// GET https://addr/metrics over TLS, with a client certificate or without; the raw response.
+async fn scrape(addr: &str, ca_pem: &str, client: Option<&Credentials>) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some(c) => {
+            let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(keel::pki::SERVER_NAME).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_over_tls_to_certified_scrapers_with_certificate_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let metrics = port();
+    let r1 = Replica::init_with(d, "r1", &format!("--metrics-listen {metrics}"));
+    let token_path = r1.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    let creds = admin(&r1);
+    let text = scrape(&metrics, &creds.ca_pem, Some(&creds)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for want in
+        ["keel_raft_is_leader 1", "keel_raft_voters 1", "keel_certificate_expiry_seconds{certificate=\"replica\"}"]
+    {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    let anonymous = scrape(&metrics, &creds.ca_pem, None).await;
+    assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+}
