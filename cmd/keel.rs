@@ -138,6 +138,10 @@ struct ServerArgs {
     /// when a third is left), e.g. 365d, 24h, 30s.
     #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
+    /// The local address that connections to peers leave from (the chaos suite's fault
+    /// proxies tell replicas apart by it).
+    #[arg(long)]
+    peer_source_ip: Option<std::net::IpAddr>,
     /// Serve Prometheus metrics over HTTPS (client certificate required) on this address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -327,6 +331,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     config.write_timeout = Duration::from_millis(a.write_timeout_ms);
     config.max_batch = a.max_batch;
     config.max_in_flight = a.max_in_flight;
+    config.peer_source = a.peer_source_ip;
     let epoch_file = a.data_dir.join("epoch");
     if a.force_new_cluster {
         let epoch = uuid::Uuid::new_v4().to_string();

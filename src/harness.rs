@@ -122,6 +122,10 @@ pub fn signal(pid: u32, sig: &str) -> Result<(), HarnessError> {
 pub struct Node {
     pub id: u64,
     pub addr: String,
+    /// What peers reach it at, when not `addr` (its fault proxy).
+    pub advertise: Option<String>,
+    /// The address its peer connections leave from (see `netfault`).
+    pub source_ip: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -150,6 +154,39 @@ pub struct ProcCluster {
 impl ProcCluster {
     /// Starts `n` replicas as one new cluster under `dir`.
     pub fn start(exe: &Path, dir: &Path, n: usize, extra_args: &[String]) -> Result<ProcCluster, HarnessError> {
+        let mut c = ProcCluster::prepare(exe, dir, n, extra_args)?;
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Starts `n` replicas whose peer traffic goes through fault proxies (see `netfault`):
+    /// each advertises its proxy and sends from its own loopback address.
+    pub async fn start_behind_proxies(
+        exe: &Path,
+        dir: &Path,
+        n: usize,
+        extra_args: &[String],
+    ) -> Result<(ProcCluster, crate::netfault::FaultNet), HarnessError> {
+        let mut c = ProcCluster::prepare(exe, dir, n, extra_args)?;
+        let targets: Vec<std::net::SocketAddr> = c
+            .nodes
+            .iter()
+            .map(|n| n.addr.parse().map_err(|e| HarnessError::Timeout(format!("bad address {}: {e}", n.addr))))
+            .collect::<Result<_, _>>()?;
+        let net = crate::netfault::FaultNet::start(&targets).await.map_err(io("start the fault proxies"))?;
+        for (i, node) in c.nodes.iter_mut().enumerate() {
+            node.advertise = Some(net.proxies[i].to_string());
+            node.source_ip = Some(crate::netfault::source_ip(i));
+        }
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        Ok((c, net))
+    }
+
+    fn prepare(exe: &Path, dir: &Path, n: usize, extra_args: &[String]) -> Result<ProcCluster, HarnessError> {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -158,6 +195,8 @@ impl ProcCluster {
             nodes.push(Node {
                 id,
                 addr: format!("127.0.0.1:{port}"),
+                advertise: None,
+                source_ip: None,
                 data_dir: dir.join(format!("node{id}")),
                 log: dir.join(format!("node{id}.log")),
                 child: None,
@@ -169,22 +208,22 @@ impl ProcCluster {
             pki.replica(n.id, &n.addr)?.save(&n.data_dir.join("tls")).map_err(write)?;
             crate::pki::write_private(&n.data_dir.join("secrets.key"), &pki.secrets_key).map_err(write)?;
         }
-        let mut c = ProcCluster {
+        Ok(ProcCluster {
             exe: exe.to_path_buf(),
             dir: dir.to_path_buf(),
             nodes,
             extra_args: extra_args.to_vec(),
             pki,
             keep_dir: false,
-        };
-        for i in 0..n {
-            c.spawn(i)?;
-        }
-        Ok(c)
+        })
     }
 
     pub fn initial_cluster(&self) -> String {
-        self.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.advertise.as_deref().unwrap_or(&n.addr)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -206,6 +245,13 @@ impl ProcCluster {
         let log =
             File::options().create(true).append(true).open(&n.log).map_err(io(format!("open {}", n.log.display())))?;
         let err = log.try_clone().map_err(io("clone log handle"))?;
+        let mut extra = Vec::new();
+        if let Some(a) = &n.advertise {
+            extra.extend(["--advertise".to_string(), a.clone()]);
+        }
+        if let Some(ip) = n.source_ip {
+            extra.extend(["--peer-source-ip".to_string(), ip.to_string()]);
+        }
         let child = Command::new(&self.exe)
             .arg("server")
             .arg("--id")
@@ -216,6 +262,7 @@ impl ProcCluster {
             .arg(&n.data_dir)
             .arg("--initial-cluster")
             .arg(&cluster)
+            .args(&extra)
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod controllers;
 pub mod harness;
+pub mod netfault;
 pub mod pki;
 pub mod proto;
 pub mod server;

@@ -104,6 +104,9 @@ pub struct StoreConfig {
     /// The cluster epoch: changed by a forced recovery (`force_new_cluster`), it fences
     /// replicas of the cluster as it was before, whose Raft messages are then refused.
     pub epoch: String,
+    /// The local address peer connections leave from (the chaos suite tells replicas
+    /// apart by it); None lets the kernel choose.
+    pub peer_source: Option<std::net::IpAddr>,
 }
 
 impl StoreConfig {
@@ -126,6 +129,7 @@ impl StoreConfig {
             watch: WatchConfig::default(),
             peer_tls: None,
             epoch: String::new(),
+            peer_source: None,
         }
     }
 }
@@ -233,6 +237,7 @@ impl Store {
         .map_err(|e| StoreError::Stopped(format!("invalid raft configuration: {e}")))?;
         let peers =
             Peers::new(config.id, faults, Duration::from_millis(500), config.peer_tls.clone(), config.epoch.clone());
+        peers.set_source(config.peer_source);
         let network = Network { peers: peers.clone() };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await

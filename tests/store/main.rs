@@ -5,4 +5,5 @@ mod bench_smoke;
 mod cluster;
 mod corruption;
 mod durability;
+mod partition;
 mod suite;

@@ -78,6 +78,7 @@ pub struct Peers {
     contacts: Mutex<HashMap<u64, std::time::Instant>>,
     /// Sent with every Raft message; peers of another epoch refuse it.
     pub epoch: String,
+    source: Mutex<Option<std::net::IpAddr>>,
 }
 
 impl Peers {
@@ -96,6 +97,7 @@ impl Peers {
             tls: Mutex::new(tls),
             contacts: Mutex::new(HashMap::new()),
             epoch,
+            source: Mutex::new(None),
         })
     }
 
@@ -110,7 +112,8 @@ impl Peers {
             Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.clone())?,
             None => Endpoint::from_shared(format!("http://{addr}"))?,
         };
-        endpoint = endpoint.connect_timeout(self.connect_timeout);
+        let source = *self.source.lock().unwrap_or_else(|p| p.into_inner());
+        endpoint = endpoint.connect_timeout(self.connect_timeout).local_address(source);
         let ch = endpoint
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -127,6 +130,11 @@ impl Peers {
     pub fn set_tls(&self, tls: ClientTlsConfig) {
         *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls);
         self.channels.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The local address connections to peers leave from.
+    pub fn set_source(&self, ip: Option<std::net::IpAddr>) {
+        *self.source.lock().unwrap_or_else(|p| p.into_inner()) = ip;
     }
 
     /// How long ago `id` last answered this replica's replication, if it ever did.

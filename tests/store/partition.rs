@@ -1,0 +1,52 @@
+//! Real replica processes behind fault proxies (`keel::netfault`): a network partition
+//! between processes, not an in-process link table.
+
+use std::path::Path;
+use std::time::Duration;
+
+use keel::client::KvClient;
+use keel::harness::ProcCluster;
+use keel::proto::v1 as pb;
+use tokio::time::Instant;
+
+fn client(c: &ProcCluster, i: usize) -> KvClient {
+    KvClient::new(&[c.nodes[i].addr.clone()], Duration::from_secs(2), &c.pki.admin).unwrap()
+}
+
+async fn get(c: &KvClient, key: &str) -> Option<Vec<u8>> {
+    let r = c.range(pb::RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() }).await.ok()?;
+    r.kvs.into_iter().next().map(|kv| kv.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_isolated_by_the_network_loses_its_quorum_and_the_majority_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
+    let (c, net) = ProcCluster::start_behind_proxies(exe, dir.path(), 3, &[]).await.unwrap();
+    let leader = c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
+    client(&c, leader).put("before", "1").await.unwrap();
+
+    net.isolate(leader, 3);
+    // The old leader cannot commit: its write fails or stays unanswered, never succeeds.
+    let zombie = client(&c, leader).put("zombie", "1").await;
+    assert!(zombie.is_err(), "an isolated leader acknowledged a write");
+    // The other two elect a leader and take writes.
+    let other = (leader + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if client(&c, other).put("after", "1").await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the majority never took a write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    net.heal();
+    c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
+    for i in 0..3 {
+        let cl = client(&c, i);
+        assert_eq!(get(&cl, "before").await.as_deref(), Some(&b"1"[..]), "replica {i}");
+        assert_eq!(get(&cl, "after").await.as_deref(), Some(&b"1"[..]), "replica {i}");
+        assert_eq!(get(&cl, "zombie").await, None, "the zombie write was never committed (replica {i})");
+    }
+}
