@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod controllers;
