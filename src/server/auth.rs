@@ -42,12 +42,7 @@ impl UserTokens {
     pub async fn refresh(self: Arc<Self>, store: crate::store::Store) {
         let prefix = super::cluster::USER_TOKENS;
         loop {
-            let req = pb::RangeRequest {
-                key: prefix.into(),
-                range_end: crate::store::prefix_end(prefix.as_bytes()),
-                serializable: true,
-                ..Default::default()
-            };
+            let req = pb::RangeRequest { serializable: true, ..crate::store::prefix_request(prefix) };
             if let Ok(r) = store.range(req).await {
                 let map = r
                     .kvs

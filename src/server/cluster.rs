@@ -26,7 +26,7 @@ use super::auth::{caller, unauthenticated};
 use super::status::from_store;
 use crate::pki::{self, Ca, Credentials, Identity, JoinToken, TokenRole};
 use crate::proto::v1 as pb;
-use crate::store::{Member, Store};
+use crate::store::{delete_op, exists, mod_equals, prefix_request, put_op, Member, Store};
 
 pub const CLUSTER_ID_KEY: &str = "/keel/cluster-id";
 pub const CA_KEY: &str = "/keel/pki/ca";
@@ -88,21 +88,6 @@ fn rfc3339(unix: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64)).to_string()
 }
 
-fn put(key: &str, value: Vec<u8>) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest { key: key.into(), value, prev_kv: false })),
-    }
-}
-
-fn mod_equals(key: &str, rev: i64) -> pb::Compare {
-    pb::Compare {
-        result: pb::compare::CompareResult::Equal as i32,
-        target: pb::compare::Target::Mod as i32,
-        key: key.into(),
-        target_union: Some(pb::compare::TargetUnion::ModRevision(rev)),
-    }
-}
-
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -149,13 +134,13 @@ pub async fn initialize(
         // Only once: a cluster that has an id keeps it.
         compare: vec![mod_equals(CLUSTER_ID_KEY, 0)],
         success: vec![
-            put(CLUSTER_ID_KEY, cluster_id.as_bytes().to_vec()),
-            put(CA_KEY, json(&StoredCa { cert_pem: ca.cert_pem.clone(), key_pem: ca.key_pem.clone() })),
-            put(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })),
-            put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()),
-            put(CERT_LIFETIME_KEY, cert_lifetime.as_secs().to_string().into_bytes()),
-            put(&format!("{TOKENS}{}", server.id), json(&token(&server, "servers"))),
-            put(&format!("{TOKENS}{}", agent.id), json(&token(&agent, "agents"))),
+            put_op(CLUSTER_ID_KEY, cluster_id.as_bytes().to_vec()),
+            put_op(CA_KEY, json(&StoredCa { cert_pem: ca.cert_pem.clone(), key_pem: ca.key_pem.clone() })),
+            put_op(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })),
+            put_op(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()),
+            put_op(CERT_LIFETIME_KEY, cert_lifetime.as_secs().to_string().into_bytes()),
+            put_op(&format!("{TOKENS}{}", server.id), json(&token(&server, "servers"))),
+            put_op(&format!("{TOKENS}{}", agent.id), json(&token(&agent, "agents"))),
         ],
         failure: vec![],
     };
@@ -205,8 +190,8 @@ pub async fn load_backup(
             })),
         })
         .collect();
-    ops.push(put(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })));
-    ops.push(put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()));
+    ops.push(put_op(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })));
+    ops.push(put_op(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for batch in ops.chunks(256) {
         let txn = pb::TxnRequest { compare: vec![], success: batch.to_vec(), failure: vec![] };
@@ -317,11 +302,11 @@ impl ClusterService {
                     (
                         id,
                         vec![mod_equals(&key, 0), mod_equals(NEXT_REPLICA_ID, rev)],
-                        vec![put(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes())],
+                        vec![put_op(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes())],
                     )
                 }
             };
-            ops.push(put(&key, json(&Registration { id, fingerprint: fingerprint.to_string() })));
+            ops.push(put_op(&key, json(&Registration { id, fingerprint: fingerprint.to_string() })));
             compare.retain(|c| !c.key.is_empty());
             let r = self.store.txn(pb::TxnRequest { compare, success: ops, failure: vec![] }, true).await;
             if r.map_err(from_store)?.succeeded {
@@ -345,7 +330,7 @@ impl ClusterService {
         };
         let txn = pb::TxnRequest {
             compare: vec![mod_equals(&key, rev)],
-            success: vec![put(&key, json(&Registration { id: 0, fingerprint: fingerprint.to_string() }))],
+            success: vec![put_op(&key, json(&Registration { id: 0, fingerprint: fingerprint.to_string() }))],
             failure: vec![],
         };
         if self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -387,22 +372,7 @@ impl ClusterService {
 
     /// Deletes `key` if it exists; whether it did.
     async fn delete_if_present(&self, key: &str) -> Result<bool, Status> {
-        let txn = pb::TxnRequest {
-            compare: vec![pb::Compare {
-                result: pb::compare::CompareResult::Greater as i32,
-                target: pb::compare::Target::Mod as i32,
-                key: key.into(),
-                target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
-            }],
-            success: vec![pb::RequestOp {
-                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                    key: key.into(),
-                    range_end: vec![],
-                    prev_kv: false,
-                })),
-            }],
-            failure: vec![],
-        };
+        let txn = pb::TxnRequest { compare: vec![exists(key)], success: vec![delete_op(key)], failure: vec![] };
         Ok(self.store.txn(txn, true).await.map_err(from_store)?.succeeded)
     }
 
@@ -423,7 +393,7 @@ impl ClusterService {
         let key = format!("{USER_TOKENS}{}", t.id);
         let txn = pb::TxnRequest {
             compare: vec![mod_equals(&key, 0)],
-            success: vec![put(&key, json(&stored))],
+            success: vec![put_op(&key, json(&stored))],
             failure: vec![],
         };
         if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -433,15 +403,7 @@ impl ClusterService {
     }
 
     async fn name_of(&self, id: u64) -> Result<Option<String>, Status> {
-        let r = self
-            .store
-            .range(pb::RangeRequest {
-                key: REPLICAS.into(),
-                range_end: crate::store::prefix_end(REPLICAS.as_bytes()),
-                ..Default::default()
-            })
-            .await
-            .map_err(from_store)?;
+        let r = self.store.range(prefix_request(REPLICAS)).await.map_err(from_store)?;
         for kv in r.kvs {
             if serde_json::from_slice::<Registration>(&kv.value).is_ok_and(|reg| reg.id == id) {
                 return Ok(Some(String::from_utf8_lossy(&kv.key[REPLICAS.len()..]).into_owned()));
@@ -588,7 +550,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         let key = format!("{TOKENS}{}", token.id);
         let txn = pb::TxnRequest {
             compare: vec![mod_equals(&key, 0)],
-            success: vec![put(&key, json(&stored))],
+            success: vec![put_op(&key, json(&stored))],
             failure: vec![],
         };
         if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -605,24 +567,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         Self::admin_caller(&request)?;
-        let r = self
-            .store
-            .range(pb::RangeRequest {
-                key: TOKENS.into(),
-                range_end: crate::store::prefix_end(TOKENS.as_bytes()),
-                ..Default::default()
-            })
-            .await
-            .map_err(from_store)?;
-        let users = self
-            .store
-            .range(pb::RangeRequest {
-                key: USER_TOKENS.into(),
-                range_end: crate::store::prefix_end(USER_TOKENS.as_bytes()),
-                ..Default::default()
-            })
-            .await
-            .map_err(from_store)?;
+        let r = self.store.range(prefix_request(TOKENS)).await.map_err(from_store)?;
+        let users = self.store.range(prefix_request(USER_TOKENS)).await.map_err(from_store)?;
         let tokens = r
             .kvs
             .iter()
@@ -693,21 +639,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         if !r.node.is_empty() {
             let key = format!("{NODES}{}", r.node);
             let node_key = format!("/registry/nodes/{}", r.node);
-            let del = |k: &str| pb::RequestOp {
-                request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                    key: k.into(),
-                    range_end: vec![],
-                    prev_kv: false,
-                })),
-            };
             let txn = pb::TxnRequest {
-                compare: vec![pb::Compare {
-                    result: pb::compare::CompareResult::Greater as i32,
-                    target: pb::compare::Target::Mod as i32,
-                    key: key.clone().into(),
-                    target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
-                }],
-                success: vec![del(&key), del(&node_key)],
+                compare: vec![exists(&key)],
+                success: vec![delete_op(&key), delete_op(&node_key)],
                 failure: vec![],
             };
             if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -736,16 +670,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         }
         // Free its name: the registration goes with the member.
         if let Some(name) = self.name_of(id).await? {
-            let key = format!("{REPLICAS}{name}");
             let del = pb::TxnRequest {
                 compare: vec![],
-                success: vec![pb::RequestOp {
-                    request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                        key: key.into(),
-                        range_end: vec![],
-                        prev_kv: false,
-                    })),
-                }],
+                success: vec![delete_op(&format!("{REPLICAS}{name}"))],
                 failure: vec![],
             };
             self.store.txn(del, true).await.map_err(from_store)?;
@@ -803,15 +730,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         const SECRETS: &str = "/registry/secrets/";
         let active = self.keys.active().to_string();
         let (mut resealed, mut unchanged) = (0, 0);
-        let r = self
-            .store
-            .range(pb::RangeRequest {
-                key: SECRETS.into(),
-                range_end: crate::store::prefix_end(SECRETS.as_bytes()),
-                ..Default::default()
-            })
-            .await
-            .map_err(from_store)?;
+        let r = self.store.range(prefix_request(SECRETS)).await.map_err(from_store)?;
         for kv in r.kvs {
             if super::secrets::Keyring::sealed_with(&kv.value) == Some(active.as_str()) {
                 unchanged += 1;
@@ -826,7 +745,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             // active key already.
             let txn = pb::TxnRequest {
                 compare: vec![mod_equals(&key, kv.mod_revision)],
-                success: vec![put(&key, self.keys.seal(&plain))],
+                success: vec![put_op(&key, self.keys.seal(&plain))],
                 failure: vec![],
             };
             if self.store.txn(txn, true).await.map_err(from_store)?.succeeded {

@@ -25,7 +25,7 @@ use crate::api::selector::{FieldSelector, LabelSelector};
 use crate::api::{apply, defaults, object, validation};
 use crate::pki::Identity;
 use crate::proto::v1 as pb;
-use crate::store::{prefix_end, KeyRange, Store, WatchError};
+use crate::store::{delete_op, mod_equals, prefix_end, prefix_request, put_op, KeyRange, Store, WatchError};
 
 pub const DEFAULT_NAMESPACES: &[&str] = &["default", "kube-system", super::authz::NODE_LEASE_NAMESPACE];
 
@@ -139,31 +139,6 @@ fn not_found(info: &KindInfo, name: &str) -> Status {
     Status::not_found(format!("{} {name:?} not found", resource_name(info)))
 }
 
-fn put(key: &str, value: Vec<u8>) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest { key: key.into(), value, prev_kv: false })),
-    }
-}
-
-fn delete(key: &str) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-            key: key.into(),
-            range_end: Vec::new(),
-            prev_kv: false,
-        })),
-    }
-}
-
-fn mod_equals(key: &str, rev: i64) -> pb::Compare {
-    pb::Compare {
-        result: pb::compare::CompareResult::Equal as i32,
-        target: pb::compare::Target::Mod as i32,
-        key: key.into(),
-        target_union: Some(pb::compare::TargetUnion::ModRevision(rev)),
-    }
-}
-
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let id = uuid::Uuid::new_v4();
@@ -257,7 +232,7 @@ impl ObjectsService {
                 };
                 compare.push(mod_equals(&ns_key, ns_rev));
             }
-            let txn = pb::TxnRequest { compare, success: vec![put(&k, value.clone())], failure: vec![] };
+            let txn = pb::TxnRequest { compare, success: vec![put_op(&k, value.clone())], failure: vec![] };
             let resp = self.store.txn(txn, true).await.map_err(from_store)?;
             if resp.succeeded {
                 if let Some(m) = object::meta_mut(&mut obj) {
@@ -315,15 +290,7 @@ impl ObjectsService {
         }
         let pods = kinds::info(kinds::Kind::Pod);
         let p = prefix(pods, namespace);
-        let r = self
-            .store
-            .range(pb::RangeRequest {
-                key: p.clone().into(),
-                range_end: prefix_end(p.as_bytes()),
-                ..Default::default()
-            })
-            .await
-            .map_err(from_store)?;
+        let r = self.store.range(prefix_request(&p)).await.map_err(from_store)?;
         for kv in &r.kvs {
             let pod = decode(kv, &self.keys)?;
             if authz::pod_node(&pod) != Some(node.as_str()) {
@@ -462,7 +429,7 @@ impl ObjectsService {
                 }
             }
             return Ok(Planned {
-                op: Some(put(&k, encode(&obj, &self.keys))),
+                op: Some(put_op(&k, encode(&obj, &self.keys))),
                 key: k,
                 compare,
                 object: obj,
@@ -556,9 +523,9 @@ struct Planned {
 fn write_op(k: &str, next: &pb::Object, keys: &Keyring) -> pb::RequestOp {
     let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty()) && releasable(next);
     if finished {
-        delete(k)
+        delete_op(k)
     } else {
-        put(k, encode(next, keys))
+        put_op(k, encode(next, keys))
     }
 }
 
@@ -769,7 +736,7 @@ impl pb::objects_server::Objects for ObjectsService {
                 n.status.get_or_insert_with(Default::default).phase = "Terminating".into();
             }
         }
-        let op = if holds { put(&k, encode(&obj, &self.keys)) } else { delete(&k) };
+        let op = if holds { put_op(&k, encode(&obj, &self.keys)) } else { delete_op(&k) };
         let txn = pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
         let resp = self.store.txn(txn, true).await.map_err(from_store)?;
         if !resp.succeeded {

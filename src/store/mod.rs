@@ -29,7 +29,7 @@ use raft::network::{Network, Peers};
 use raft::state_machine::{Shared, StateMachine};
 pub use raft::Member;
 use raft::{codec, log_store::LogStore, Raft};
-pub use txn::{prefix_end, KeyRange, TxnError};
+pub use txn::{delete_op, exists, mod_equals, prefix_end, prefix_request, put_op, KeyRange, TxnError};
 pub use watch::{Watch, WatchBatch, WatchConfig, WatchError};
 
 /// The on-disk layout version. Written when a data directory is created; a replica refuses

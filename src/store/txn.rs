@@ -11,6 +11,7 @@ use std::ops::Bound;
 use prost::Message;
 
 use super::kv::{Batch, Kv, KvError, Space};
+use crate::proto::v1 as pb;
 use crate::proto::v1::{
     compare, event, request_op, response_op, Compare, DeleteRangeRequest, DeleteRangeResponse, Event, KeyValue,
     PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
@@ -378,6 +379,49 @@ fn delete(
         deleted: victims.len() as i64,
         prev_kvs: if d.prev_kv { victims } else { Vec::new() },
     })
+}
+
+/// A put of `value` at `key`, as one operation of a transaction.
+pub fn put_op(key: &str, value: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest { key: key.into(), value, prev_kv: false })),
+    }
+}
+
+/// A delete of the single key `key`, as one operation of a transaction.
+pub fn delete_op(key: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: key.into(),
+            range_end: Vec::new(),
+            prev_kv: false,
+        })),
+    }
+}
+
+/// Compares `key`'s mod_revision with `rev` (0: the key does not exist).
+pub fn mod_equals(key: &str, rev: i64) -> pb::Compare {
+    pb::Compare {
+        result: pb::compare::CompareResult::Equal as i32,
+        target: pb::compare::Target::Mod as i32,
+        key: key.into(),
+        target_union: Some(pb::compare::TargetUnion::ModRevision(rev)),
+    }
+}
+
+/// Holds when `key` exists.
+pub fn exists(key: &str) -> pb::Compare {
+    pb::Compare {
+        result: pb::compare::CompareResult::Greater as i32,
+        target: pb::compare::Target::Mod as i32,
+        key: key.into(),
+        target_union: Some(pb::compare::TargetUnion::ModRevision(0)),
+    }
+}
+
+/// A (linearizable) read of every key under `prefix`.
+pub fn prefix_request(prefix: &str) -> pb::RangeRequest {
+    pb::RangeRequest { key: prefix.into(), range_end: prefix_end(prefix.as_bytes()), ..Default::default() }
 }
 
 #[cfg(test)]
