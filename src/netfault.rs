@@ -9,8 +9,8 @@
 //!
 //! - `cut(from, to)`: new connections are refused and open ones are closed, so `from`'s
 //!   requests never reach `to` (and neither do the answers to them).
-//! - `drop_replies(from, to)`: `from`'s requests reach `to`, `to`'s answers are discarded:
-//!   the "can send but not receive" half of an asymmetric partition.
+//! - `drop_replies(from, to)`: `from`'s requests reach `to`, `to`'s answers are held back
+//!   until the rule goes: the "can send but not receive" half of an asymmetric partition.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -94,7 +94,7 @@ impl FaultNet {
         }
     }
 
-    /// `from`'s requests reach `to`; `to`'s answers are dropped.
+    /// `from`'s requests reach `to`; `to`'s answers are held back until `heal`.
     pub fn drop_replies(&self, from: usize, to: usize) {
         self.rules.send_modify(|r| {
             r.one_way.insert((from, to));
@@ -149,15 +149,12 @@ async fn relay(
                     }
                 }
             },
-            n = sr.read(&mut down) => match n {
+            // A one-way link holds the answers back, as a network that loses them would:
+            // TCP delivers them late or never, it never delivers a stream with a hole in it.
+            n = sr.read(&mut down), if !one_way => match n {
                 Ok(0) | Err(_) => return,
-                // Answers of a one-way link are read and discarded.
                 Ok(n) => {
-                    let (cut, one_way) = {
-                        let r = rules.borrow();
-                        (blocked(&r, from, to), one_way || from.is_some_and(|f| r.one_way.contains(&(f, to))))
-                    };
-                    if cut || (!one_way && cw.write_all(&down[..n]).await.is_err()) {
+                    if blocked(&rules.borrow(), from, to) || cw.write_all(&down[..n]).await.is_err() {
                         return;
                     }
                 }

@@ -91,6 +91,36 @@ impl ClientError {
     }
 }
 
+/// What a failed call tells about whether its request took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The server answered with this status: its code is the server's word (for Keel,
+    /// UNAVAILABLE promises that a write was never proposed).
+    Answered,
+    /// No connection could be made: the request never left this process.
+    NotSent,
+    /// The connection failed or timed out after the request may have been sent: a write may
+    /// or may not have been applied.
+    Lost,
+}
+
+/// Tells a status the server sent from one tonic made up for a transport failure. Tonic
+/// reports both as UNAVAILABLE (or UNKNOWN), but only the first says anything about the
+/// request; a status made from a transport error carries that error as its source.
+pub fn delivery(status: &Status) -> Delivery {
+    let mut source = std::error::Error::source(status);
+    if source.is_none() {
+        return Delivery::Answered;
+    }
+    while let Some(e) = source {
+        if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return Delivery::NotSent;
+        }
+        source = e.source();
+    }
+    Delivery::Lost
+}
+
 /// Whether trying another replica may help.
 fn fail_over(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
@@ -212,5 +242,32 @@ impl KvClient {
             .await
             .map(|r| r.into_inner())
             .map_err(|status| ClientError::Rpc { addr: addr.clone(), status })
+    }
+}
+
+#[cfg(test)]
+mod delivery_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_never_sent_the_request() {
+        let port = crate::harness::free_port().unwrap();
+        let ch = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+        let err = pb::kv_client::KvClient::new(ch).range(pb::RangeRequest::default()).await.unwrap_err();
+        assert_eq!(delivery(&err), Delivery::NotSent, "{err:?}");
+        assert_eq!(delivery(&Status::unavailable("no leader")), Delivery::Answered);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_or_a_dropped_connection_may_have_delivered_it() {
+        // A listener that accepts and never answers: the request is sent, no answer comes.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let ch = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let mut req = tonic::Request::new(pb::RangeRequest::default());
+        req.set_timeout(Duration::from_millis(200));
+        let err = pb::kv_client::KvClient::new(ch).range(req).await.unwrap_err();
+        assert_eq!(delivery(&err), Delivery::Lost, "{err:?}");
+        drop(l);
     }
 }

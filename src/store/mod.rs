@@ -107,6 +107,9 @@ pub struct StoreConfig {
     /// The local address peer connections leave from (the chaos suite tells replicas
     /// apart by it); None lets the kernel choose.
     pub peer_source: Option<std::net::IpAddr>,
+    /// A leader that no quorum has answered for three election timeouts stops sending, so
+    /// that the others can elect (check-quorum; see `Peers::may_append`).
+    pub check_quorum: bool,
 }
 
 impl StoreConfig {
@@ -130,11 +133,42 @@ impl StoreConfig {
             peer_tls: None,
             epoch: String::new(),
             peer_source: None,
+            check_quorum: true,
         }
     }
 }
 
 /// A request marked as forwarded once (the receiver never forwards it again).
+/// A forwarded write that failed: the leader's answer, or `Indeterminate` when the
+/// connection failed after the request may have reached it.
+fn forwarded_write_error(addr: String, status: tonic::Status) -> StoreError {
+    match crate::client::delivery(&status) {
+        crate::client::Delivery::Lost => {
+            StoreError::Indeterminate(format!("the connection to the leader at {addr} failed: {status}"))
+        }
+        _ => StoreError::Forwarded { addr, status },
+    }
+}
+
+/// Keeps the check-quorum voter set of `peers` equal to the current membership's voters.
+async fn track_voters(
+    mut metrics: tokio::sync::watch::Receiver<::openraft::RaftMetrics<u64, Member>>,
+    peers: Arc<Peers>,
+    window: Option<Duration>,
+) {
+    let mut last = None;
+    loop {
+        let voters: Vec<u64> = metrics.borrow_and_update().membership_config.membership().voter_ids().collect();
+        if last.as_ref() != Some(&voters) {
+            peers.set_quorum_check(voters.clone(), window);
+            last = Some(voters);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 pub(crate) fn forwarded_request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
@@ -243,6 +277,8 @@ impl Store {
             .await
             .map_err(|e| StoreError::Stopped(e.to_string()))?;
         let proposer = proposer::Proposer::start(raft.clone(), peers.clone(), config.max_batch, config.max_in_flight);
+        let window = config.check_quorum.then(|| config.election_timeout_max * 3);
+        tokio::spawn(track_voters(raft.metrics(), peers.clone(), window));
         Ok(Store { inner: Arc::new(Inner { id: config.id, raft, kv, shared, peers, proposer, config }) })
     }
 
@@ -440,7 +476,7 @@ impl Store {
                     .add_learner(Self::forwarded(req, Duration::from_secs(60)))
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|status| StoreError::Forwarded { addr, status })
+                    .map_err(|status| forwarded_write_error(addr, status))
             }
             Err(RaftError::APIError(e)) => Err(StoreError::Membership(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(StoreError::Stopped(e.to_string())),
@@ -484,7 +520,7 @@ impl Store {
                     .change_membership(Self::forwarded(req, Duration::from_secs(60)))
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|status| StoreError::Forwarded { addr, status })
+                    .map_err(|status| forwarded_write_error(addr, status))
             }
             Err(RaftError::APIError(e)) => Err(StoreError::Membership(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(StoreError::Stopped(e.to_string())),

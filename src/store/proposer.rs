@@ -119,8 +119,7 @@ async fn run(ctx: Ctx, mut rx: mpsc::Receiver<Pending>, max_batch: usize, slots:
         }
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            dispatch(&ctx, batch).await;
+            dispatch(&ctx, batch, permit).await;
         });
     }
 }
@@ -152,7 +151,10 @@ fn all_txns(batch: &[Pending]) -> Vec<pb::TxnRequest> {
     batch.iter().flat_map(|p| p.txns.iter().cloned()).collect()
 }
 
-async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>) {
+/// Proposes or forwards one batch. `slot` is held while proposing, so that proposals queue
+/// up into the next batch meanwhile (group commit); a forward gives it back at once, so a
+/// leader that stops answering holds up only the batch sent to it, not every write after it.
+async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>, slot: tokio::sync::OwnedSemaphorePermit) {
     let Some(deadline) = batch.iter().map(|p| p.deadline).min() else { return };
     loop {
         // Whoever stopped waiting gets nothing started on their behalf.
@@ -201,6 +203,7 @@ async fn dispatch(ctx: &Ctx, mut batch: Vec<Pending>) {
                 if fwd.is_empty() {
                     return;
                 }
+                drop(slot);
                 let result = forward(ctx, l, &addr, all_txns(&fwd), deadline).await;
                 return deliver(fwd, result);
             }
@@ -223,7 +226,15 @@ async fn forward(
     let forwarded = |status| ProposeError::Forwarded { addr: addr.into(), status };
     let ch = ctx.peers.forward_channel(leader, addr).map_err(forwarded)?;
     let req = forwarded_request(pb::TxnBatch { txns }, deadline.saturating_duration_since(Instant::now()));
-    let resp = pb::kv_client::KvClient::new(ch).forward_txns(req).await.map_err(forwarded)?;
+    let resp = pb::kv_client::KvClient::new(ch).forward_txns(req).await.map_err(|status| {
+        // The leader's own status is its word; a connection lost after sending is not.
+        match crate::client::delivery(&status) {
+            crate::client::Delivery::Lost => {
+                ProposeError::Indeterminate(format!("the connection to the leader at {addr} failed: {status}"))
+            }
+            _ => forwarded(status),
+        }
+    })?;
     if ctx.peers.faults.is_cut(leader, ctx.peers.id) {
         // The leader ran it; only the answer was lost.
         return Err(ProposeError::Indeterminate(format!(

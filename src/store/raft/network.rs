@@ -57,6 +57,23 @@ impl Faults {
     }
 }
 
+/// A leader's record of which voters answer it: see [`Peers::may_append`].
+#[derive(Default, Debug)]
+struct Lease {
+    /// (term, leader id) of the leadership being tracked.
+    term: (u64, u64),
+    /// Per voter: the first append sent to it since its last answer.
+    waiting: HashMap<u64, std::time::Instant>,
+    others: Vec<u64>,
+    window: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no quorum answered this leader for {window:?}; it stops sending so that the others can elect")]
+pub struct QuorumLost {
+    window: Duration,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("link {from} -> {to} is cut")]
 pub struct LinkCut {
@@ -76,6 +93,8 @@ pub struct Peers {
     tls: Mutex<Option<ClientTlsConfig>>,
     /// When each peer last answered an append-entries (meaningful on the leader).
     contacts: Mutex<HashMap<u64, std::time::Instant>>,
+    /// The leader's check of its own quorum; see [`Peers::may_append`].
+    lease: Mutex<Lease>,
     /// Sent with every Raft message; peers of another epoch refuse it.
     pub epoch: String,
     source: Mutex<Option<std::net::IpAddr>>,
@@ -96,6 +115,7 @@ impl Peers {
             connect_timeout,
             tls: Mutex::new(tls),
             contacts: Mutex::new(HashMap::new()),
+            lease: Mutex::new(Lease::default()),
             epoch,
             source: Mutex::new(None),
         })
@@ -144,6 +164,47 @@ impl Peers {
 
     fn contacted(&self, id: u64) {
         self.contacts.lock().unwrap_or_else(|p| p.into_inner()).insert(id, std::time::Instant::now());
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).waiting.remove(&id);
+    }
+
+    /// The voters other than this replica, and how long a leader may go without hearing from
+    /// a quorum of them before it stops sending (see [`Peers::may_append`]). `None` turns the
+    /// check off.
+    pub fn set_quorum_check(&self, voters: Vec<u64>, window: Option<Duration>) {
+        let mut l = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        l.others = voters.into_iter().filter(|v| *v != self.id).collect();
+        l.window = window;
+    }
+
+    /// Check-quorum, which openraft 0.9 lacks. A leader whose appends a quorum has not
+    /// answered for a whole window sends nothing more, so that its followers' election timers
+    /// run out and the replicas that can still talk to each other elect a new leader.
+    ///
+    /// Without it a leader that can send but not receive (an asymmetric partition, a broken
+    /// return path) keeps resetting every follower's election timer with heartbeats nobody
+    /// can answer, and no write commits until the network heals. Only liveness depends on
+    /// this: a leader that stops sending commits nothing, and a new leader's first message
+    /// (or a vote request) deposes it as usual.
+    ///
+    /// `term` identifies the leadership the append belongs to; a new term starts a fresh
+    /// lease. Returns an error, without sending, while the lease is lost.
+    fn may_append(&self, term: (u64, u64), to: u64) -> Result<(), QuorumLost> {
+        let mut l = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if l.term != term {
+            l.term = term;
+            l.waiting.clear();
+        }
+        let Some(window) = l.window else { return Ok(()) };
+        let answering = l.others.iter().filter(|v| l.waiting.get(v).is_none_or(|t| now - *t < window)).count();
+        // This replica (a voter, as a leader is) plus the voters that answer in time.
+        let voters = l.others.len() + 1;
+        let majority = voters / 2 + 1;
+        if 1 + answering < majority {
+            return Err(QuorumLost { window });
+        }
+        l.waiting.entry(to).or_insert(now);
+        Ok(())
     }
 
     /// A channel for forwarding a request to the leader, refused (UNAVAILABLE, nothing sent)
@@ -231,6 +292,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             entries: rpc.entries.iter().map(codec::entry_to_pb).collect(),
             leader_commit: codec::opt_log_id_to_pb(&rpc.leader_commit),
         };
+        let term = (rpc.vote.leader_id().term, rpc.vote.leader_id().voted_for().unwrap_or_default());
+        self.peers.may_append(term, self.target).map_err(|e| Unreachable::new(&e))?;
         let resp = self.client()?.append_entries(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         self.peers.contacted(self.target);
