@@ -128,6 +128,9 @@ fn invalid(info: &KindInfo, name: &str, errors: Vec<validation::FieldError>) -> 
     )
 }
 
+/// How often an update or delete re-reads after losing a race to another writer.
+const MAX_RETRIES: usize = 16;
+
 fn conflict(info: &KindInfo, name: &str) -> Status {
     Status::aborted(format!(
         "Operation cannot be fulfilled on {} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
@@ -355,30 +358,38 @@ impl ObjectsService {
         let namespace =
             if info.namespaced && m.namespace.is_empty() { "default".to_string() } else { m.namespace.clone() };
         let k = key(info, &namespace, &m.name);
-        let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &m.name))?;
-        if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
-            return Err(conflict(info, &m.name));
+        // As Kubernetes' GuaranteedUpdate: when another writer commits between the read and
+        // this transaction, read again and decide on the new state. The caller's
+        // resourceVersion (if any) is checked against each read, so a stale one is a
+        // conflict, an object deleted meanwhile is NotFound, and an update without one is
+        // applied to the latest state.
+        for _ in 0..MAX_RETRIES {
+            let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &m.name))?;
+            if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
+                return Err(conflict(info, &m.name));
+            }
+            let current = decode(&kv, &self.keys)?;
+            let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
+            self.authorize_write(who, verb, info, &namespace, &m.name, Some(&current))?;
+            let mut next = self.prepare_update(info, &namespace, &current, &obj, status_only)?;
+            if next == current {
+                return Ok(current);
+            }
+            let txn = pb::TxnRequest {
+                compare: vec![mod_equals(&k, kv.mod_revision)],
+                success: vec![write_op(&k, &next, &self.keys)],
+                failure: vec![],
+            };
+            let resp = self.store.txn(txn, true).await.map_err(from_store)?;
+            if !resp.succeeded {
+                continue;
+            }
+            if let Some(nm) = object::meta_mut(&mut next) {
+                nm.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+            }
+            return Ok(next);
         }
-        let current = decode(&kv, &self.keys)?;
-        let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
-        self.authorize_write(who, verb, info, &namespace, &m.name, Some(&current))?;
-        let mut next = self.prepare_update(info, &namespace, &current, &obj, status_only)?;
-        if next == current {
-            return Ok(current);
-        }
-        let txn = pb::TxnRequest {
-            compare: vec![mod_equals(&k, kv.mod_revision)],
-            success: vec![write_op(&k, &next, &self.keys)],
-            failure: vec![],
-        };
-        let resp = self.store.txn(txn, true).await.map_err(from_store)?;
-        if !resp.succeeded {
-            return Err(conflict(info, &m.name));
-        }
-        if let Some(nm) = object::meta_mut(&mut next) {
-            nm.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
-        }
-        Ok(next)
+        Err(conflict(info, &m.name))
     }
 
     /// A namespace that new objects may go into: its key and revision to compare, or None
@@ -700,14 +711,6 @@ impl pb::objects_server::Objects for ObjectsService {
                 reference.name
             )));
         }
-        let k = key(info, ns, &reference.name);
-        let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &reference.name))?;
-        if !r.resource_version.is_empty() && r.resource_version != kv.mod_revision.to_string() {
-            return Err(conflict(info, &reference.name));
-        }
-        let mut obj = decode(&kv, &self.keys)?;
-        let scope = if info.namespaced { ns } else { "" };
-        self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj))?;
         let policy = match r.propagation_policy.as_str() {
             "" | "Background" => None,
             "Foreground" => Some("foregroundDeletion"),
@@ -718,36 +721,50 @@ impl pb::objects_server::Objects for ObjectsService {
                 )))
             }
         };
-        if let Some(m) = object::meta_mut(&mut obj) {
-            if let Some(f) = policy {
-                if !m.finalizers.iter().any(|x| x == f) {
-                    m.finalizers.push(f.to_string());
+        let k = key(info, ns, &reference.name);
+        // Another writer between the read and the commit: read again (see update_object).
+        // Only the caller's own precondition makes a delete a conflict.
+        for _ in 0..MAX_RETRIES {
+            let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &reference.name))?;
+            if !r.resource_version.is_empty() && r.resource_version != kv.mod_revision.to_string() {
+                return Err(conflict(info, &reference.name));
+            }
+            let mut obj = decode(&kv, &self.keys)?;
+            let scope = if info.namespaced { ns } else { "" };
+            self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj))?;
+            if let Some(m) = object::meta_mut(&mut obj) {
+                if let Some(f) = policy {
+                    if !m.finalizers.iter().any(|x| x == f) {
+                        m.finalizers.push(f.to_string());
+                    }
                 }
             }
-        }
-        let holds = !releasable(&obj);
-        if holds {
-            if let Some(m) = object::meta_mut(&mut obj) {
-                if m.deletion_timestamp.is_empty() {
-                    m.deletion_timestamp = now();
+            let holds = !releasable(&obj);
+            if holds {
+                if let Some(m) = object::meta_mut(&mut obj) {
+                    if m.deletion_timestamp.is_empty() {
+                        m.deletion_timestamp = now();
+                    }
+                }
+                if let Some(pb::object::Kind::Namespace(n)) = obj.kind.as_mut() {
+                    n.status.get_or_insert_with(Default::default).phase = "Terminating".into();
                 }
             }
-            if let Some(pb::object::Kind::Namespace(n)) = obj.kind.as_mut() {
-                n.status.get_or_insert_with(Default::default).phase = "Terminating".into();
+            let op = if holds { put_op(&k, encode(&obj, &self.keys)) } else { delete_op(&k) };
+            let txn =
+                pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
+            let resp = self.store.txn(txn, true).await.map_err(from_store)?;
+            if !resp.succeeded {
+                continue;
             }
-        }
-        let op = if holds { put_op(&k, encode(&obj, &self.keys)) } else { delete_op(&k) };
-        let txn = pb::TxnRequest { compare: vec![mod_equals(&k, kv.mod_revision)], success: vec![op], failure: vec![] };
-        let resp = self.store.txn(txn, true).await.map_err(from_store)?;
-        if !resp.succeeded {
-            return Err(conflict(info, &reference.name));
-        }
-        if holds {
-            if let Some(m) = object::meta_mut(&mut obj) {
-                m.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+            if holds {
+                if let Some(m) = object::meta_mut(&mut obj) {
+                    m.resource_version = resp.header.map_or(0, |h| h.revision).to_string();
+                }
             }
+            return Ok(Response::new(pb::DeleteResponse { object: Some(obj), deleted: !holds }));
         }
-        Ok(Response::new(pb::DeleteResponse { object: Some(obj), deleted: !holds }))
+        Err(conflict(info, &reference.name))
     }
 
     type WatchStream = WatchStream;
