@@ -282,6 +282,21 @@ impl ProcCluster {
         Ok(())
     }
 
+    /// Stops node `i` as an operator would (SIGTERM), and kill -9 if it is still running after
+    /// `grace`.
+    pub async fn stop(&mut self, i: usize, grace: Duration) -> Result<(), HarnessError> {
+        let Some(pid) = self.nodes[i].pid() else { return Ok(()) };
+        signal(pid, "TERM")?;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited(i).is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill(i)
+    }
+
     /// SIGSTOP (pause) or SIGCONT (resume) node `i`.
     pub fn pause(&self, i: usize, paused: bool) -> Result<(), HarnessError> {
         match self.nodes[i].pid() {

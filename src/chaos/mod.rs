@@ -26,9 +26,13 @@
 //! ```
 
 mod candidates;
+pub mod faults;
 pub mod history;
 pub mod linearize;
 pub mod register;
+pub mod run;
+pub mod verify;
+pub mod workload;
 
 #[cfg(test)]
 mod linearize_tests;
