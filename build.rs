@@ -15,9 +15,13 @@ const KEEL_PROTOS: &[&str] = &[
     "proto/keel/v1/cluster.proto",
 ];
 
-/// Types written by hand because their JSON form is not protobuf's (e.g. `targetPort: 8080`
-/// or `targetPort: http`).
-const HAND_WRITTEN: &[(&str, &str)] = &[(".keel.v1.IntOrString", "crate::api::IntOrString")];
+/// Types written by hand: IntOrString because its JSON form is not protobuf's (e.g.
+/// `targetPort: 8080` or `targetPort: http`), WatchEvent so that a server can send one
+/// encoding of an object to every watcher.
+const HAND_WRITTEN: &[(&str, &str)] = &[
+    (".keel.v1.IntOrString", "crate::api::IntOrString"),
+    (".keel.v1.WatchEvent", "crate::api::watch_event::WatchEvent"),
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -8,6 +8,8 @@ pub mod v1 {
     tonic::include_proto!("keel.v1");
     // serde with Kubernetes' JSON names (pbjson), for manifests and printing only.
     include!(concat!(env!("OUT_DIR"), "/keel.v1.serde.rs"));
+    /// Written by hand (see `build.rs`), and named here with the generated types.
+    pub use crate::api::watch_event::WatchEvent;
 }
 
 /// The encoded file descriptor set of `keel.v1`, served by gRPC reflection.

@@ -11,5 +11,6 @@ pub mod object;
 pub mod quantity;
 pub mod selector;
 pub mod validation;
+pub mod watch_event;
 
 pub use intstr::{int_or_string, IntOrString};

@@ -131,7 +131,7 @@ impl pb::kv_server::Kv for KvService {
                                 ..Default::default()
                             },
                             Next::Batch(Ok(batch)) => {
-                                let mut events = batch.events;
+                                let mut events = batch.events.to_vec();
                                 if !prev_kv {
                                     for e in &mut events {
                                         e.prev_kv = None;

@@ -5,15 +5,13 @@
 //! `/registry/<resource>/<namespace>/<name>`; `metadata.resourceVersion` is the key's
 //! mod_revision and is never stored inside the value.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
@@ -785,7 +783,7 @@ impl pb::objects_server::Objects for ObjectsService {
                 .ok_or_else(|| Status::invalid_argument(format!("resourceVersion: Invalid value: {v:?}")))?,
         };
         let p = prefix(info, &r.namespace);
-        let mut watch = self.store.watch(KeyRange::prefix(p.as_bytes()), start).map_err(|e| match e {
+        let watch = self.store.watch(KeyRange::prefix(p.as_bytes()), start).map_err(|e| match e {
             WatchError::Compacted { requested, oldest, .. } => Status::out_of_range(format!(
                 "too old resource version: {} ({}); re-list and watch from the list's resourceVersion",
                 requested - 1,
@@ -793,91 +791,166 @@ impl pb::objects_server::Objects for ObjectsService {
             )),
             other => super::status::from_watch(&other),
         })?;
-        let (tx, rx) = mpsc::channel(256);
-        let store = self.store.clone();
-        let keys = self.keys.clone();
-        tokio::spawn(async move {
-            let mut bookmark = tokio::time::interval(Duration::from_secs(1));
-            bookmark.tick().await;
-            loop {
-                let batch = tokio::select! {
-                    biased;
-                    // A client that went away ends the watch, even on a quiet range.
-                    _ = tx.closed() => return,
-                    b = watch.next() => b,
-                    _ = bookmark.tick(), if r.allow_bookmarks => {
-                        // Every event up to `rev` is queued for this watch already: send them
-                        // first, so that the bookmark never runs ahead of what was delivered.
-                        let rev = store.watch_revision();
-                        while let Some(b) = watch.try_next() {
-                            if !send_batch(&tx, &filter, &keys, b).await {
-                                return;
-                            }
-                        }
-                        let ev = pb::WatchEvent { r#type: "BOOKMARK".into(), object: None, resource_version: rev.to_string() };
-                        if tx.send(Ok(ev)).await.is_err() { return; }
-                        continue;
-                    }
-                };
-                if !send_batch(&tx, &filter, &keys, batch).await {
-                    return;
-                }
-            }
+        let bookmarks = r.allow_bookmarks.then(|| {
+            let period = Duration::from_secs(1);
+            tokio::time::interval_at(tokio::time::Instant::now() + period, period)
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ObjectWatch {
+            watch,
+            filter,
+            keys: self.keys.clone(),
+            store: self.store.clone(),
+            bookmarks,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
 /// Sends one batch's events that pass the filter, mapping selector transitions (an object
 /// that stops matching is DELETED for this watcher). False when the watch is over.
-async fn send_batch(
-    tx: &mpsc::Sender<Result<pb::WatchEvent, Status>>,
-    filter: &Filter,
-    keys: &Keyring,
-    batch: Result<crate::store::WatchBatch, WatchError>,
-) -> bool {
-    let batch = match batch {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = tx.send(Err(super::status::from_watch(&e))).await;
-            return false;
+/// One object of a watch event as every watcher of the revision shares it: decoded (for
+/// selectors) and encoded (for the wire), with its resourceVersion set to the revision.
+struct SharedObject {
+    object: pb::Object,
+    encoded: prost::bytes::Bytes,
+}
+
+/// A change as every watcher of the revision shares it.
+struct SharedEvent {
+    new: Option<SharedObject>,
+    old: Option<SharedObject>,
+}
+
+/// The changes of one revision, decoded and encoded once (`Events::memo`), or why they
+/// cannot be.
+type SharedEvents = Result<Vec<SharedEvent>, (tonic::Code, String)>;
+
+fn share(events: &[pb::Event], revision: i64, keys: &Keyring) -> SharedEvents {
+    let rev = revision.to_string();
+    let one = |kv: &Option<pb::KeyValue>| -> Result<Option<SharedObject>, (tonic::Code, String)> {
+        let Some(kv) = kv.as_ref().filter(|kv| !kv.value.is_empty()) else { return Ok(None) };
+        let mut object = decode(kv, keys).map_err(|s| (s.code(), s.message().to_string()))?;
+        if let Some(m) = object::meta_mut(&mut object) {
+            m.resource_version.clone_from(&rev);
         }
+        let encoded = object.encode_to_vec().into();
+        Ok(Some(SharedObject { object, encoded }))
     };
-    for e in batch.events {
-        let is_delete = e.r#type == pb::event::EventType::Delete as i32;
-        let decoded =
-            |kv: &Option<pb::KeyValue>| kv.as_ref().filter(|kv| !kv.value.is_empty()).map(|kv| decode(kv, keys));
-        let new = if is_delete { None } else { decoded(&e.kv) };
-        // Without selectors the previous object matters only for a delete (it is what the
-        // DELETED event carries): a thousand watchers need not decode it a thousand times.
-        let everything = filter.is_everything();
-        let had_old = e.prev_kv.as_ref().is_some_and(|kv| !kv.value.is_empty());
-        let old = if is_delete || !everything { decoded(&e.prev_kv) } else { None };
-        let (new, old) = match (new.transpose(), old.transpose()) {
-            (Ok(n), Ok(o)) => (n, o),
-            (Err(s), _) | (_, Err(s)) => {
-                let _ = tx.send(Err(s)).await;
-                return false;
+    events
+        .iter()
+        .map(|e| {
+            let is_delete = e.r#type == pb::event::EventType::Delete as i32;
+            Ok(SharedEvent { new: if is_delete { None } else { one(&e.kv)? }, old: one(&e.prev_kv)? })
+        })
+        .collect()
+}
+
+/// The response stream of one Watch: pulls batches from the store's watch as the client
+/// takes events, so each event costs one hop from the hub to the wire (no task, no channel
+/// of its own). A client that stops reading stops pulling; the hub then cuts it off as slow,
+/// with a resumable error.
+struct ObjectWatch {
+    watch: crate::store::Watch,
+    filter: Filter,
+    keys: Arc<Keyring>,
+    store: Store,
+    bookmarks: Option<tokio::time::Interval>,
+    pending: VecDeque<Result<pb::WatchEvent, Status>>,
+    done: bool,
+}
+
+impl ObjectWatch {
+    /// Queues the watch events of one batch (or the error that ends the watch).
+    fn expand(&mut self, batch: Result<crate::store::WatchBatch, WatchError>) {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                self.pending.push_back(Err(super::status::from_watch(&e)));
+                self.done = true;
+                return;
             }
         };
-        let rev = batch.revision.to_string();
-        let was = if everything { had_old } else { old.as_ref().is_some_and(|o| filter.matches(o)) };
-        let (kind, mut obj) = match new {
-            Some(n) if filter.matches(&n) => (if was { "MODIFIED" } else { "ADDED" }, n),
-            Some(n) if was => ("DELETED", n),
-            Some(_) => continue,
-            None if was => ("DELETED", old.unwrap_or_default()),
-            None => continue,
+        let revision = batch.revision;
+        let keys = &self.keys;
+        let shared = batch.events.memo(|events| share(events, revision, keys));
+        let local;
+        let shared: &SharedEvents = match &shared {
+            Some(s) => s,
+            None => {
+                local = share(&batch.events, revision, keys);
+                &local
+            }
         };
-        if let Some(m) = object::meta_mut(&mut obj) {
-            m.resource_version = rev.clone();
-        }
-        if tx.send(Ok(pb::WatchEvent { r#type: kind.into(), object: Some(obj), resource_version: rev })).await.is_err()
-        {
-            return false;
+        let events = match shared {
+            Ok(events) => events,
+            Err((code, message)) => {
+                self.pending.push_back(Err(Status::new(*code, message.clone())));
+                self.done = true;
+                return;
+            }
+        };
+        let everything = self.filter.is_everything();
+        let filter = &self.filter;
+        for e in events {
+            let matches =
+                |o: &Option<SharedObject>| o.as_ref().is_some_and(|o| everything || filter.matches(&o.object));
+            let was = matches(&e.old);
+            let (kind, obj) = match &e.new {
+                Some(n) if everything || filter.matches(&n.object) => (if was { "MODIFIED" } else { "ADDED" }, n),
+                Some(n) if was => ("DELETED", n),
+                Some(_) => continue,
+                None => match &e.old {
+                    Some(o) if was => ("DELETED", o),
+                    _ => continue,
+                },
+            };
+            self.pending.push_back(Ok(pb::WatchEvent::encoded(kind, obj.encoded.clone(), revision.to_string())));
         }
     }
-    true
+}
+
+impl Stream for ObjectWatch {
+    type Item = Result<pb::WatchEvent, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if let Some(ev) = this.pending.pop_front() {
+                return Poll::Ready(Some(ev));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(batch) = this.watch.poll_batch(cx) {
+                this.expand(batch);
+                continue;
+            }
+            let due = this.bookmarks.as_mut().is_some_and(|b| b.poll_tick(cx).is_ready());
+            if !due {
+                return Poll::Pending;
+            }
+            // Every event up to `rev` is queued for this watch already: queue them first, so
+            // that the bookmark never runs ahead of what was delivered.
+            let rev = this.store.watch_revision();
+            while let Some(b) = this.watch.try_next() {
+                this.expand(b);
+                if this.done {
+                    break;
+                }
+            }
+            if !this.done {
+                let ev = pb::WatchEvent {
+                    r#type: "BOOKMARK".into(),
+                    resource_version: rev.to_string(),
+                    ..Default::default()
+                };
+                this.pending.push_back(Ok(ev));
+            }
+        }
+    }
 }
 
 /// Creates `default` and `kube-system` if they do not exist, retrying until the cluster

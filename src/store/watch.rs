@@ -4,8 +4,9 @@
 //! The hub never blocks the state machine: each watcher has a bounded queue, and a watcher
 //! that falls behind is cut off with a resumable error instead of stalling apply or its peers.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::mpsc;
 
@@ -16,7 +17,50 @@ use crate::proto::v1::Event;
 #[derive(Debug, Clone, PartialEq)]
 pub struct WatchBatch {
     pub revision: i64,
-    pub events: Vec<Event>,
+    /// Shared by every watcher that matches all of the revision's changes (the common case),
+    /// so a thousand watchers cost one copy of the events, not a thousand.
+    pub events: Arc<Events>,
+}
+
+/// Some changes of one revision, and a slot where the layer above keeps what it derives
+/// from them (e.g. the decoded and re-encoded objects), computed once for all the watchers
+/// that share these events.
+#[derive(Default)]
+pub struct Events {
+    events: Vec<Event>,
+    memo: OnceLock<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Events {
+    pub fn new(events: Vec<Event>) -> Events {
+        Events { events, memo: OnceLock::new() }
+    }
+
+    /// What `derive` makes of these events, computed by the first caller and shared with the
+    /// rest. A caller asking for another type than the first one stored gets `None`.
+    pub fn memo<T: Any + Send + Sync>(&self, derive: impl FnOnce(&[Event]) -> T) -> Option<Arc<T>> {
+        let any = self.memo.get_or_init(|| Arc::new(derive(&self.events)) as Arc<dyn Any + Send + Sync>);
+        any.clone().downcast::<T>().ok()
+    }
+}
+
+impl std::ops::Deref for Events {
+    type Target = [Event];
+    fn deref(&self) -> &[Event] {
+        &self.events
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.events.fmt(f)
+    }
+}
+
+impl PartialEq for Events {
+    fn eq(&self, other: &Events) -> bool {
+        self.events == other.events
+    }
 }
 
 /// Why a watch ended. Every variant tells the client how to go on.
@@ -58,7 +102,7 @@ struct Watcher {
 }
 
 struct HubState {
-    history: VecDeque<(i64, Arc<Vec<Event>>)>,
+    history: VecDeque<(i64, Arc<Events>)>,
     history_len: usize,
     /// The smallest revision R such that every event at R or later is in `history`.
     window_start: i64,
@@ -78,8 +122,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn matching(range: &KeyRange, events: &[Event]) -> Vec<Event> {
-    events.iter().filter(|e| e.kv.as_ref().is_some_and(|kv| range.contains(&kv.key))).cloned().collect()
+/// The events of `all` in `range`: `all` itself when every one matches, a new set when some
+/// do, None when none do.
+fn matching(range: &KeyRange, all: &Arc<Events>) -> Option<Arc<Events>> {
+    let hit = |e: &Event| e.kv.as_ref().is_some_and(|kv| range.contains(&kv.key));
+    let n = all.iter().filter(|e| hit(e)).count();
+    if n == all.len() {
+        Some(all.clone())
+    } else if n == 0 {
+        None
+    } else {
+        Some(Arc::new(Events::new(all.iter().filter(|e| hit(e)).cloned().collect())))
+    }
 }
 
 impl WatchHub {
@@ -116,7 +170,7 @@ impl WatchHub {
         if events.is_empty() {
             return;
         }
-        let events = Arc::new(events);
+        let events = Arc::new(Events::new(events));
         let mut s = lock(&self.state);
         s.current = revision;
         s.history_len += events.len();
@@ -131,10 +185,9 @@ impl WatchHub {
             if revision < w.start {
                 return !w.tx.is_closed();
             }
-            let mine = matching(&w.range, &events);
-            if mine.is_empty() {
+            let Some(mine) = matching(&w.range, &events) else {
                 return !w.tx.is_closed();
-            }
+            };
             match w.tx.try_send(WatchBatch { revision, events: mine }) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -170,8 +223,7 @@ impl WatchHub {
             .iter()
             .filter(|(rev, _)| *rev >= start)
             .filter_map(|(rev, events)| {
-                let mine = matching(&range, events);
-                (!mine.is_empty()).then_some(WatchBatch { revision: *rev, events: mine })
+                matching(&range, events).map(|mine| WatchBatch { revision: *rev, events: mine })
             })
             .collect();
         let (tx, rx) = mpsc::channel(self.config.queue_len.max(1));
@@ -205,6 +257,19 @@ impl Watch {
                 .clone()
                 .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current })),
         }
+    }
+
+    /// The next batch, for a hand-written `Stream`: as `next`, without an async fn.
+    pub fn poll_batch(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<WatchBatch, WatchError>> {
+        if let Some(b) = self.backlog.pop_front() {
+            return std::task::Poll::Ready(Ok(b));
+        }
+        self.rx.poll_recv(cx).map(|b| match b {
+            Some(b) => Ok(b),
+            None => Err(lock(&self.end)
+                .clone()
+                .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current })),
+        })
     }
 
     /// The next batch if one is already queued, without waiting.
