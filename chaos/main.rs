@@ -35,6 +35,9 @@ struct Args {
     /// when a violation is found.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Keep the history, fault log and replica logs even when no violation is found.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[tokio::main]
@@ -62,6 +65,7 @@ async fn go(a: Args) -> anyhow::Result<()> {
     cfg.workload.clients = a.clients;
     cfg.rounds = a.rounds;
     cfg.duration = a.duration;
+    cfg.keep = a.keep;
     if cfg.rounds.is_none() && cfg.duration.is_none() {
         cfg.rounds = Some(3);
     }
@@ -71,6 +75,8 @@ async fn go(a: Args) -> anyhow::Result<()> {
     if report.violation_count() > 0 {
         std::process::exit(1);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if !a.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }

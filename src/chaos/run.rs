@@ -36,6 +36,8 @@ pub struct RunConfig {
     pub server_args: Vec<String>,
     /// Budget of each key's linearizability check.
     pub budget: Budget,
+    /// Keep the evidence and the replicas' data and logs even when nothing is wrong.
+    pub keep: bool,
 }
 
 impl RunConfig {
@@ -59,6 +61,7 @@ impl RunConfig {
             },
             server_args: Vec::new(),
             budget: Budget { timeout: Some(Duration::from_secs(60)), ..Budget::default() },
+            keep: false,
         }
     }
 }
@@ -98,6 +101,8 @@ pub struct RunReport {
     pub keys: usize,
     pub faults: Vec<Injected>,
     pub by_kind: BTreeMap<FaultKind, Unavailability>,
+    /// Per fault (in `faults` order): ms from injection to the first successful write.
+    pub resumed_ms: Vec<Option<f64>>,
     pub watch_events: usize,
     pub watch_reconnects: usize,
     pub watch_relists: usize,
@@ -280,7 +285,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunReport> {
         add(check, vec![p]);
     }
 
-    if report.violation_count() > 0 {
+    if cfg.keep || report.violation_count() > 0 {
         let evidence = cfg.dir.join("evidence");
         write_evidence(&evidence, &records, &logs, &report).context("keep the evidence")?;
         c.keep();
@@ -358,10 +363,12 @@ fn unavailability(report: &mut RunReport, records: &[Record]) {
         u.count += 1;
         // Writes are sorted by invoke; the first to complete among those invoked after `at`.
         let first = writes[writes.partition_point(|w| w.0 < f.at)..].iter().map(|w| w.1).min();
-        match first {
-            Some(done) => u.samples_ms.push((done - f.at) as f64 / 1e6),
+        let resumed = first.map(|done| (done - f.at) as f64 / 1e6);
+        match resumed {
+            Some(ms) => u.samples_ms.push(ms),
             None => u.never += 1,
         }
+        report.resumed_ms.push(resumed);
     }
 }
 
@@ -403,15 +410,18 @@ fn write_evidence(dir: &Path, records: &[Record], logs: &[WatchLog], report: &Ru
     }
     std::fs::write(dir.join("watches.txt"), watches)?;
     let mut faults = String::new();
-    for f in &report.faults {
+    for (i, f) in report.faults.iter().enumerate() {
+        let resumed = report.resumed_ms.get(i).copied().flatten();
         let _ = writeln!(
             faults,
-            "{:>10.3}s {} on {} (hold {:?}), lifted {:.3}s, recovered {}",
+            "{:>10.3}s {} on {} (hold {:?}, then {:?}), lifted {:.3}s, writes resumed after {}, recovered {}",
             f.at as f64 / 1e9,
             f.plan.kind.name(),
             f.target,
             f.plan.hold,
+            f.plan.hold2,
             f.lifted as f64 / 1e9,
+            resumed.map_or("never".into(), |ms| format!("{ms:.0} ms")),
             f.recovered.map_or("never".into(), |r| format!("{:.3}s", r as f64 / 1e9))
         );
     }
