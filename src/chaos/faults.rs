@@ -114,7 +114,8 @@ impl Schedule {
 pub struct Injected {
     pub plan: Plan,
     pub at: u64,
-    /// When the fault was lifted (restart, SIGCONT, heal).
+    /// When the fault was lifted (restart, SIGCONT, heal). `at` is when it took effect (the
+    /// process reaped, the rule in place).
     pub lifted: u64,
     /// Which replicas it hit (1-based ids), e.g. "leader 2".
     pub target: String,
@@ -145,8 +146,8 @@ pub async fn inject(
     let (at, target) = match plan.kind {
         FaultKind::KillLeader | FaultKind::KillFollower => {
             let victim = if plan.kind == FaultKind::KillLeader { lead } else { follower };
-            let at = now();
             c.kill(victim).map_err(err)?;
+            let at = now();
             tokio::time::sleep(plan.hold).await;
             c.spawn(victim).map_err(err)?;
             let role = if victim == lead { "leader" } else { "follower" };
@@ -155,9 +156,9 @@ pub async fn inject(
         FaultKind::KillTwo => {
             let first = (plan.pick % n as u64) as usize;
             let second = others(n, first)[((plan.pick >> 8) % (n as u64 - 1)) as usize];
-            let at = now();
             c.kill(first).map_err(err)?;
             c.kill(second).map_err(err)?;
+            let at = now();
             tokio::time::sleep(plan.hold).await;
             c.spawn(first).map_err(err)?;
             tokio::time::sleep(plan.hold2).await;
@@ -166,26 +167,26 @@ pub async fn inject(
             (at, format!("{} and {}", mark(first), mark(second)))
         }
         FaultKind::PauseLeader => {
-            let at = now();
             c.pause(lead, true).map_err(err)?;
+            let at = now();
             tokio::time::sleep(plan.hold).await;
             c.pause(lead, false).map_err(err)?;
             (at, format!("leader {}", lead + 1))
         }
         FaultKind::IsolateLeader | FaultKind::SplitFollower => {
             let alone = if plan.kind == FaultKind::IsolateLeader { lead } else { follower };
-            let at = now();
             net.isolate(alone, n);
+            let at = now();
             tokio::time::sleep(plan.hold).await;
             net.heal();
             (at, format!("{} alone", alone + 1))
         }
         FaultKind::Asymmetric => {
-            let at = now();
             for f in others(n, lead) {
                 net.drop_replies(lead, f);
                 net.cut(f, lead, false);
             }
+            let at = now();
             tokio::time::sleep(plan.hold).await;
             net.heal();
             (at, format!("leader {}", lead + 1))

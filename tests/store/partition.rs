@@ -89,3 +89,36 @@ async fn a_leader_that_can_send_but_not_receive_is_replaced() {
         assert_eq!(get(&client(&c, i), "after").await.as_deref(), Some(&b"1"[..]), "replica {i}");
     }
 }
+
+/// A leader whose followers both died stops sending (check-quorum). When one of them comes
+/// back with a shorter log than the leader's, it cannot win an election, so the leader must
+/// reach it: a lost quorum still probes each voter now and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_left_alone_takes_back_the_first_follower_that_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
+    let mut c = keel::harness::ProcCluster::start(exe, dir.path(), 3, &[]).unwrap();
+    let leader = c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
+    client(&c, leader).put("before", "1").await.unwrap();
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for f in &followers {
+        c.kill(*f).unwrap();
+    }
+    // The leader appends this and cannot commit it: its log is now longer than theirs.
+    let alone = KvClient::new(&[c.nodes[leader].addr.clone()], Duration::from_millis(500), &c.pki.admin).unwrap();
+    assert!(alone.put("uncommitted", "1").await.is_err(), "a leader alone acknowledged a write");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    c.spawn(followers[0]).unwrap();
+    // A liveness bound, not a speed target: without the probe nothing commits until the
+    // second follower returns, which it never does here.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if client(&c, leader).put("after", "1").await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader and the returning follower never formed a quorum");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&client(&c, followers[0]), "before").await.as_deref(), Some(&b"1"[..]));
+}

@@ -64,6 +64,8 @@ struct Lease {
     term: (u64, u64),
     /// Per voter: the first append sent to it since its last answer.
     waiting: HashMap<u64, std::time::Instant>,
+    /// Per voter: the last probe sent while the quorum was lost.
+    probed: HashMap<u64, std::time::Instant>,
     others: Vec<u64>,
     window: Option<Duration>,
 }
@@ -187,13 +189,15 @@ impl Peers {
     /// (or a vote request) deposes it as usual.
     ///
     /// `term` identifies the leadership the append belongs to; a new term starts a fresh
-    /// lease. Returns an error, without sending, while the lease is lost.
+    /// lease. While the lease is lost, returns an error without sending, except for one
+    /// probe per window to each voter.
     fn may_append(&self, term: (u64, u64), to: u64) -> Result<(), QuorumLost> {
         let mut l = self.lease.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         if l.term != term {
             l.term = term;
             l.waiting.clear();
+            l.probed.clear();
         }
         let Some(window) = l.window else { return Ok(()) };
         let answering = l.others.iter().filter(|v| l.waiting.get(v).is_none_or(|t| now - *t < window)).count();
@@ -201,7 +205,14 @@ impl Peers {
         let voters = l.others.len() + 1;
         let majority = voters / 2 + 1;
         if 1 + answering < majority {
-            return Err(QuorumLost { window });
+            // One probe per window and peer, so that a follower coming back (a restart after
+            // a crash of both others) is reached and restores the quorum. A window is several
+            // election timeouts, so followers that still hear the probes have time to elect
+            // between two of them.
+            if l.probed.get(&to).is_some_and(|t| now - *t < window) {
+                return Err(QuorumLost { window });
+            }
+            l.probed.insert(to, now);
         }
         l.waiting.entry(to).or_insert(now);
         Ok(())
