@@ -447,6 +447,11 @@ impl Store {
         self.inner.shared.hub.watch(range, start_revision)
     }
 
+    /// How many watches are open on this replica (each holds a queue in the hub).
+    pub fn watcher_count(&self) -> usize {
+        self.inner.shared.hub.watcher_count()
+    }
+
     /// The newest revision whose events every watch has been handed. A watcher that drains
     /// its queue after reading this has seen everything up to it (for bookmarks).
     pub fn watch_revision(&self) -> i64 {

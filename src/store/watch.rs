@@ -406,4 +406,26 @@ mod tests {
         assert!(matches!(w2.next().await, Err(WatchError::Reset { current: 50, .. })));
         assert!(matches!(hub.watch(all(), 10), Err(WatchError::Compacted { .. })));
     }
+
+    #[tokio::test]
+    async fn watchers_of_a_whole_revision_share_its_events_and_their_memo() {
+        let hub = WatchHub::new(0, WatchConfig::default());
+        let mut a = hub.watch(all(), 0).unwrap();
+        let mut b = hub.watch(KeyRange::prefix(b"a/"), 0).unwrap();
+        let mut c = hub.watch(KeyRange::prefix(b"a/1"), 0).unwrap();
+        hub.publish(1, vec![ev("a/1", 1), ev("a/2", 1)]);
+        let (ba, bb, bc) = (a.next().await.unwrap(), b.next().await.unwrap(), c.next().await.unwrap());
+        assert!(Arc::ptr_eq(&ba.events, &bb.events), "both take every event: one copy");
+        assert!(!Arc::ptr_eq(&ba.events, &bc.events), "a subset is its own set");
+        assert_eq!(bc.events.len(), 1);
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let derive = |e: &[Event]| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            e.len()
+        };
+        assert_eq!(ba.events.memo(derive).as_deref(), Some(&2));
+        assert_eq!(bb.events.memo(derive).as_deref(), Some(&2));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "derived once for both");
+        assert_eq!(ba.events.memo(|_| "another type"), None, "a second type gets nothing");
+    }
 }

@@ -620,3 +620,34 @@ async fn racing_writers_get_kubernetes_answers_not_spurious_conflicts() {
     let after = c.update(pb::UpdateRequest { object: Some(config_map("default", "race")) }).await.unwrap_err();
     assert_eq!(after.code(), tonic::Code::NotFound, "{after:?}");
 }
+
+/// A Watch response pulls from the store's hub as the client reads. A client that goes away,
+/// even on a quiet range, must give its place in the hub back, or every dropped watch would
+/// leak a queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_the_client_drops_releases_its_place_in_the_hub() {
+    let api = start().await;
+    let before = api._server.store.watcher_count();
+    let watch = |ns: &str| pb::WatchObjectsRequest {
+        kind: "ConfigMap".into(),
+        namespace: ns.into(),
+        allow_bookmarks: true,
+        ..Default::default()
+    };
+    let quiet = api.client.clone().watch(watch("kube-system")).await.unwrap().into_inner();
+    let mut busy = api.client.clone().watch(watch("default")).await.unwrap().into_inner();
+    let mut c = api.client.clone();
+    c.create(pb::CreateRequest { object: Some(config_map("default", "seen")) }).await.unwrap();
+    let ev = busy.message().await.unwrap().unwrap();
+    assert_eq!(ev.r#type, "ADDED");
+    assert_eq!(meta(ev.object.as_ref().unwrap()).name, "seen");
+    assert_eq!(api._server.store.watcher_count(), before + 2);
+
+    drop(quiet);
+    drop(busy);
+    eventually("both watches leave the hub", || {
+        let n = api._server.store.watcher_count();
+        async move { n == before }
+    })
+    .await;
+}
