@@ -72,6 +72,21 @@ pub(crate) struct StoredToken {
     pub(crate) user: String,
 }
 
+impl StoredToken {
+    /// What is kept of a token issued now: its role, a hash of its secret, and when it
+    /// expires (`ttl_seconds` 0: never).
+    fn issued(t: &JoinToken, role: &str, ttl_seconds: u64, description: String, user: String) -> StoredToken {
+        StoredToken {
+            role: role.to_string(),
+            secret_sha256: t.secret_hash(),
+            expires: if ttl_seconds == 0 { 0 } else { unix_now() + ttl_seconds as i64 },
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            description,
+            user,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone)]
 struct Registration {
     /// Replicas only.
@@ -121,14 +136,8 @@ pub async fn initialize(
     let server = JoinToken::generate(&ca_hash, TokenRole::Server);
     let agent = JoinToken::generate(&ca_hash, TokenRole::Agent);
     let fingerprint = pki::key_fingerprint(&creds.cert_pem).map_err(|e| Status::internal(e.to_string()))?;
-    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let token = |t: &JoinToken, what: &str| StoredToken {
-        role: t.role.to_string(),
-        secret_sha256: t.secret_hash(),
-        expires: 0,
-        created: now.clone(),
-        description: format!("created by --cluster-init ({what})"),
-        user: String::new(),
+    let token = |t: &JoinToken, what: &str| {
+        StoredToken::issued(t, &t.role.to_string(), 0, format!("created by --cluster-init ({what})"), String::new())
     };
     let txn = pb::TxnRequest {
         // Only once: a cluster that has an id keeps it.
@@ -370,6 +379,19 @@ impl ClusterService {
             .map_err(|s| s.message().to_string())
     }
 
+    /// Stores a newly issued token under `key`, which must be free (ids are random).
+    async fn store_new_token(&self, key: &str, stored: &StoredToken) -> Result<(), Status> {
+        let txn = pb::TxnRequest {
+            compare: vec![mod_equals(key, 0)],
+            success: vec![put_op(key, json(stored))],
+            failure: vec![],
+        };
+        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
+            return Err(Status::aborted("token id collision; retry"));
+        }
+        Ok(())
+    }
+
     /// Deletes `key` if it exists; whether it did.
     async fn delete_if_present(&self, key: &str) -> Result<bool, Status> {
         let txn = pb::TxnRequest { compare: vec![exists(key)], success: vec![delete_op(key)], failure: vec![] };
@@ -382,23 +404,8 @@ impl ClusterService {
             return Err(Status::invalid_argument(format!("user {:?}: a lowercase RFC 1123 name is required", r.user)));
         }
         let t = JoinToken::generate("", TokenRole::Agent);
-        let stored = StoredToken {
-            role: "user".into(),
-            secret_sha256: t.secret_hash(),
-            expires: if r.ttl_seconds == 0 { 0 } else { unix_now() + r.ttl_seconds as i64 },
-            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            description: r.description,
-            user: r.user,
-        };
-        let key = format!("{USER_TOKENS}{}", t.id);
-        let txn = pb::TxnRequest {
-            compare: vec![mod_equals(&key, 0)],
-            success: vec![put_op(&key, json(&stored))],
-            failure: vec![],
-        };
-        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
-            return Err(Status::aborted("token id collision; retry"));
-        }
+        let stored = StoredToken::issued(&t, "user", r.ttl_seconds, r.description, r.user);
+        self.store_new_token(&format!("{USER_TOKENS}{}", t.id), &stored).await?;
         Ok(pb::CreateTokenResponse { token: format!("{}.{}", t.id, t.secret), info: Some(token_info(&t.id, &stored)) })
     }
 
@@ -539,23 +546,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         let role: TokenRole = r.role.parse().map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
         let ca = self.ca().await?;
         let token = JoinToken::generate(&ca.hash().map_err(|e| Status::internal(e.to_string()))?, role);
-        let stored = StoredToken {
-            role: role.to_string(),
-            secret_sha256: token.secret_hash(),
-            expires: if r.ttl_seconds == 0 { 0 } else { unix_now() + r.ttl_seconds as i64 },
-            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            description: r.description,
-            user: String::new(),
-        };
-        let key = format!("{TOKENS}{}", token.id);
-        let txn = pb::TxnRequest {
-            compare: vec![mod_equals(&key, 0)],
-            success: vec![put_op(&key, json(&stored))],
-            failure: vec![],
-        };
-        if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
-            return Err(Status::aborted("token id collision; retry"));
-        }
+        let stored = StoredToken::issued(&token, &role.to_string(), r.ttl_seconds, r.description, String::new());
+        self.store_new_token(&format!("{TOKENS}{}", token.id), &stored).await?;
         Ok(Response::new(pb::CreateTokenResponse {
             token: token.to_string(),
             info: Some(token_info(&token.id, &stored)),
