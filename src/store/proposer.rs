@@ -42,7 +42,7 @@ impl ProposeError {
         match self {
             ProposeError::NoLeader => StoreError::NoLeader(timeout),
             ProposeError::NotLeader { leader } => StoreError::NotLeader { id, leader },
-            ProposeError::Forwarded { addr, status } => StoreError::Forwarded { addr, status },
+            ProposeError::Forwarded { addr, status } => super::forwarded_write_error(addr, status),
             ProposeError::Timeout => StoreError::Timeout { what: "the write", after: timeout },
             ProposeError::Failed(e) => StoreError::Stopped(e),
             ProposeError::Indeterminate(e) => StoreError::Indeterminate(e),
@@ -226,15 +226,7 @@ async fn forward(
     let forwarded = |status| ProposeError::Forwarded { addr: addr.into(), status };
     let ch = ctx.peers.forward_channel(leader, addr).map_err(forwarded)?;
     let req = forwarded_request(pb::TxnBatch { txns }, deadline.saturating_duration_since(Instant::now()));
-    let resp = pb::kv_client::KvClient::new(ch).forward_txns(req).await.map_err(|status| {
-        // The leader's own status is its word; a connection lost after sending is not.
-        match crate::client::delivery(&status) {
-            crate::client::Delivery::Lost => {
-                ProposeError::Indeterminate(format!("the connection to the leader at {addr} failed: {status}"))
-            }
-            _ => forwarded(status),
-        }
-    })?;
+    let resp = pb::kv_client::KvClient::new(ch).forward_txns(req).await.map_err(forwarded)?;
     if ctx.peers.faults.is_cut(leader, ctx.peers.id) {
         // The leader ran it; only the answer was lost.
         return Err(ProposeError::Indeterminate(format!(

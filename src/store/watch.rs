@@ -248,15 +248,7 @@ pub struct Watch {
 impl Watch {
     /// The next batch, in revision order. An error ends the watch.
     pub async fn next(&mut self) -> Result<WatchBatch, WatchError> {
-        if let Some(b) = self.backlog.pop_front() {
-            return Ok(b);
-        }
-        match self.rx.recv().await {
-            Some(b) => Ok(b),
-            None => Err(lock(&self.end)
-                .clone()
-                .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current })),
-        }
+        std::future::poll_fn(|cx| self.poll_batch(cx)).await
     }
 
     /// The next batch, for a hand-written `Stream`: as `next`, without an async fn.
@@ -264,12 +256,7 @@ impl Watch {
         if let Some(b) = self.backlog.pop_front() {
             return std::task::Poll::Ready(Ok(b));
         }
-        self.rx.poll_recv(cx).map(|b| match b {
-            Some(b) => Ok(b),
-            None => Err(lock(&self.end)
-                .clone()
-                .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current })),
-        })
+        self.rx.poll_recv(cx).map(|b| b.ok_or_else(|| self.ended()))
     }
 
     /// The next batch if one is already queued, without waiting.
@@ -280,10 +267,15 @@ impl Watch {
         match self.rx.try_recv() {
             Ok(b) => Some(Ok(b)),
             Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(lock(&self.end)
-                .clone()
-                .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current }))),
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.ended())),
         }
+    }
+
+    /// Why the hub closed this watch's queue.
+    fn ended(&self) -> WatchError {
+        lock(&self.end)
+            .clone()
+            .unwrap_or(WatchError::Reset { reason: "replica shutting down", current: self.start_current })
     }
 
     /// The revision the hub was at when this watch started.
