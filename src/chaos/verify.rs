@@ -75,6 +75,15 @@ pub async fn linearizability(
     out
 }
 
+/// The revision and value an acknowledged create or update wrote.
+fn written(r: &Record) -> Option<(u64, u64)> {
+    match (r.op.outcome, r.op.op) {
+        (Outcome::Ok(Ret::Created { rv }), Op::Create { value }) => Some((rv, value)),
+        (Outcome::Ok(Ret::Updated { rv }), Op::Update { value, .. }) => Some((rv, value)),
+        _ => None,
+    }
+}
+
 /// Nothing acknowledged is lost: every acknowledged create is still there at the end, or a
 /// delete that could have removed it (acknowledged as deleting that very object, or with an
 /// unknown outcome) came after it.
@@ -112,12 +121,11 @@ pub fn monotonic(records: &[Record]) -> Vec<String> {
     let mut per_key: HashMap<&str, Vec<(u64, u64, u64, &Record)>> = HashMap::new();
     let mut at_rv: HashMap<(&str, u64), (u64, &Record)> = HashMap::new();
     for r in records {
-        let (rv, value) = match (r.op.outcome, r.op.op) {
-            (Outcome::Ok(Ret::Got(Some(v))), _) => (v.rv, v.value),
-            (Outcome::Ok(Ret::Created { rv }), Op::Create { value }) => (rv, value),
-            (Outcome::Ok(Ret::Updated { rv }), Op::Update { value, .. }) => (rv, value),
-            _ => continue,
+        let seen = match r.op.outcome {
+            Outcome::Ok(Ret::Got(Some(v))) => Some((v.rv, v.value)),
+            _ => written(r),
         };
+        let Some((rv, value)) = seen else { continue };
         per_key.entry(&r.key).or_default().push((r.op.invoke, r.op.complete, rv, r));
         match at_rv.get(&(r.key.as_str(), rv)) {
             Some((v, other)) if *v != value => out.push(format!(
@@ -227,11 +235,7 @@ pub fn watches(records: &[Record], logs: &[WatchLog]) -> WatchReport {
     }
     // An acknowledged write is a committed change, whether or not a watcher saw it.
     for r in records {
-        let (rv, value) = match (r.op.outcome, r.op.op) {
-            (Outcome::Ok(Ret::Created { rv }), Op::Create { value }) => (rv, value),
-            (Outcome::Ok(Ret::Updated { rv }), Op::Update { value, .. }) => (rv, value),
-            _ => continue,
-        };
+        let Some((rv, value)) = written(r) else { continue };
         match reference.get(&rv) {
             Some(e) if e.key != r.key || e.value != value => report.violations.push(format!(
                 "rv {rv}: client {} wrote {} = {value}, the watches saw {} = {} ({})",

@@ -874,16 +874,11 @@ impl ObjectWatch {
         };
         let revision = batch.revision;
         let keys = &self.keys;
-        let shared = batch.events.memo(|events| share(events, revision, keys));
-        let local;
-        let shared: &SharedEvents = match &shared {
-            Some(s) => s,
-            None => {
-                local = share(&batch.events, revision, keys);
-                &local
-            }
-        };
-        let events = match shared {
+        let shared = batch
+            .events
+            .memo(|events| share(events, revision, keys))
+            .unwrap_or_else(|| Arc::new(share(&batch.events, revision, keys)));
+        let events = match shared.as_ref() {
             Ok(events) => events,
             Err((code, message)) => {
                 self.pending.push_back(Err(Status::new(*code, message.clone())));
