@@ -116,6 +116,14 @@ impl Replica {
     }
 }
 
+/// Waits until `first` has bootstrapped the cluster (its join token is on disk), then
+/// returns the admin credentials it wrote.
+async fn bootstrapped(first: &Replica) -> Credentials {
+    let token_path = first.data.join("token");
+    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
+    admin(first)
+}
+
 /// The admin credentials `--cluster-init` wrote.
 fn admin(first: &Replica) -> Credentials {
     let cfg = keel::cli::config::Config::load(&keel::server::bootstrap::admin_config_path(&first.data)).unwrap();
@@ -174,10 +182,7 @@ async fn three_replicas_bootstrap_by_token_join_concurrently_and_survive_a_move(
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init(d, "r1");
-    let token_path = r1.data.join("token");
-    wait_for("the first replica's token", Duration::from_secs(20), || async { token_path.exists().then_some(()) })
-        .await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let server_token = r1.token("token");
     assert!(server_token.starts_with("K1") && server_token.contains("::server::"), "{server_token}");
     assert!(r1.proc.as_ref().unwrap().output().contains("Admin configuration:"));
@@ -236,9 +241,7 @@ async fn joins_with_a_bad_token_get_a_clear_error_and_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init(d, "r1");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let good: keel::pki::JoinToken = r1.token("token").parse().unwrap();
 
     let try_join = |name: &str, token: String| {
@@ -318,9 +321,7 @@ async fn a_rotated_secrets_key_reseals_every_secret() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut r1 = Replica::init(d, "r1");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let secret = pb::Secret {
         metadata: Some(pb::ObjectMeta { name: "db".into(), namespace: "default".into(), ..Default::default() }),
         data: [("password".to_string(), b"hunter2".to_vec())].into(),
@@ -392,9 +393,7 @@ async fn a_sealed_backup_restores_into_a_new_cluster_at_a_new_address() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init(d, "r1");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
     let old_token = r1.token("token");
     let manifests = d.join("app.yaml");
@@ -491,9 +490,7 @@ async fn after_losing_quorum_the_survivor_recovers_with_its_data_and_fences_the_
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut r1 = Replica::init(d, "r1");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
     let token = r1.token("token");
     let mut r2 = Replica::join(d, "r2", &r1.addr, &token);
@@ -569,9 +566,7 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init_with(d, "r1", "--cert-lifetime 30s");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let token = r1.token("token");
     let r2 = Replica::join(d, "r2", &r1.addr, &token);
     let r3 = Replica::join(d, "r3", &r1.addr, &token);
@@ -677,9 +672,7 @@ async fn the_leader_takes_verified_snapshots_on_schedule_and_keeps_the_newest() 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init_with(d, "r1", "--snapshot-interval 1s --snapshot-retention 2");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     write_config_map(&r1.addr, &creds, "in-the-snapshot").await.unwrap();
     let snaps = r1.data.join("snapshots");
     let proc = r1.proc.as_ref().unwrap();
@@ -705,9 +698,7 @@ async fn a_certificate_that_cannot_renew_raises_a_warning_event_before_it_expire
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init_with(d, "r1", "--cert-lifetime 30s");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     // Without the CA key this replica cannot renew.
     std::fs::remove_file(r1.data.join("tls/ca.key")).unwrap();
     let ch = keel::client::endpoint(&r1.addr, &creds).unwrap().connect_lazy();
@@ -745,9 +736,7 @@ async fn users_authenticate_with_a_bearer_token_until_it_is_revoked_or_expires()
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let r1 = Replica::init(d, "r1");
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
     let (ok, token) = keelctl(&cfg, &["token", "create", "--role", "user", "--user", "alice", "--ttl", "1h"]);
     assert!(ok, "{token}");
@@ -810,7 +799,7 @@ async fn a_learner_that_never_answers_does_not_stay_in_the_membership() {
     let a = args(&format!("server --cluster-init --name r1 --listen {addr} --data-dir {}", data.display()));
     let log = d.join("r1.log");
     let out = std::fs::File::create(&log).unwrap();
-    let _r1 = Proc {
+    let proc = Proc {
         child: Command::new(KEEL)
             .args(&a)
             .env("KEEL_LEARNER_TIMEOUT", "2s")
@@ -821,10 +810,8 @@ async fn a_learner_that_never_answers_does_not_stay_in_the_membership() {
             .unwrap(),
         log,
     };
-    let token_path = data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let cfg = keel::cli::config::Config::load(&keel::server::bootstrap::admin_config_path(&data)).unwrap();
-    let creds = cfg.selected(None).unwrap().unwrap().credentials().unwrap();
+    let r1 = Replica { proc: Some(proc), name: "r1".into(), data: data.clone(), addr: addr.clone() };
+    let creds = bootstrapped(&r1).await;
     // A learner at an address where nothing listens: a join that died half way.
     let ch = keel::client::endpoint(&addr, &creds).unwrap().connect_lazy();
     pb::store_admin_client::StoreAdminClient::new(ch)
@@ -884,9 +871,7 @@ async fn metrics_are_served_over_tls_to_certified_scrapers_with_certificate_expi
     let d = dir.path();
     let metrics = port();
     let r1 = Replica::init_with(d, "r1", &format!("--metrics-listen {metrics}"));
-    let token_path = r1.data.join("token");
-    wait_for("the token", Duration::from_secs(20), || async { token_path.exists().then_some(()) }).await;
-    let creds = admin(&r1);
+    let creds = bootstrapped(&r1).await;
     let text = scrape(&metrics, &creds.ca_pem, Some(&creds)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     for want in

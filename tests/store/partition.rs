@@ -19,6 +19,16 @@ async fn get(c: &KvClient, key: &str) -> Option<Vec<u8>> {
     r.kvs.into_iter().next().map(|kv| kv.value)
 }
 
+/// Writes `after` through replica `i` until one is acknowledged; fails with `what` after
+/// `within`.
+async fn put_until_accepted(c: &ProcCluster, i: usize, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while client(c, i).put("after", "1").await.is_err() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_isolated_by_the_network_loses_its_quorum_and_the_majority_goes_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -33,14 +43,7 @@ async fn a_leader_isolated_by_the_network_loses_its_quorum_and_the_majority_goes
     assert!(zombie.is_err(), "an isolated leader acknowledged a write");
     // The other two elect a leader and take writes.
     let other = (leader + 1) % 3;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if client(&c, other).put("after", "1").await.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the majority never took a write");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    put_until_accepted(&c, other, Duration::from_secs(20), "the majority never took a write").await;
 
     net.heal();
     c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
@@ -72,14 +75,13 @@ async fn a_leader_that_can_send_but_not_receive_is_replaced() {
     // Not a speed target but a liveness bound: without check-quorum only the HTTP/2
     // keep-alive (5 s + 5 s) ends the stall, by breaking the leader's connections. With it a
     // new leader takes writes about a second after the partition.
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        if client(&c, other).put("after", "1").await.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the followers did not replace a leader that can send but not receive");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    put_until_accepted(
+        &c,
+        other,
+        Duration::from_secs(6),
+        "the followers did not replace a leader that can send but not receive",
+    )
+    .await;
     let status = c.client(Duration::from_secs(2)).status_of(other).await.unwrap();
     assert_ne!(status.leader_id, leader as u64 + 1, "the new leader is one of the followers");
 
@@ -112,13 +114,12 @@ async fn a_leader_left_alone_takes_back_the_first_follower_that_returns() {
     c.spawn(followers[0]).unwrap();
     // A liveness bound, not a speed target: without the probe nothing commits until the
     // second follower returns, which it never does here.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if client(&c, leader).put("after", "1").await.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the leader and the returning follower never formed a quorum");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    put_until_accepted(
+        &c,
+        leader,
+        Duration::from_secs(10),
+        "the leader and the returning follower never formed a quorum",
+    )
+    .await;
     assert_eq!(get(&client(&c, followers[0]), "before").await.as_deref(), Some(&b"1"[..]));
 }
