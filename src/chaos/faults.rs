@@ -206,3 +206,28 @@ pub async fn inject(
     };
     Ok(Injected { plan, at, lifted: now(), target, recovered: None })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_reproduces_the_schedule_and_every_round_has_every_kind() {
+        let plans = |seed| {
+            let mut s = Schedule::new(seed);
+            (0..3 * FaultKind::ALL.len()).map(|_| s.next_plan()).collect::<Vec<_>>()
+        };
+        assert_eq!(plans(7), plans(7));
+        assert_ne!(plans(7), plans(8));
+        for round in plans(7).chunks(FaultKind::ALL.len()) {
+            let mut kinds: Vec<FaultKind> = round.iter().map(|p| p.kind).collect();
+            kinds.sort();
+            assert_eq!(kinds, FaultKind::ALL.to_vec());
+        }
+        for p in plans(7) {
+            if p.kind == FaultKind::PauseLeader {
+                assert!(p.hold >= Duration::from_millis(800), "a pause outlasts the election timeout: {p:?}");
+            }
+        }
+    }
+}

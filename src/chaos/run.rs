@@ -211,7 +211,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunReport> {
             Err(e) => {
                 problems.push(("recovery", format!("{}: could not inject: {e}", plan.kind.name())));
                 net.heal();
-                recover(&mut c).await;
+                recover(&mut c);
                 continue;
             }
         };
@@ -228,7 +228,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunReport> {
                 ));
             }
         }
-        recover(&mut c).await;
+        recover(&mut c);
         match c.wait_caught_up(Duration::from_secs(30)).await {
             Ok(_) => injected.recovered = Some(now()),
             Err(e) => problems.push(("recovery", format!("after {} ({}): {e}", plan.kind.name(), injected.target))),
@@ -298,7 +298,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunReport> {
 
 /// Restarts any replica that is not running (one that exited by itself, or a step that
 /// failed halfway) and resumes any paused one.
-async fn recover(c: &mut ProcCluster) {
+fn recover(c: &mut ProcCluster) {
     for i in 0..c.nodes.len() {
         let _ = c.pause(i, false);
         if !c.nodes[i].is_running() {
