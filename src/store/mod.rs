@@ -33,8 +33,12 @@ pub use txn::{delete_op, exists, mod_equals, prefix_end, prefix_request, put_op,
 pub use watch::{Watch, WatchBatch, WatchConfig, WatchError};
 
 /// The on-disk layout version. Written when a data directory is created; a replica refuses
-/// to open data of another version.
-pub const DATA_VERSION: u32 = 1;
+/// to open data of another version, except older versions it knows how to upgrade.
+///
+/// 2: atomic batches are journaled by the engine (`batch_journal` tree). Version 1 data has
+/// no journal and opens as it is; a version 1 binary would ignore the journal, so it must
+/// refuse version 2 data, and does.
+pub const DATA_VERSION: u32 = 2;
 const DATA_VERSION_KEY: &[u8] = b"data_version";
 
 /// gRPC metadata set on a request a follower forwards to the leader, so it is never
@@ -210,6 +214,13 @@ fn check_data_version(kv: &dyn Kv) -> Result<(), StoreError> {
     let file = kv.location().to_path_buf();
     match kv.get(Space::RaftMeta, DATA_VERSION_KEY)? {
         Some(v) if v == DATA_VERSION.to_be_bytes() => Ok(()),
+        Some(v) if v == 1u32.to_be_bytes() => {
+            let mut b = kv::Batch::default();
+            b.put(DATA_VERSION_KEY.to_vec(), DATA_VERSION.to_be_bytes().to_vec());
+            kv.write(Space::RaftMeta, b)?;
+            tracing::info!(file = %file.display(), "upgraded the data layout from version 1 to {DATA_VERSION}");
+            Ok(())
+        }
         Some(v) => Err(StoreError::DataVersion { file, found: format!("{v:?}"), want: DATA_VERSION }),
         None => {
             let empty = Space::ALL

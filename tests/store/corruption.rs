@@ -132,6 +132,33 @@ async fn data_of_another_layout_version_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_of_layout_version_1_is_upgraded_and_keeps_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = replica_with_writes(&dir.path().join("c"), 5).await;
+    tamper(&data, |kv| {
+        let mut b = Batch::default();
+        b.put(b"data_version".to_vec(), 1u32.to_be_bytes().to_vec());
+        kv.write(Space::RaftMeta, b).unwrap();
+    });
+    if let Some(out) = start(&data, Duration::from_secs(3)) {
+        panic!("a version 1 replica must open: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let kv = SledKv::open(&data.join("db"), 1 << 20).unwrap();
+    assert_eq!(
+        kv.get(Space::RaftMeta, b"data_version").unwrap(),
+        Some(keel::store::DATA_VERSION.to_be_bytes().to_vec())
+    );
+    let keys = kv
+        .scan(
+            Space::State,
+            (std::ops::Bound::Included(b"kc/".to_vec()), std::ops::Bound::Excluded(b"kc0".to_vec())),
+            false,
+        )
+        .count();
+    assert_eq!(keys, 5, "every write survives the upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_the_engine_file_end_is_a_torn_write_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = replica_with_writes(&dir.path().join("c"), 20).await;
