@@ -82,8 +82,7 @@ impl Allow {
 
 /// The verified identity of the caller: its client certificate, else its bearer token.
 pub fn peer_identity<T>(req: &Request<T>, tokens: &UserTokens) -> Option<Identity> {
-    let cert = req.extensions().get::<super::tls::PeerInfo>().and_then(|i| i.certs.clone());
-    if let Some(id) = cert.as_ref().and_then(|c| c.first()).and_then(|c| Identity::from_cert_der(c)) {
+    if let Some(id) = req.extensions().get::<super::tls::PeerInfo>().and_then(|i| i.identity.clone()) {
         return Some(id);
     }
     let header = req.metadata().get("authorization")?.to_str().ok()?;

@@ -27,6 +27,8 @@ pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     /// The client's certificate chain, verified against the cluster CA; None without one.
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// Who the client certificate names, read once at the handshake rather than per call.
+    pub identity: Option<crate::pki::Identity>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -174,7 +176,9 @@ pub fn incoming(
                     Err(_) => return,
                 };
                 let certs = stream.get_ref().1.peer_certificates().map(|c| Arc::new(c.to_vec()));
-                let info = PeerInfo { remote: Some(remote), certs };
+                let identity =
+                    certs.as_ref().and_then(|c| c.first()).and_then(|c| crate::pki::Identity::from_cert_der(c));
+                let info = PeerInfo { remote: Some(remote), certs, identity };
                 let _ = tx.send(Ok(TlsConn { inner: stream, info })).await;
             });
         }
