@@ -133,7 +133,14 @@ pub fn apply(obj: &mut pb::Object) {
                 }
             }
         }
-        K::Secret(s) => set(&mut s.r#type, "Opaque"),
+        K::Secret(s) => {
+            set(&mut s.r#type, "Opaque");
+            // As in Kubernetes, stringData is write-only: folded into data (where it wins over
+            // the same key) and never stored.
+            for (k, v) in std::mem::take(&mut s.string_data) {
+                s.data.insert(k, v.into_bytes());
+            }
+        }
         K::Namespace(n) => {
             let status = n.status.get_or_insert_with(Default::default);
             set(&mut status.phase, "Active");
@@ -180,5 +187,19 @@ mod tests {
         let spec = s.spec.unwrap();
         assert_eq!(spec.r#type, "ClusterIP");
         assert_eq!(spec.ports[0].target_port, Some(IntOrString::int(80)));
+    }
+
+    #[test]
+    fn secret_string_data_is_folded_into_data_and_wins() {
+        let mut obj = parse(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {user: YWRtaW4=, pass: b2xk}\nstringData: {pass: new, token: t0k}\n",
+        );
+        apply(&mut obj);
+        let Some(K::Secret(s)) = obj.kind else { panic!() };
+        assert!(s.string_data.is_empty(), "stringData is never stored");
+        assert_eq!(s.data.get("user").map(Vec::as_slice), Some(&b"admin"[..]));
+        assert_eq!(s.data.get("pass").map(Vec::as_slice), Some(&b"new"[..]), "stringData wins");
+        assert_eq!(s.data.get("token").map(Vec::as_slice), Some(&b"t0k"[..]));
+        assert_eq!(s.r#type, "Opaque");
     }
 }

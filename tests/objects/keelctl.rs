@@ -234,3 +234,27 @@ async fn label_annotate_scale_edit_describe_and_contexts() {
     assert!(out.contains("ScalingReplicaSet") && out.contains("deployment-controller"), "{out}");
     assert!(!out.contains("Elsewhere"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_string_data_is_stored_as_data_and_reapplies_unchanged() {
+    let api = super::start().await;
+    let config = api.config.clone();
+    let run = move |args: &'static str, stdin: Option<&'static str>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || keelctl(&config, &args.split(' ').collect::<Vec<_>>(), stdin))
+    };
+    const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\nstringData: {user: admin}\n";
+    let (ok, out, err) = run("apply -f -", Some(SECRET)).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "secret/creds created");
+    let (_, out, _) = run("get secret creds -o json", None).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["data"]["user"], "YWRtaW4=", "{v}");
+    assert!(v.get("stringData").is_none(), "stringData is write-only: {v}");
+    let rv = v["metadata"]["resourceVersion"].clone();
+    let (_, out, _) = run("apply -f -", Some(SECRET)).await.unwrap();
+    assert_eq!(out.trim(), "secret/creds unchanged");
+    let (_, out, _) = run("get secret creds -o json", None).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["metadata"]["resourceVersion"], rv, "re-applying wrote nothing");
+}
