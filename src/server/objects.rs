@@ -100,11 +100,16 @@ fn decode(kv: &pb::KeyValue, keys: &Keyring) -> Result<pb::Object, Status> {
 
 /// The stored form: protobuf, sealed for Secrets (see `secrets`).
 fn encode(obj: &pb::Object, keys: &Keyring) -> Vec<u8> {
-    let mut stored = obj.clone();
-    if let Some(m) = object::meta_mut(&mut stored) {
-        m.resource_version.clear();
-    }
-    let bytes = stored.encode_to_vec();
+    // The revision is the store's, never part of the value; copy only to drop one.
+    let bytes = if object::meta(obj).is_some_and(|m| !m.resource_version.is_empty()) {
+        let mut stored = obj.clone();
+        if let Some(m) = object::meta_mut(&mut stored) {
+            m.resource_version.clear();
+        }
+        stored.encode_to_vec()
+    } else {
+        obj.encode_to_vec()
+    };
     if object::kind(obj) == Some(kinds::Kind::Secret) {
         keys.seal(&bytes)
     } else {

@@ -5,7 +5,8 @@
 //! overlay to the engine in one atomic batch. This module decides what a transaction does;
 //! it never touches Raft.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use prost::Message;
@@ -104,19 +105,28 @@ fn encode_record(kv: &KeyValue) -> Vec<u8> {
 pub struct Overlay<'a> {
     base: &'a dyn Kv,
     pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Keys already read from the engine. The overlay is the only writer while it lives, so
+    /// they stay valid: a create compares and then puts the same key, and a batch of creates
+    /// compares the same namespace, without going back to the engine each time.
+    read: RefCell<HashMap<Vec<u8>, Option<KeyValue>>>,
 }
 
 impl<'a> Overlay<'a> {
     pub fn new(base: &'a dyn Kv) -> Overlay<'a> {
-        Overlay { base, pending: BTreeMap::new() }
+        Overlay { base, pending: BTreeMap::new(), read: RefCell::default() }
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
         if let Some(p) = self.pending.get(key) {
             return Ok(p.clone());
         }
+        if let Some(kv) = self.read.borrow().get(key) {
+            return Ok(kv.clone());
+        }
         let stored = self.base.get(Space::State, &user_key(key))?;
-        Ok(stored.and_then(|b| decode_record(key, &b)))
+        let kv = stored.and_then(|b| decode_record(key, &b));
+        self.read.borrow_mut().insert(key.to_vec(), kv.clone());
+        Ok(kv)
     }
 
     /// Every live key in the range, in key order.
