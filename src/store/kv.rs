@@ -175,12 +175,21 @@ fn decode_journal(mut b: &[u8]) -> Result<Ops, String> {
 impl SledKv {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<SledKv, KvError> {
         let err = |source| KvError::Engine { path: path.to_path_buf(), source };
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(err)?;
+        let config = sled::Config::new().path(path).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput);
+        // sled releases its file lock only when the last of its pool's jobs for a closed
+        // database has finished, which can be just after the close returned: reopening in the
+        // same process (quorum recovery, then serving) waits for that rather than failing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other.map_err(err)?,
+            }
+        };
         let mut trees = BTreeMap::new();
         let mut writing = BTreeMap::new();
         for space in Space::ALL {
@@ -396,22 +405,28 @@ mod tests {
         }
     }
 
+    /// A batch of puts (`Some`) and deletes (`None`).
+    fn batch(ops: &[(&str, Option<&str>)]) -> Batch {
+        let mut b = Batch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => b.put(k.as_bytes(), v.as_bytes()),
+                None => b.delete(k.as_bytes()),
+            }
+        }
+        b
+    }
+
     #[test]
     fn a_batch_interrupted_by_a_crash_is_finished_when_the_engine_opens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
             let kv = SledKv::open(&path, 1 << 20).unwrap();
-            let mut before = Batch::default();
-            before.put(b"x".to_vec(), b"old".to_vec());
-            before.put(b"z".to_vec(), b"doomed".to_vec());
-            kv.write(Space::State, before).unwrap();
-            let mut batch = Batch::default();
-            batch.put(b"x".to_vec(), b"new".to_vec());
-            batch.put(b"y".to_vec(), b"1".to_vec());
-            batch.delete(b"z".to_vec());
+            kv.write(Space::State, batch(&[("x", Some("old")), ("z", Some("doomed"))])).unwrap();
+            let interrupted = batch(&[("x", Some("new")), ("y", Some("1")), ("z", None)]);
             // The crash came after the record and the first operation.
-            kv.write_record_only(Space::State, &batch);
+            kv.write_record_only(Space::State, &interrupted);
             kv.tree(Space::State).insert(b"x", b"new".to_vec()).unwrap();
         }
         {
@@ -420,9 +435,7 @@ mod tests {
             assert_eq!(kv.get(Space::State, b"y").unwrap(), Some(b"1".to_vec()));
             assert_eq!(kv.get(Space::State, b"z").unwrap(), None);
             assert!(kv.journal.is_empty(), "a finished batch leaves no record");
-            let mut later = Batch::default();
-            later.put(b"x".to_vec(), b"later".to_vec());
-            kv.write(Space::State, later).unwrap();
+            kv.write(Space::State, batch(&[("x", Some("later"))])).unwrap();
         }
         let kv = SledKv::open(&path, 1 << 20).unwrap();
         assert_eq!(kv.get(Space::State, b"x").unwrap(), Some(b"later".to_vec()), "the batch is not replayed twice");
@@ -434,10 +447,7 @@ mod tests {
         let path = dir.path().join("db");
         {
             let kv = SledKv::open(&path, 1 << 20).unwrap();
-            let mut batch = Batch::default();
-            batch.put(b"a".to_vec(), b"1".to_vec());
-            batch.put(b"b".to_vec(), b"2".to_vec());
-            let mut record = encode_journal(&batch.ops);
+            let mut record = encode_journal(&batch(&[("a", Some("1")), ("b", Some("2"))]).ops);
             record.truncate(record.len() - 1);
             kv.journal.insert(Space::Log.tree_name(), record).unwrap();
         }

@@ -29,6 +29,24 @@ fn tamper(data_dir: &Path, f: impl FnOnce(&SledKv)) {
     futures::executor::block_on(kv.flush()).unwrap();
 }
 
+fn set_data_version(data_dir: &Path, version: u32) {
+    tamper(data_dir, |kv| {
+        let mut b = Batch::default();
+        b.put(b"data_version".to_vec(), version.to_be_bytes().to_vec());
+        kv.write(Space::RaftMeta, b).unwrap();
+    });
+}
+
+/// How many of the `c/` keys that `replica_with_writes` wrote the engine holds.
+fn written_keys(kv: &SledKv) -> usize {
+    kv.scan(
+        Space::State,
+        (std::ops::Bound::Included(b"kc/".to_vec()), std::ops::Bound::Excluded(b"kc0".to_vec())),
+        false,
+    )
+    .count()
+}
+
 fn last_log_index(kv: &SledKv) -> u64 {
     let (k, _) =
         kv.scan(Space::Log, (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded), true).next().unwrap().unwrap();
@@ -120,11 +138,7 @@ async fn a_torn_unacknowledged_tail_is_truncated_and_every_acknowledged_write_su
 async fn data_of_another_layout_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = replica_with_writes(&dir.path().join("c"), 3).await;
-    tamper(&data, |kv| {
-        let mut b = Batch::default();
-        b.put(b"data_version".to_vec(), 99u32.to_be_bytes().to_vec());
-        kv.write(Space::RaftMeta, b).unwrap();
-    });
+    set_data_version(&data, 99);
     let out = start(&data, Duration::from_secs(10)).expect("must exit");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && out.status.code() != Some(101), "{err}");
@@ -135,11 +149,7 @@ async fn data_of_another_layout_version_is_refused() {
 async fn data_of_layout_version_1_is_upgraded_and_keeps_its_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = replica_with_writes(&dir.path().join("c"), 5).await;
-    tamper(&data, |kv| {
-        let mut b = Batch::default();
-        b.put(b"data_version".to_vec(), 1u32.to_be_bytes().to_vec());
-        kv.write(Space::RaftMeta, b).unwrap();
-    });
+    set_data_version(&data, 1);
     if let Some(out) = start(&data, Duration::from_secs(3)) {
         panic!("a version 1 replica must open: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -148,14 +158,7 @@ async fn data_of_layout_version_1_is_upgraded_and_keeps_its_writes() {
         kv.get(Space::RaftMeta, b"data_version").unwrap(),
         Some(keel::store::DATA_VERSION.to_be_bytes().to_vec())
     );
-    let keys = kv
-        .scan(
-            Space::State,
-            (std::ops::Bound::Included(b"kc/".to_vec()), std::ops::Bound::Excluded(b"kc0".to_vec())),
-            false,
-        )
-        .count();
-    assert_eq!(keys, 5, "every write survives the upgrade");
+    assert_eq!(written_keys(&kv), 5, "every write survives the upgrade");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,12 +174,5 @@ async fn garbage_after_the_engine_file_end_is_a_torn_write_and_loses_nothing() {
         panic!("replica exited after a torn engine write: {}", String::from_utf8_lossy(&out.stderr));
     }
     let kv = SledKv::open(&data.join("db"), 1 << 20).unwrap();
-    let keys = kv
-        .scan(
-            Space::State,
-            (std::ops::Bound::Included(b"kc/".to_vec()), std::ops::Bound::Excluded(b"kc0".to_vec())),
-            false,
-        )
-        .count();
-    assert_eq!(keys, 20);
+    assert_eq!(written_keys(&kv), 20);
 }
