@@ -264,6 +264,9 @@ impl Store {
     pub async fn open_with(config: StoreConfig, faults: Arc<Faults>, kv: Arc<dyn Kv>) -> Result<Store, StoreError> {
         check_data_version(kv.as_ref())?;
         let log = LogStore::open(kv.clone())?;
+        if raft::log_store::step_down_at_start(kv.as_ref(), config.id)? {
+            tracing::info!("this replica was leader when it stopped; it starts as a candidate for a new term");
+        }
         let watch_config = config.watch.clone();
         let sm = StateMachine::open(kv.clone(), |rev| watch::WatchHub::new(rev, watch_config), config.id)?;
         let shared = sm.shared();

@@ -118,6 +118,36 @@ pub fn last_log_id(kv: &dyn Kv) -> Option<LogId<u64>> {
     decode_entry(&v).ok().map(|e| e.log_id)
 }
 
+/// A replica that was leader when it stopped starts again as a candidate of its old term
+/// rather than as leader. Returns whether it was leader.
+///
+/// openraft 0.9 restores such a replica as leader at once, in the same term and with no new
+/// entry. Its read index is then the larger of its term's first entry and its stored commit
+/// marker, and that marker is not flushed (see `save_committed`), so it can be older than
+/// writes the replica acknowledged before it stopped: a linearizable read served right after
+/// the restart could miss them (the kill -9 test caught this about once in ten runs). As a
+/// candidate, it or another replica wins a new term, whose first entry commits everything
+/// before it, and read indexes are taken from there. The vote keeps its term and candidate,
+/// so it grants nothing it had not granted before.
+pub fn step_down_at_start(kv: &dyn Kv, id: u64) -> Result<bool, StoreError> {
+    let stored = match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
+        Some(b) => b,
+        None => return Ok(false),
+    };
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
+    let pbv: pb::Vote = codec::decode(&stored, "vote").map_err(|e| corrupt(e.to_string()))?;
+    let vote = codec::vote_from_pb(&Some(pbv)).map_err(|e| corrupt(format!("vote: {e}")))?;
+    if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
+        return Ok(false);
+    }
+    let candidate = Vote::new(vote.leader_id().term, id);
+    let mut b = Batch::default();
+    b.put(VOTE.to_vec(), codec::vote_to_pb(&candidate).encode_to_vec());
+    kv.write(Space::RaftMeta, b).map_err(StoreError::Engine)?;
+    kv.flush_blocking().map_err(StoreError::Engine)?;
+    Ok(true)
+}
+
 /// What `force_single_voter` did.
 #[derive(Debug, Clone, Copy)]
 pub struct Forced {
@@ -417,5 +447,27 @@ pub(crate) mod tests {
         tail.write(Space::RaftMeta, b).unwrap();
         let err = verify_and_repair(&tail).unwrap_err().to_string();
         assert!(err.contains("committed log entry 5 is damaged"), "{err}");
+    }
+
+    #[test]
+    fn a_replica_that_was_leader_starts_as_a_candidate_of_its_term() {
+        let kv = crate::store::kv::MemKv::new();
+        let stored = |kv: &crate::store::kv::MemKv| {
+            let b = kv.get(Space::RaftMeta, VOTE).unwrap().unwrap();
+            codec::vote_from_pb(&Some(codec::decode::<pb::Vote>(&b, "vote").unwrap())).unwrap()
+        };
+        let save = |kv: &crate::store::kv::MemKv, v: Vote<u64>| {
+            let mut b = Batch::default();
+            b.put(VOTE.to_vec(), codec::vote_to_pb(&v).encode_to_vec());
+            kv.write(Space::RaftMeta, b).unwrap();
+        };
+        assert!(!step_down_at_start(&kv, 1).unwrap(), "no vote yet");
+        save(&kv, Vote::new_committed(7, 1));
+        assert!(step_down_at_start(&kv, 1).unwrap());
+        assert_eq!(stored(&kv), Vote::new(7, 1), "same term and candidate, no longer committed");
+        assert!(!step_down_at_start(&kv, 1).unwrap(), "a candidate stays as it is");
+        save(&kv, Vote::new_committed(8, 2));
+        assert!(!step_down_at_start(&kv, 1).unwrap(), "a follower keeps its leader's vote");
+        assert_eq!(stored(&kv), Vote::new_committed(8, 2));
     }
 }
