@@ -120,3 +120,22 @@ async fn twenty_kill_9_cycles_under_write_load_lose_no_acknowledged_write() {
         assert!(c.exited(i).is_none(), "replica {} exited", i + 1);
     }
 }
+
+/// A leader killed and started again at once, before the others could elect, must not take up
+/// its old term as leader: its commit marker may be stale, and its reads would be too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_at_once_wins_a_new_term_before_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
+    let mut c = ProcCluster::start(exe, &dir.path().join("cluster"), 3, &[]).unwrap();
+    let leader = c.wait_leader(Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)));
+    let client = c.client(Duration::from_secs(5));
+    client.put("k", "v").await.unwrap();
+    let before = client.status_of(leader).await.unwrap().term;
+    c.kill(leader).unwrap();
+    c.spawn(leader).unwrap();
+    let now = c.wait_leader(Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)));
+    let after = client.status_of(now).await.unwrap().term;
+    assert!(after > before, "leadership went on in term {before} after the leader restarted (now term {after})");
+    assert_eq!(all_keys(&c, "k").await.len(), 1);
+}
