@@ -118,6 +118,19 @@ pub fn last_log_id(kv: &dyn Kv) -> Option<LogId<u64>> {
     decode_entry(&v).ok().map(|e| e.log_id)
 }
 
+/// A stored vote (`raft_meta/vote`).
+fn decode_vote(bytes: &[u8]) -> Result<Vote<u64>, codec::CodecError> {
+    codec::vote_from_pb(&Some(codec::decode::<pb::Vote>(bytes, "vote")?))
+}
+
+/// Stores a vote and makes it durable, outside openraft (recovery and start-up).
+fn store_vote_blocking(kv: &dyn Kv, vote: &Vote<u64>) -> Result<(), StoreError> {
+    let mut b = Batch::default();
+    b.put(VOTE.to_vec(), codec::vote_to_pb(vote).encode_to_vec());
+    kv.write(Space::RaftMeta, b).map_err(StoreError::Engine)?;
+    kv.flush_blocking().map_err(StoreError::Engine)
+}
+
 /// A replica that was leader when it stopped starts again as a candidate of its old term
 /// rather than as leader. Returns whether it was leader.
 ///
@@ -134,17 +147,12 @@ pub fn step_down_at_start(kv: &dyn Kv, id: u64) -> Result<bool, StoreError> {
         Some(b) => b,
         None => return Ok(false),
     };
-    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
-    let pbv: pb::Vote = codec::decode(&stored, "vote").map_err(|e| corrupt(e.to_string()))?;
-    let vote = codec::vote_from_pb(&Some(pbv)).map_err(|e| corrupt(format!("vote: {e}")))?;
+    let vote = decode_vote(&stored)
+        .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: format!("vote: {e}") })?;
     if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
         return Ok(false);
     }
-    let candidate = Vote::new(vote.leader_id().term, id);
-    let mut b = Batch::default();
-    b.put(VOTE.to_vec(), codec::vote_to_pb(&candidate).encode_to_vec());
-    kv.write(Space::RaftMeta, b).map_err(StoreError::Engine)?;
-    kv.flush_blocking().map_err(StoreError::Engine)?;
+    store_vote_blocking(kv, &Vote::new(vote.leader_id().term, id))?;
     Ok(true)
 }
 
@@ -177,10 +185,7 @@ pub fn force_single_voter(kv: &dyn Kv, id: u64, member: crate::store::Member) ->
     };
     let last = last.or(purged);
     let vote_term = match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
-        Some(b) => {
-            let v: pb::Vote = codec::decode(&b, "vote").map_err(|e| StoreError::Stopped(e.to_string()))?;
-            codec::vote_from_pb(&Some(v)).map_err(|e| StoreError::Stopped(e.to_string()))?.leader_id.term
-        }
+        Some(b) => decode_vote(&b).map_err(|e| StoreError::Stopped(e.to_string()))?.leader_id.term,
         None => 0,
     };
     let term = vote_term.max(last.map_or(0, |l| l.leader_id.term)) + 1;
@@ -196,11 +201,7 @@ pub fn force_single_voter(kv: &dyn Kv, id: u64, member: crate::store::Member) ->
     let mut log = Batch::default();
     log.put(index_key(index), encode_entry(&entry));
     kv.write(Space::Log, log).map_err(StoreError::Engine)?;
-    let vote = Vote::new(term, id);
-    let mut meta = Batch::default();
-    meta.put(VOTE.to_vec(), codec::vote_to_pb(&vote).encode_to_vec());
-    kv.write(Space::RaftMeta, meta).map_err(StoreError::Engine)?;
-    kv.flush_blocking().map_err(StoreError::Engine)?;
+    store_vote_blocking(kv, &Vote::new(term, id))?;
     Ok(Forced { last_index: index - 1, term })
 }
 
@@ -341,10 +342,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         match self.kv.get(Space::RaftMeta, VOTE).map_err(err)? {
             None => Ok(None),
-            Some(b) => {
-                let v: pb::Vote = codec::decode(&b, "vote").map_err(err)?;
-                Ok(Some(codec::vote_from_pb(&Some(v)).map_err(err)?))
-            }
+            Some(b) => Ok(Some(decode_vote(&b).map_err(err)?)),
         }
     }
 
@@ -452,15 +450,9 @@ pub(crate) mod tests {
     #[test]
     fn a_replica_that_was_leader_starts_as_a_candidate_of_its_term() {
         let kv = crate::store::kv::MemKv::new();
-        let stored = |kv: &crate::store::kv::MemKv| {
-            let b = kv.get(Space::RaftMeta, VOTE).unwrap().unwrap();
-            codec::vote_from_pb(&Some(codec::decode::<pb::Vote>(&b, "vote").unwrap())).unwrap()
-        };
-        let save = |kv: &crate::store::kv::MemKv, v: Vote<u64>| {
-            let mut b = Batch::default();
-            b.put(VOTE.to_vec(), codec::vote_to_pb(&v).encode_to_vec());
-            kv.write(Space::RaftMeta, b).unwrap();
-        };
+        let stored =
+            |kv: &crate::store::kv::MemKv| decode_vote(&kv.get(Space::RaftMeta, VOTE).unwrap().unwrap()).unwrap();
+        let save = |kv: &crate::store::kv::MemKv, v: Vote<u64>| store_vote_blocking(kv, &v).unwrap();
         assert!(!step_down_at_start(&kv, 1).unwrap(), "no vote yet");
         save(&kv, Vote::new_committed(7, 1));
         assert!(step_down_at_start(&kv, 1).unwrap());
