@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what Keel needs on Debian 12, as root: protoc for the build, etcd for the store
-# benchmark's peer, procps for kill(1) in the process harness. Idempotent.
+# benchmark's peer, procps for kill(1) in the process harness, strace for the test that
+# checks a flush reaches the device. Idempotent.
 set -euo pipefail
 need=()
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v kill >/dev/null || need+=(procps)
+command -v strace >/dev/null || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
