@@ -38,7 +38,11 @@ pub use watch::{Watch, WatchBatch, WatchConfig, WatchError};
 /// 2: atomic batches are journaled by the engine (`batch_journal` tree). Version 1 data has
 /// no journal and opens as it is; a version 1 binary would ignore the journal, so it must
 /// refuse version 2 data, and does.
-pub const DATA_VERSION: u32 = 2;
+///
+/// 3: the current snapshot is one value (`state_machine::SNAPSHOT`) rather than a batch of
+/// two, so saving one writes its data once instead of twice. Versions 1 and 2 are upgraded
+/// in place (`upgrade_snapshot_layout`); a version 2 binary would not find the snapshot.
+pub const DATA_VERSION: u32 = 3;
 const DATA_VERSION_KEY: &[u8] = b"data_version";
 
 /// gRPC metadata set on a request a follower forwards to the leader, so it is never
@@ -214,11 +218,14 @@ fn check_data_version(kv: &dyn Kv) -> Result<(), StoreError> {
     let file = kv.location().to_path_buf();
     match kv.get(Space::RaftMeta, DATA_VERSION_KEY)? {
         Some(v) if v == DATA_VERSION.to_be_bytes() => Ok(()),
-        Some(v) if v == 1u32.to_be_bytes() => {
+        Some(v) if v == 1u32.to_be_bytes() || v == 2u32.to_be_bytes() => {
+            raft::state_machine::upgrade_snapshot_layout(kv)?;
+            kv.flush_blocking()?;
             let mut b = kv::Batch::default();
             b.put(DATA_VERSION_KEY.to_vec(), DATA_VERSION.to_be_bytes().to_vec());
             kv.write(Space::RaftMeta, b)?;
-            tracing::info!(file = %file.display(), "upgraded the data layout from version 1 to {DATA_VERSION}");
+            let from = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+            tracing::info!(file = %file.display(), "upgraded the data layout from version {from} to {DATA_VERSION}");
             Ok(())
         }
         Some(v) => Err(StoreError::DataVersion { file, found: format!("{v:?}"), want: DATA_VERSION }),

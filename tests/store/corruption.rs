@@ -162,6 +162,50 @@ async fn data_of_layout_version_1_is_upgraded_and_keeps_its_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_of_layout_version_2_keeps_its_snapshot_in_one_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
+    let mut c = ProcCluster::start(exe, &dir.path().join("c"), 1, &["--snapshot-every=5".to_string()]).unwrap();
+    c.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let client = c.client(Duration::from_secs(5));
+    for i in 0..20 {
+        client.put(format!("c/{i:03}"), "v").await.unwrap();
+    }
+    let data = c.nodes[0].data_dir.clone();
+    c.kill(0).unwrap();
+    c.keep();
+    // Rewrite the snapshot as version 2 kept it: meta and data under two keys.
+    let mut snapshot = Vec::new();
+    tamper(&data, |kv| {
+        let value = kv.get(Space::Snapshot, b"current").unwrap().expect("a snapshot after 20 writes");
+        let n = value.len();
+        let meta_len = u32::from_be_bytes(value[n - 4..].try_into().unwrap()) as usize;
+        let (body, meta) = value[..n - 4].split_at(n - 4 - meta_len);
+        let mut b = Batch::default();
+        b.put(b"meta".to_vec(), meta.to_vec());
+        b.put(b"data".to_vec(), body.to_vec());
+        kv.write(Space::Snapshot, b).unwrap();
+        let mut b = Batch::default();
+        b.delete(b"current".to_vec());
+        kv.write(Space::Snapshot, b).unwrap();
+        snapshot = value;
+    });
+    set_data_version(&data, 2);
+    if let Some(out) = start(&data, Duration::from_secs(3)) {
+        panic!("a version 2 replica must open: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let kv = SledKv::open(&data.join("db"), 1 << 20).unwrap();
+    assert_eq!(
+        kv.get(Space::RaftMeta, b"data_version").unwrap(),
+        Some(keel::store::DATA_VERSION.to_be_bytes().to_vec())
+    );
+    assert_eq!(kv.get(Space::Snapshot, b"current").unwrap(), Some(snapshot), "the snapshot survives the upgrade");
+    assert_eq!(kv.get(Space::Snapshot, b"meta").unwrap(), None);
+    assert_eq!(kv.get(Space::Snapshot, b"data").unwrap(), None);
+    assert_eq!(written_keys(&kv), 20, "every write survives the upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_after_the_engine_file_end_is_a_torn_write_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = replica_with_writes(&dir.path().join("c"), 20).await;

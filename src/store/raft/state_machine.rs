@@ -27,8 +27,13 @@ use crate::store::StoreError;
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const REVISION: &[u8] = b"m/revision";
-const SNAP_META: &[u8] = b"meta";
-const SNAP_DATA: &[u8] = b"data";
+/// The current snapshot, one value: its data, then its encoded meta, then the meta's length
+/// (4 bytes, big-endian). One value is written as one engine operation, so saving a snapshot
+/// needs no journal record, which would write all of the data a second time.
+const SNAPSHOT: &[u8] = b"current";
+/// Layout versions 1 and 2 kept the meta and the data under two keys, written as one batch.
+const OLD_SNAP_META: &[u8] = b"meta";
+const OLD_SNAP_DATA: &[u8] = b"data";
 const SNAPSHOT_FORMAT: u32 = 1;
 
 /// State shared between the state machine (one writer) and readers.
@@ -124,15 +129,54 @@ type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
 
 fn read_snapshot(kv: &dyn Kv) -> Result<Option<StoredSnapshot>, StoreError> {
     let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
-    let (Some(meta), Some(data)) = (
-        kv.get(Space::Snapshot, SNAP_META).map_err(StoreError::Engine)?,
-        kv.get(Space::Snapshot, SNAP_DATA).map_err(StoreError::Engine)?,
-    ) else {
+    let Some(mut value) = kv.get(Space::Snapshot, SNAPSHOT).map_err(StoreError::Engine)? else {
         return Ok(None);
     };
-    let meta: pb::SnapshotMeta = codec::decode(&meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
+    let (data_len, meta) = split_snapshot(&value).map_err(|what| corrupt(format!("stored snapshot: {what}")))?;
+    let meta: pb::SnapshotMeta = codec::decode(meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
     let meta = codec::snapshot_meta_from_pb(&meta).map_err(|e| corrupt(e.to_string()))?;
-    Ok(Some((meta, data)))
+    value.truncate(data_len);
+    Ok(Some((meta, value)))
+}
+
+/// The data's length and the encoded meta of a stored snapshot value.
+fn split_snapshot(value: &[u8]) -> Result<(usize, &[u8]), String> {
+    let n = value.len();
+    let len_bytes: [u8; 4] = value
+        .get(n.saturating_sub(4)..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("{n} bytes is too short"))?;
+    let meta_len = u32::from_be_bytes(len_bytes) as usize;
+    let data_len = (n - 4).checked_sub(meta_len).ok_or_else(|| format!("meta length {meta_len} exceeds the value"))?;
+    Ok((data_len, &value[data_len..n - 4]))
+}
+
+fn snapshot_value(meta: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(data.len() + meta.len() + 4);
+    v.extend_from_slice(data);
+    v.extend_from_slice(meta);
+    v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    v
+}
+
+/// Layout 2 -> 3: moves a snapshot stored under two keys into one value. Safe to run again
+/// after a crash part-way: the new value is written before the old keys go.
+pub fn upgrade_snapshot_layout(kv: &dyn Kv) -> Result<(), StoreError> {
+    let meta = kv.get(Space::Snapshot, OLD_SNAP_META).map_err(StoreError::Engine)?;
+    let data = kv.get(Space::Snapshot, OLD_SNAP_DATA).map_err(StoreError::Engine)?;
+    if let (Some(meta), Some(data)) = (&meta, &data) {
+        let mut b = Batch::default();
+        b.put(SNAPSHOT.to_vec(), snapshot_value(meta, data));
+        kv.write(Space::Snapshot, b).map_err(StoreError::Engine)?;
+    }
+    for (key, present) in [(OLD_SNAP_META, meta.is_some()), (OLD_SNAP_DATA, data.is_some())] {
+        if present {
+            let mut b = Batch::default();
+            b.delete(key.to_vec());
+            kv.write(Space::Snapshot, b).map_err(StoreError::Engine)?;
+        }
+    }
+    Ok(())
 }
 
 /// Replaces the whole state with the snapshot's, in one atomic batch.
@@ -295,8 +339,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 fn save_snapshot(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result<(), StoreError> {
     let mut batch = Batch::default();
-    batch.put(SNAP_META.to_vec(), codec::snapshot_meta_to_pb(meta).encode_to_vec());
-    batch.put(SNAP_DATA.to_vec(), data.to_vec());
+    batch.put(SNAPSHOT.to_vec(), snapshot_value(&codec::snapshot_meta_to_pb(meta).encode_to_vec(), data));
     kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)
 }
 
@@ -322,5 +365,57 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::kv::MemKv;
+
+    fn meta() -> SnapshotMeta<u64, Member> {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "3-1-42-r40".into(),
+        }
+    }
+
+    #[test]
+    fn a_saved_snapshot_reads_back_whole() {
+        let kv = MemKv::default();
+        assert!(read_snapshot(&kv).unwrap().is_none());
+        for data in [Vec::new(), vec![9u8; 1000]] {
+            save_snapshot(&kv, &meta(), &data).unwrap();
+            let (m, d) = read_snapshot(&kv).unwrap().unwrap();
+            assert_eq!((m, d), (meta(), data));
+        }
+    }
+
+    #[test]
+    fn a_damaged_snapshot_value_is_refused_by_name() {
+        let kv = MemKv::default();
+        for bad in [vec![1u8, 2], vec![0, 0, 1, 0]] {
+            let mut b = Batch::default();
+            b.put(SNAPSHOT.to_vec(), bad);
+            kv.write(Space::Snapshot, b).unwrap();
+            let e = read_snapshot(&kv).unwrap_err().to_string();
+            assert!(e.contains("stored snapshot"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_layout_2_is_moved_into_one_value() {
+        let kv = MemKv::default();
+        let mut b = Batch::default();
+        b.put(OLD_SNAP_META.to_vec(), codec::snapshot_meta_to_pb(&meta()).encode_to_vec());
+        b.put(OLD_SNAP_DATA.to_vec(), b"state".to_vec());
+        kv.write(Space::Snapshot, b).unwrap();
+        upgrade_snapshot_layout(&kv).unwrap();
+        // A second run (a crash before the version was written) changes nothing.
+        upgrade_snapshot_layout(&kv).unwrap();
+        assert_eq!(read_snapshot(&kv).unwrap().unwrap(), (meta(), b"state".to_vec()));
+        assert_eq!(kv.get(Space::Snapshot, OLD_SNAP_META).unwrap(), None);
+        assert_eq!(kv.get(Space::Snapshot, OLD_SNAP_DATA).unwrap(), None);
     }
 }
