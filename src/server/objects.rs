@@ -366,16 +366,45 @@ impl ObjectsService {
         // resourceVersion (if any) is checked against each read, so a stale one is a
         // conflict, an object deleted meanwhile is NotFound, and an update without one is
         // applied to the latest state.
-        for _ in 0..MAX_RETRIES {
-            let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &m.name))?;
+        //
+        // The first read is local (serializable), which spares a read-index round. The
+        // transaction compares the revision that read saw, so a stale read can only fail the
+        // write; every answer a stale read could get wrong without writing (NotFound, a
+        // conflict, nothing to change) is taken again from a linearizable read.
+        let mut local = true;
+        let mut linearizable_reads = 0;
+        while linearizable_reads < MAX_RETRIES {
+            let serializable = std::mem::replace(&mut local, false);
+            if !serializable {
+                linearizable_reads += 1;
+            }
+            let Some(kv) = self.read_with(&k, serializable).await? else {
+                if serializable {
+                    continue;
+                }
+                return Err(not_found(info, &m.name));
+            };
             if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
+                if serializable {
+                    continue;
+                }
                 return Err(conflict(info, &m.name));
             }
             let current = decode(&kv, &self.keys)?;
             let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
-            self.authorize_write(who, verb, info, &namespace, &m.name, Some(&current))?;
-            let mut next = self.prepare_update(info, &namespace, &current, &obj, status_only)?;
+            // A refusal (forbidden, invalid against the current object) is decided on the
+            // latest state too.
+            let decided = self
+                .authorize_write(who, verb, info, &namespace, &m.name, Some(&current))
+                .and_then(|()| self.prepare_update(info, &namespace, &current, &obj, status_only));
+            let mut next = match decided {
+                Err(_) if serializable => continue,
+                other => other?,
+            };
             if next == current {
+                if serializable {
+                    continue;
+                }
                 return Ok(current);
             }
             let txn = pb::TxnRequest {

@@ -651,3 +651,67 @@ async fn a_watch_the_client_drops_releases_its_place_in_the_hub() {
     })
     .await;
 }
+
+/// An update sent to a follower whose own copy is behind is decided on the latest state.
+/// The follower reads locally first; that read can miss an object the leader has just
+/// committed, or see an older revision, and must then not answer NotFound or Conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_through_a_lagging_follower_is_decided_on_the_latest_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_keel"));
+    let mut c = keel::harness::ProcCluster::start(exe, dir.path(), 3, &[]).unwrap();
+    let leader = c.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let admin = c.pki.admin.clone();
+    keel::harness::wait_default_namespaces(&c.nodes[leader].addr, Duration::from_secs(20), &admin).await.unwrap();
+    let follower = (leader + 1) % 3;
+    let connect =
+        |i: usize| ObjectsClient::new(keel::client::endpoint(&c.nodes[i].addr, &admin).unwrap().connect_lazy());
+    let (mut via_leader, mut via_follower) = (connect(leader), connect(follower));
+    via_follower.get(pb::GetRequest { r#ref: r("Namespace", "", "default") }).await.unwrap();
+    for round in 0..5 {
+        // The follower misses the create while it is stopped; the other two commit it.
+        c.pause(follower, true).unwrap();
+        let name = format!("lag-{round}");
+        let created = via_leader.create(pb::CreateRequest { object: Some(config_map("default", &name)) }).await;
+        c.pause(follower, false).unwrap();
+        let created = created.unwrap().into_inner();
+        let mut next = created.clone();
+        if let Some(pb::object::Kind::ConfigMap(cm)) = next.kind.as_mut() {
+            cm.data.insert("round".into(), round.to_string());
+        }
+        let updated = via_follower
+            .update(pb::UpdateRequest { object: Some(next) })
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: update through the follower: {s:?}"))
+            .into_inner();
+        assert!(
+            meta(&updated).resource_version.parse::<i64>().unwrap()
+                > meta(&created).resource_version.parse::<i64>().unwrap(),
+            "round {round}: the update was written"
+        );
+        let Some(pb::object::Kind::ConfigMap(cm)) = updated.kind.clone() else { panic!("a ConfigMap") };
+        assert_eq!(cm.data.get("round"), Some(&round.to_string()));
+
+        // Now the follower holds the object but misses a newer revision of it: the caller's
+        // (current) resourceVersion must not look like a conflict.
+        c.pause(follower, true).unwrap();
+        let mut newer = updated.clone();
+        if let Some(pb::object::Kind::ConfigMap(cm)) = newer.kind.as_mut() {
+            cm.data.insert("by".into(), "leader".into());
+        }
+        let newer = via_leader.update(pb::UpdateRequest { object: Some(newer) }).await;
+        c.pause(follower, false).unwrap();
+        let mut last = newer.unwrap().into_inner();
+        if let Some(pb::object::Kind::ConfigMap(cm)) = last.kind.as_mut() {
+            cm.data.insert("by".into(), "follower".into());
+        }
+        let last = via_follower
+            .update(pb::UpdateRequest { object: Some(last) })
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: update with the current resourceVersion: {s:?}"))
+            .into_inner();
+        let Some(pb::object::Kind::ConfigMap(cm)) = last.kind else { panic!("a ConfigMap") };
+        assert_eq!(cm.data.get("by").map(String::as_str), Some("follower"));
+    }
+    c.kill_all();
+}

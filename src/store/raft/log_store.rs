@@ -108,7 +108,13 @@ impl LogStore {
     }
 
     async fn flush(&self, subject: ErrorSubject<u64>) -> Result<(), StorageError> {
-        self.kv.flush().await.map_err(|e| storage_err(subject, ErrorVerb::Write, e))
+        let started = std::time::Instant::now();
+        self.kv.flush().await.map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
+        let took = started.elapsed();
+        if took > SLOW_FLUSH {
+            tracing::warn!(ms = took.as_millis() as u64, of = ?subject, "a flush was slow");
+        }
+        Ok(())
     }
 }
 
@@ -205,6 +211,9 @@ pub fn force_single_voter(kv: &dyn Kv, id: u64, member: crate::store::Member) ->
     Ok(Forced { last_index: index - 1, term })
 }
 
+/// A log flush slower than this is logged: every write waits for it.
+const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Completes every queued append with one flush. A dedicated thread: the flush blocks, and
 /// calling it directly skips a hop through the engine's own thread pool.
 fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {
@@ -213,7 +222,12 @@ fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {
         while let Ok(more) = rx.try_recv() {
             jobs.push(more);
         }
+        let started = std::time::Instant::now();
         let result = kv.flush_blocking();
+        let took = started.elapsed();
+        if took > SLOW_FLUSH {
+            tracing::warn!(ms = took.as_millis() as u64, appends = jobs.len(), "a log flush was slow");
+        }
         for job in jobs {
             let r = match &result {
                 Ok(()) => Ok(()),
