@@ -20,7 +20,7 @@
 //! sync at all. [`SledKv`]'s flush therefore also `fdatasync`s the database file and every
 //! new blob file (and the `blobs` directory) before it returns, as etcd does for its WAL.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs::File;
 use std::ops::Bound;
@@ -135,8 +135,10 @@ struct DeviceSync {
     db: File,
     db_path: PathBuf,
     blobs: PathBuf,
-    /// Blob files already synced; sled never rewrites a blob in place.
-    synced_blobs: Mutex<HashSet<OsString>>,
+    /// Blob files already synced, with the length they had. sled never rewrites a blob, but
+    /// one may still be being written (for a later write) while a flush lists the directory:
+    /// a length that changed since is synced again.
+    synced_blobs: Mutex<HashMap<OsString, u64>>,
 }
 
 impl DeviceSync {
@@ -147,7 +149,7 @@ impl DeviceSync {
             move |source| KvError::Sync { path, source }
         };
         let db = File::open(&db_path).map_err(sync_err(&db_path))?;
-        let files = DeviceSync { db, db_path, blobs: dir.join("blobs"), synced_blobs: Mutex::new(HashSet::new()) };
+        let files = DeviceSync { db, db_path, blobs: dir.join("blobs"), synced_blobs: Mutex::new(HashMap::new()) };
         // The first start created the directory's files; their names must survive too.
         File::open(dir).and_then(|d| d.sync_all()).map_err(sync_err(dir))?;
         files.sync()?;
@@ -171,21 +173,28 @@ impl DeviceSync {
             Err(e) => return Err(err(&self.blobs)(e)),
         };
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut present = HashSet::new();
+        let mut present = HashMap::new();
         let mut new = false;
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         for entry in entries {
-            let name = entry.map_err(err(&self.blobs))?.file_name();
-            if !synced.contains(&name) {
-                let path = self.blobs.join(&name);
-                match File::open(&path) {
-                    Ok(f) => f.sync_data().map_err(err(&path))?,
-                    // Removed by sled's collector since the listing.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            let entry = entry.map_err(err(&self.blobs))?;
+            let path = entry.path();
+            // The length is read before the sync, so the sync covers at least that much.
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                // Removed by sled's collector since the listing.
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(err(&path)(e)),
+            };
+            let name = entry.file_name();
+            if synced.get(&name) != Some(&len) {
+                match File::open(&path).and_then(|f| f.sync_data()) {
+                    Ok(()) => new = true,
+                    Err(e) if gone(&e) => continue,
                     Err(e) => return Err(err(&path)(e)),
                 }
-                new = true;
             }
-            present.insert(name);
+            present.insert(name, len);
         }
         if new {
             File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(err(&self.blobs))?;
@@ -566,6 +575,16 @@ mod tests {
             kv.flush_blocking().unwrap();
             let _ = std::fs::metadata(dir.join(format!("{name}-after")));
         }
+        // A blob still being written when a flush synced it: once it has grown, the next
+        // flush syncs it again.
+        let grown = dir.join("data").join("blobs").join("999999999");
+        std::fs::write(&grown, b"part").unwrap();
+        kv.flush_blocking().unwrap();
+        let _ = std::fs::metadata(dir.join("grown-before"));
+        std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(&grown).unwrap(), b"rest")
+            .unwrap();
+        kv.flush_blocking().unwrap();
+        let _ = std::fs::metadata(dir.join("grown-after"));
     }
 
     /// sled alone makes its log stable with `sync_file_range`, which leaves the data in the
@@ -614,6 +633,12 @@ mod tests {
         assert!(synced(&blob, "fdatasync", "/data/blobs/"), "no fdatasync of the new blob in:\n{}", blob.join("\n"));
         assert!(synced(&blob, "fsync", "/data/blobs>"), "no fsync of the blobs directory in:\n{}", blob.join("\n"));
         assert!(synced(&blob, "fdatasync", "/data/db>"), "no fdatasync of the database file in:\n{}", blob.join("\n"));
+        let grown = window("grown");
+        assert!(
+            synced(&grown, "fdatasync", "/data/blobs/999999999>"),
+            "a grown blob was not synced again in:\n{}",
+            grown.join("\n")
+        );
     }
 
     /// Run by `batches_stay_whole_across_kill_9` in a child process: writes batches until killed.
