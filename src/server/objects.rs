@@ -134,6 +134,33 @@ fn invalid(info: &KindInfo, name: &str, errors: Vec<validation::FieldError>) -> 
 /// How often an update or delete re-reads after losing a race to another writer.
 const MAX_RETRIES: usize = 16;
 
+/// The reads of a read-decide-compare loop (update, delete): the replica's own copy first,
+/// then up to `MAX_RETRIES` linearizable reads. Each item says whether that read may be
+/// local. The write compares the revision read, so a stale local read can only fail it;
+/// an answer given without writing must come from a linearizable read.
+struct Reads {
+    local: bool,
+    linearizable: usize,
+}
+
+impl Default for Reads {
+    fn default() -> Reads {
+        Reads { local: true, linearizable: 0 }
+    }
+}
+
+impl Reads {
+    fn next(&mut self) -> Option<bool> {
+        if std::mem::replace(&mut self.local, false) {
+            return Some(true);
+        }
+        (self.linearizable < MAX_RETRIES).then(|| {
+            self.linearizable += 1;
+            false
+        })
+    }
+}
+
 fn conflict(info: &KindInfo, name: &str) -> Status {
     Status::aborted(format!(
         "Operation cannot be fulfilled on {} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
@@ -371,13 +398,8 @@ impl ObjectsService {
         // transaction compares the revision that read saw, so a stale read can only fail the
         // write; every answer a stale read could get wrong without writing (NotFound, a
         // conflict, nothing to change) is taken again from a linearizable read.
-        let mut local = true;
-        let mut linearizable_reads = 0;
-        while linearizable_reads < MAX_RETRIES {
-            let serializable = std::mem::replace(&mut local, false);
-            if !serializable {
-                linearizable_reads += 1;
-            }
+        let mut reads = Reads::default();
+        while let Some(serializable) = reads.next() {
             let Some(kv) = self.read_with(&k, serializable).await? else {
                 if serializable {
                     continue;
@@ -754,16 +776,29 @@ impl pb::objects_server::Objects for ObjectsService {
             }
         };
         let k = key(info, ns, &reference.name);
-        // Another writer between the read and the commit: read again (see update_object).
-        // Only the caller's own precondition makes a delete a conflict.
-        for _ in 0..MAX_RETRIES {
-            let kv = self.read(&k).await?.ok_or_else(|| not_found(info, &reference.name))?;
+        // Another writer between the read and the commit: read again (see update_object,
+        // also for the local first read). Only the caller's own precondition makes a delete
+        // a conflict.
+        let mut reads = Reads::default();
+        while let Some(serializable) = reads.next() {
+            let Some(kv) = self.read_with(&k, serializable).await? else {
+                if serializable {
+                    continue;
+                }
+                return Err(not_found(info, &reference.name));
+            };
             if !r.resource_version.is_empty() && r.resource_version != kv.mod_revision.to_string() {
+                if serializable {
+                    continue;
+                }
                 return Err(conflict(info, &reference.name));
             }
             let mut obj = decode(&kv, &self.keys)?;
             let scope = if info.namespaced { ns } else { "" };
-            self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj))?;
+            match self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj)) {
+                Err(_) if serializable => continue,
+                other => other?,
+            }
             if let Some(m) = object::meta_mut(&mut obj) {
                 if let Some(f) = policy {
                     if !m.finalizers.iter().any(|x| x == f) {

@@ -652,11 +652,11 @@ async fn a_watch_the_client_drops_releases_its_place_in_the_hub() {
     .await;
 }
 
-/// An update sent to a follower whose own copy is behind is decided on the latest state.
+/// An update or delete sent to a follower whose own copy is behind is decided on the latest state.
 /// The follower reads locally first; that read can miss an object the leader has just
 /// committed, or see an older revision, and must then not answer NotFound or Conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_through_a_lagging_follower_is_decided_on_the_latest_object() {
+async fn updates_and_deletes_through_a_lagging_follower_are_decided_on_the_latest_object() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_keel"));
     let mut c = keel::harness::ProcCluster::start(exe, dir.path(), 3, &[]).unwrap();
@@ -712,6 +712,23 @@ async fn an_update_through_a_lagging_follower_is_decided_on_the_latest_object() 
             .into_inner();
         let Some(pb::object::Kind::ConfigMap(cm)) = last.kind else { panic!("a ConfigMap") };
         assert_eq!(cm.data.get("by").map(String::as_str), Some("follower"));
+
+        // A delete through the follower of an object it has not seen yet.
+        c.pause(follower, true).unwrap();
+        let gone = format!("gone-{round}");
+        let created = via_leader.create(pb::CreateRequest { object: Some(config_map("default", &gone)) }).await;
+        c.pause(follower, false).unwrap();
+        let rv = meta(&created.unwrap().into_inner()).resource_version;
+        let deleted = via_follower
+            .delete(pb::DeleteRequest {
+                r#ref: r("ConfigMap", "default", &gone),
+                resource_version: rv,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: delete through the follower: {s:?}"))
+            .into_inner();
+        assert!(deleted.deleted, "round {round}: no finalizers, so the object is gone");
     }
     c.kill_all();
 }
