@@ -452,19 +452,22 @@ impl ObjectsService {
         &self,
         namespace: &str,
         batch: &HashSet<String>,
+        serializable: bool,
     ) -> Result<Option<(String, i64)>, Status> {
-        match self.check_namespace(namespace, false).await {
+        match self.check_namespace(namespace, serializable).await {
             Err(e) if e.code() == tonic::Code::NotFound && batch.contains(namespace) => Ok(None),
             other => other.map(Some),
         }
     }
 
-    /// What applying one manifest does, from a linearizable read of its current state.
+    /// What applying one manifest does, from a read of its current state: the replica's own
+    /// copy when `serializable` (see `apply_objects`), else a linearizable read.
     async fn plan_apply(
         &self,
         manifest: &pb::Object,
         batch: &HashSet<String>,
         who: Option<&Identity>,
+        serializable: bool,
     ) -> Result<Planned, Status> {
         let info = object::info(manifest).ok_or_else(|| Status::invalid_argument("object: Required value"))?;
         let m = object::meta(manifest).cloned().unwrap_or_default();
@@ -484,12 +487,12 @@ impl ObjectsService {
             mm.namespace.clone_from(&namespace);
         }
         let k = key(info, &namespace, &m.name);
-        let Some(kv) = self.read(&k).await? else {
+        let Some(kv) = self.read_with(&k, serializable).await? else {
             self.authorize_write(who, Verb::Create, info, &namespace, &m.name, None)?;
             let (obj, _) = self.admit_new(apply::for_create(&manifest))?;
             let mut compare = vec![mod_equals(&k, 0)];
             if info.namespaced {
-                if let Some((ns_key, rev)) = self.namespace_for_create(&namespace, batch).await? {
+                if let Some((ns_key, rev)) = self.namespace_for_create(&namespace, batch, serializable).await? {
                     compare.push(mod_equals(&ns_key, rev));
                 }
             }
@@ -532,10 +535,18 @@ impl ObjectsService {
             .filter(|o| object::kind(o) == Some(kinds::Kind::Namespace))
             .filter_map(|o| object::meta(o).map(|m| m.name.clone()))
             .collect();
-        for _ in 0..5 {
+        // The first plan reads the replica's own copies: the transaction compares every
+        // revision the plan read, so stale copies can only fail it. An answer given without
+        // writing (an error, a dry run, nothing to change) comes from linearizable reads.
+        for attempt in 0..6 {
+            let serializable = attempt == 0;
             let mut plans: Vec<Planned> = Vec::with_capacity(objects.len());
             for (i, obj) in objects.iter().enumerate() {
-                let p = self.plan_apply(obj, &batch, who).await.map_err(|s| about(s, i, obj, many))?;
+                let p = match self.plan_apply(obj, &batch, who, serializable).await {
+                    Ok(p) => p,
+                    Err(_) if serializable => break,
+                    Err(s) => return Err(about(s, i, obj, many)),
+                };
                 if let Some(j) = plans.iter().position(|q| q.key == p.key) {
                     return Err(Status::invalid_argument(format!(
                         "objects[{i}] and objects[{j}] are the same object ({}); apply each object once",
@@ -556,6 +567,9 @@ impl ObjectsService {
                     })
                     .collect()
             };
+            if serializable && (plans.len() < objects.len() || dry_run || writes.is_empty()) {
+                continue;
+            }
             if dry_run || writes.is_empty() {
                 return Ok(pb::ApplyResponse { results: results(plans, None), resource_version: String::new() });
             }

@@ -652,11 +652,12 @@ async fn a_watch_the_client_drops_releases_its_place_in_the_hub() {
     .await;
 }
 
-/// An update or delete sent to a follower whose own copy is behind is decided on the latest state.
+/// An update, delete or apply sent to a follower whose own copy is behind is decided on the
+/// latest state.
 /// The follower reads locally first; that read can miss an object the leader has just
 /// committed, or see an older revision, and must then not answer NotFound or Conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn updates_and_deletes_through_a_lagging_follower_are_decided_on_the_latest_object() {
+async fn writes_through_a_lagging_follower_are_decided_on_the_latest_object() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_keel"));
     let mut c = keel::harness::ProcCluster::start(exe, dir.path(), 3, &[]).unwrap();
@@ -729,6 +730,30 @@ async fn updates_and_deletes_through_a_lagging_follower_are_decided_on_the_lates
             .unwrap_or_else(|s| panic!("round {round}: delete through the follower: {s:?}"))
             .into_inner();
         assert!(deleted.deleted, "round {round}: no finalizers, so the object is gone");
+
+        // Apply: the follower has an older version that equals the manifest, so its own copy
+        // says "unchanged"; the latest version differs, and the apply must configure it.
+        let manifest = |v: &str| {
+            parse(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ap-{round}, namespace: default}}\ndata: {{k: {v}}}\n"
+            ))
+        };
+        via_leader.apply(apply_req(vec![manifest("a")])).await.unwrap();
+        via_follower.get(pb::GetRequest { r#ref: r("ConfigMap", "default", &format!("ap-{round}")) }).await.unwrap();
+        c.pause(follower, true).unwrap();
+        let b = via_leader.apply(apply_req(vec![manifest("b")])).await;
+        c.pause(follower, false).unwrap();
+        assert_eq!(b.unwrap().into_inner().results[0].action, "configured");
+        let back = via_follower
+            .apply(apply_req(vec![manifest("a")]))
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: apply through the follower: {s:?}"))
+            .into_inner();
+        assert_eq!(back.results[0].action, "configured", "round {round}: decided on a stale copy");
+        let Some(pb::object::Kind::ConfigMap(cm)) = back.results[0].object.clone().and_then(|o| o.kind) else {
+            panic!("a ConfigMap")
+        };
+        assert_eq!(cm.data.get("k").map(String::as_str), Some("a"));
     }
     c.kill_all();
 }
