@@ -134,28 +134,34 @@ fn invalid(info: &KindInfo, name: &str, errors: Vec<validation::FieldError>) -> 
 /// How often an update or delete re-reads after losing a race to another writer.
 const MAX_RETRIES: usize = 16;
 
-/// The reads of a read-decide-compare loop (update, delete): the replica's own copy first,
-/// then up to `MAX_RETRIES` linearizable reads. Each item says whether that read may be
+/// The reads of a read-decide-compare loop (update, delete, apply): the replica's own copy
+/// first, then a bounded number of linearizable reads. Each item says whether that read may be
 /// local. The write compares the revision read, so a stale local read can only fail it;
 /// an answer given without writing must come from a linearizable read.
 struct Reads {
     local: bool,
-    linearizable: usize,
+    /// Linearizable reads still allowed.
+    left: usize,
 }
 
 impl Default for Reads {
     fn default() -> Reads {
-        Reads { local: true, linearizable: 0 }
+        Reads::up_to(MAX_RETRIES)
     }
 }
 
 impl Reads {
+    /// The local read, then at most `linearizable` more.
+    fn up_to(linearizable: usize) -> Reads {
+        Reads { local: true, left: linearizable }
+    }
+
     fn next(&mut self) -> Option<bool> {
         if std::mem::replace(&mut self.local, false) {
             return Some(true);
         }
-        (self.linearizable < MAX_RETRIES).then(|| {
-            self.linearizable += 1;
+        (self.left > 0).then(|| {
+            self.left -= 1;
             false
         })
     }
@@ -189,6 +195,30 @@ impl ObjectsService {
         let req = pb::RangeRequest { key: key.into(), serializable, ..Default::default() };
         let r = self.store.range(req).await.map_err(from_store)?;
         Ok(r.kvs.into_iter().next())
+    }
+
+    /// One read of an update's or a delete's loop: the object, checked against the caller's
+    /// resourceVersion (if any). NotFound and Conflict are answered from a linearizable read
+    /// only; after a local read they give `Ok(None)`: read again.
+    async fn read_current(
+        &self,
+        key: &str,
+        serializable: bool,
+        resource_version: &str,
+        info: &KindInfo,
+        name: &str,
+    ) -> Result<Option<pb::KeyValue>, Status> {
+        let verdict = match self.read_with(key, serializable).await? {
+            None => Err(not_found(info, name)),
+            Some(kv) if !resource_version.is_empty() && resource_version != kv.mod_revision.to_string() => {
+                Err(conflict(info, name))
+            }
+            Some(kv) => Ok(kv),
+        };
+        match verdict {
+            Err(_) if serializable => Ok(None),
+            other => other.map(Some),
+        }
     }
 
     /// Checks that a namespaced object's namespace exists and is not terminating; returns the
@@ -400,18 +430,9 @@ impl ObjectsService {
         // conflict, nothing to change) is taken again from a linearizable read.
         let mut reads = Reads::default();
         while let Some(serializable) = reads.next() {
-            let Some(kv) = self.read_with(&k, serializable).await? else {
-                if serializable {
-                    continue;
-                }
-                return Err(not_found(info, &m.name));
+            let Some(kv) = self.read_current(&k, serializable, &m.resource_version, info, &m.name).await? else {
+                continue;
             };
-            if !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string() {
-                if serializable {
-                    continue;
-                }
-                return Err(conflict(info, &m.name));
-            }
             let current = decode(&kv, &self.keys)?;
             let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
             // A refusal (forbidden, invalid against the current object) is decided on the
@@ -538,8 +559,8 @@ impl ObjectsService {
         // The first plan reads the replica's own copies: the transaction compares every
         // revision the plan read, so stale copies can only fail it. An answer given without
         // writing (an error, a dry run, nothing to change) comes from linearizable reads.
-        for attempt in 0..6 {
-            let serializable = attempt == 0;
+        let mut reads = Reads::up_to(5);
+        while let Some(serializable) = reads.next() {
             let mut plans: Vec<Planned> = Vec::with_capacity(objects.len());
             for (i, obj) in objects.iter().enumerate() {
                 let p = match self.plan_apply(obj, &batch, who, serializable).await {
@@ -795,18 +816,10 @@ impl pb::objects_server::Objects for ObjectsService {
         // a conflict.
         let mut reads = Reads::default();
         while let Some(serializable) = reads.next() {
-            let Some(kv) = self.read_with(&k, serializable).await? else {
-                if serializable {
-                    continue;
-                }
-                return Err(not_found(info, &reference.name));
+            let Some(kv) = self.read_current(&k, serializable, &r.resource_version, info, &reference.name).await?
+            else {
+                continue;
             };
-            if !r.resource_version.is_empty() && r.resource_version != kv.mod_revision.to_string() {
-                if serializable {
-                    continue;
-                }
-                return Err(conflict(info, &reference.name));
-            }
             let mut obj = decode(&kv, &self.keys)?;
             let scope = if info.namespaced { ns } else { "" };
             match self.authorize_write(who.as_ref(), Verb::Delete, info, scope, &reference.name, Some(&obj)) {

@@ -129,6 +129,12 @@ pub struct SledKv {
     path: PathBuf,
 }
 
+/// The error of a failed open or sync of `path`.
+fn sync_err(path: &Path) -> impl FnOnce(std::io::Error) -> KvError {
+    let path = path.to_path_buf();
+    move |source| KvError::Sync { path, source }
+}
+
 /// What a flush must sync after sled's own flush (see the module docs).
 struct DeviceSync {
     /// sled's single data file, `db`.
@@ -144,10 +150,6 @@ struct DeviceSync {
 impl DeviceSync {
     fn open(dir: &Path) -> Result<DeviceSync, KvError> {
         let db_path = dir.join("db");
-        let sync_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| KvError::Sync { path, source }
-        };
         let db = File::open(&db_path).map_err(sync_err(&db_path))?;
         let files = DeviceSync { db, db_path, blobs: dir.join("blobs"), synced_blobs: Mutex::new(HashMap::new()) };
         // The first start created the directory's files; their names must survive too.
@@ -159,45 +161,41 @@ impl DeviceSync {
     /// Runs after sled's flush: blobs first, since the log may point at them.
     fn sync(&self) -> Result<(), KvError> {
         self.sync_blobs()?;
-        self.db.sync_data().map_err(|source| KvError::Sync { path: self.db_path.clone(), source })
+        self.db.sync_data().map_err(sync_err(&self.db_path))
     }
 
     fn sync_blobs(&self) -> Result<(), KvError> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| KvError::Sync { path, source }
-        };
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(err(&self.blobs)(e)),
+            Err(e) => return Err(sync_err(&self.blobs)(e)),
         };
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut present = HashMap::new();
         let mut new = false;
         let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         for entry in entries {
-            let entry = entry.map_err(err(&self.blobs))?;
+            let entry = entry.map_err(sync_err(&self.blobs))?;
             let path = entry.path();
             // The length is read before the sync, so the sync covers at least that much.
             let len = match entry.metadata() {
                 Ok(m) => m.len(),
                 // Removed by sled's collector since the listing.
                 Err(e) if gone(&e) => continue,
-                Err(e) => return Err(err(&path)(e)),
+                Err(e) => return Err(sync_err(&path)(e)),
             };
             let name = entry.file_name();
             if synced.get(&name) != Some(&len) {
                 match File::open(&path).and_then(|f| f.sync_data()) {
                     Ok(()) => new = true,
                     Err(e) if gone(&e) => continue,
-                    Err(e) => return Err(err(&path)(e)),
+                    Err(e) => return Err(sync_err(&path)(e)),
                 }
             }
             present.insert(name, len);
         }
         if new {
-            File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(err(&self.blobs))?;
+            File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(sync_err(&self.blobs))?;
         }
         *synced = present;
         Ok(())

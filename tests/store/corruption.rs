@@ -11,8 +11,17 @@ use keel::store::kv::{Batch, Kv, SledKv, Space};
 /// A single replica with `n` acknowledged writes, killed with -9. Returns its data dir.
 /// Also returns an admin's credentials for the replica.
 async fn replica_with_writes(dir: &Path, n: usize) -> (std::path::PathBuf, keel::pki::Credentials) {
+    replica_with_writes_and(dir, n, &[]).await
+}
+
+/// The same, with extra `keel server` flags.
+async fn replica_with_writes_and(
+    dir: &Path,
+    n: usize,
+    args: &[String],
+) -> (std::path::PathBuf, keel::pki::Credentials) {
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
-    let mut c = ProcCluster::start(exe, dir, 1, &[]).unwrap();
+    let mut c = ProcCluster::start(exe, dir, 1, args).unwrap();
     c.wait_leader(Duration::from_secs(20)).await.unwrap();
     let client = c.client(Duration::from_secs(5));
     for i in 0..n {
@@ -35,6 +44,21 @@ fn set_data_version(data_dir: &Path, version: u32) {
         b.put(b"data_version".to_vec(), version.to_be_bytes().to_vec());
         kv.write(Space::RaftMeta, b).unwrap();
     });
+}
+
+/// Marks the data as layout `version`, runs a replica on it (it must keep running), and
+/// returns the engine after checking that the data now has the current layout version.
+fn open_as_version(data: &Path, version: u32) -> SledKv {
+    set_data_version(data, version);
+    if let Some(out) = start(data, Duration::from_secs(3)) {
+        panic!("a version {version} replica must open: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let kv = SledKv::open(&data.join("db"), 1 << 20).unwrap();
+    assert_eq!(
+        kv.get(Space::RaftMeta, b"data_version").unwrap(),
+        Some(keel::store::DATA_VERSION.to_be_bytes().to_vec())
+    );
+    kv
 }
 
 /// How many of the `c/` keys that `replica_with_writes` wrote the engine holds.
@@ -149,31 +173,14 @@ async fn data_of_another_layout_version_is_refused() {
 async fn data_of_layout_version_1_is_upgraded_and_keeps_its_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = replica_with_writes(&dir.path().join("c"), 5).await;
-    set_data_version(&data, 1);
-    if let Some(out) = start(&data, Duration::from_secs(3)) {
-        panic!("a version 1 replica must open: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let kv = SledKv::open(&data.join("db"), 1 << 20).unwrap();
-    assert_eq!(
-        kv.get(Space::RaftMeta, b"data_version").unwrap(),
-        Some(keel::store::DATA_VERSION.to_be_bytes().to_vec())
-    );
+    let kv = open_as_version(&data, 1);
     assert_eq!(written_keys(&kv), 5, "every write survives the upgrade");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_of_layout_version_2_keeps_its_snapshot_in_one_value() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
-    let mut c = ProcCluster::start(exe, &dir.path().join("c"), 1, &["--snapshot-every=5".to_string()]).unwrap();
-    c.wait_leader(Duration::from_secs(20)).await.unwrap();
-    let client = c.client(Duration::from_secs(5));
-    for i in 0..20 {
-        client.put(format!("c/{i:03}"), "v").await.unwrap();
-    }
-    let data = c.nodes[0].data_dir.clone();
-    c.kill(0).unwrap();
-    c.keep();
+    let (data, _) = replica_with_writes_and(&dir.path().join("c"), 20, &["--snapshot-every=5".to_string()]).await;
     // Rewrite the snapshot as version 2 kept it: meta and data under two keys.
     let mut snapshot = Vec::new();
     tamper(&data, |kv| {
@@ -190,15 +197,7 @@ async fn data_of_layout_version_2_keeps_its_snapshot_in_one_value() {
         kv.write(Space::Snapshot, b).unwrap();
         snapshot = value;
     });
-    set_data_version(&data, 2);
-    if let Some(out) = start(&data, Duration::from_secs(3)) {
-        panic!("a version 2 replica must open: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let kv = SledKv::open(&data.join("db"), 1 << 20).unwrap();
-    assert_eq!(
-        kv.get(Space::RaftMeta, b"data_version").unwrap(),
-        Some(keel::store::DATA_VERSION.to_be_bytes().to_vec())
-    );
+    let kv = open_as_version(&data, 2);
     assert_eq!(kv.get(Space::Snapshot, b"current").unwrap(), Some(snapshot), "the snapshot survives the upgrade");
     assert_eq!(kv.get(Space::Snapshot, b"meta").unwrap(), None);
     assert_eq!(kv.get(Space::Snapshot, b"data").unwrap(), None);

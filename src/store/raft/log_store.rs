@@ -110,10 +110,7 @@ impl LogStore {
     async fn flush(&self, subject: ErrorSubject<u64>) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
         self.kv.flush().await.map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
-        let took = started.elapsed();
-        if took > SLOW_FLUSH {
-            tracing::warn!(ms = took.as_millis() as u64, of = ?subject, "a flush was slow");
-        }
+        warn_if_slow(started, &subject);
         Ok(())
     }
 }
@@ -214,6 +211,15 @@ pub fn force_single_voter(kv: &dyn Kv, id: u64, member: crate::store::Member) ->
 /// A log flush slower than this is logged: every write waits for it.
 const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Logs a flush that began at `started` and took longer than `SLOW_FLUSH`; `of` says what
+/// it made durable (formatted only then).
+fn warn_if_slow(started: std::time::Instant, of: &dyn std::fmt::Debug) {
+    let took = started.elapsed();
+    if took > SLOW_FLUSH {
+        tracing::warn!(ms = took.as_millis() as u64, of = ?of, "a log flush was slow");
+    }
+}
+
 /// Completes every queued append with one flush. A dedicated thread: the flush blocks, and
 /// calling it directly skips a hop through the engine's own thread pool.
 fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {
@@ -224,10 +230,7 @@ fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {
         }
         let started = std::time::Instant::now();
         let result = kv.flush_blocking();
-        let took = started.elapsed();
-        if took > SLOW_FLUSH {
-            tracing::warn!(ms = took.as_millis() as u64, appends = jobs.len(), "a log flush was slow");
-        }
+        warn_if_slow(started, &format_args!("{} appends", jobs.len()));
         for job in jobs {
             let r = match &result {
                 Ok(()) => Ok(()),
