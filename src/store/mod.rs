@@ -282,12 +282,18 @@ impl Store {
     /// Opens the store on a given engine (the in-memory one in unit tests).
     pub async fn open_with(config: StoreConfig, faults: Arc<Faults>, kv: Arc<dyn Kv>) -> Result<Store, StoreError> {
         check_data_version(kv.as_ref())?;
-        let log = LogStore::open(kv.clone())?;
+        let log = LogStore::open(kv.clone(), config.id, faults.clone())?;
+        let durability = log.durability();
         if raft::log_store::step_down_at_start(kv.as_ref(), config.id)? {
             tracing::info!("this replica was leader when it stopped; it starts as a candidate for a new term");
         }
         let watch_config = config.watch.clone();
-        let sm = StateMachine::open(kv.clone(), |rev| watch::WatchHub::new(rev, watch_config), config.id)?;
+        let sm = StateMachine::open(
+            kv.clone(),
+            |rev| watch::WatchHub::new(rev, watch_config),
+            config.id,
+            durability.clone(),
+        )?;
         let shared = sm.shared();
         let raft_config = ::openraft::Config {
             cluster_name: "keel".into(),
@@ -306,7 +312,7 @@ impl Store {
         let peers =
             Peers::new(config.id, faults, Duration::from_millis(500), config.peer_tls.clone(), config.epoch.clone());
         peers.set_source(config.peer_source);
-        let network = Network { peers: peers.clone() };
+        let network = Network { peers: peers.clone(), durability };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| StoreError::Stopped(e.to_string()))?;

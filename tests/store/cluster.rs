@@ -203,6 +203,47 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     }
 }
 
+/// The leader acknowledges its own entries to Raft before they are flushed, so that the
+/// flush overlaps replication. Until its copy is on disk, the write must not be answered or
+/// applied anywhere, though the followers already hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_is_answered_and_applied_nowhere_before_the_leaders_copy_is_on_disk() {
+    let c = TestCluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let id = l as u64 + 1;
+    let store = c.server(l).store.clone();
+    store.txn(put("/held/warm", "1"), true).await.unwrap();
+    let before = store.status().last_log_index;
+
+    c.faults.stall_log_flushes(id, true);
+    let write = tokio::spawn(async move { store.txn(put("/held/k", "v"), true).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for f in others(3, l) {
+        while c.server(f).store.status().last_log_index <= before {
+            assert!(
+                Instant::now() < deadline,
+                "replica {f} never received the entry while the leader's flush was held"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the write was answered before the leader's copy was on disk");
+    for i in 0..3 {
+        assert!(c.keys_on(i, "/held/k").await.is_empty(), "replica {i} applied the write before the leader's flush");
+    }
+
+    c.faults.stall_log_flushes(id, false);
+    write.await.unwrap().expect("the write completes once the leader's flush does");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for i in 0..3 {
+        while c.keys_on(i, "/held/k").await.is_empty() {
+            assert!(Instant::now() < deadline, "replica {i} never applied the write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_old_leader_cannot_commit_or_serve_linearizable_reads() {
     let c = TestCluster::start(3, |_| {}).await;

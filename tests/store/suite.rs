@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use keel::store::kv::{Kv, MemKv, SledKv};
-use keel::store::raft::log_store::LogStore;
+use keel::store::raft::log_store::{Durability, LogStore};
 use keel::store::raft::state_machine::StateMachine;
 use keel::store::raft::TypeConfig;
 use keel::store::watch::{WatchConfig, WatchHub};
@@ -22,8 +22,11 @@ fn stores(kv: Arc<dyn Kv>) -> Result<(LogStore, StateMachine), StorageError<u64>
             openraft::AnyError::new(&e),
         ))
     };
-    let log = LogStore::open(kv.clone()).map_err(wrap)?;
-    let sm = StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1).map_err(wrap)?;
+    let log = LogStore::open(kv.clone(), 1, keel::store::Faults::new()).map_err(wrap)?;
+    // The suite applies entries it never appended to this log, so the state machine does not
+    // wait for the log's flushes here.
+    let durable = Durability::new(u64::MAX);
+    let sm = StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1, durable).map_err(wrap)?;
     Ok((log, sm))
 }
 

@@ -1,18 +1,25 @@
 //! The Raft log and vote, persisted in the engine.
 //!
-//! Appends are written at once and acknowledged to openraft only after a flush; a single
-//! flusher task serves every append queued while the previous flush ran (group commit).
-//! Each entry is stored with a CRC so that a torn or corrupt tail is detected at start-up.
+//! Appends are written at once; a single flusher thread serves every append queued while the
+//! previous flush ran (group commit). Each entry is stored with a CRC so that a torn or
+//! corrupt tail is detected at start-up.
+//!
+//! A follower acknowledges an append to openraft only after its flush. The leader
+//! acknowledges its own new entries at once, so that its flush overlaps their replication
+//! (openraft 0.9 sends entries to followers only after the leader's append is acknowledged).
+//! openraft then counts the leader's copy in a quorum before it is on disk, so nothing may act
+//! on a commit until it is: see [`Durability`].
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, Vote};
 use prost::Message;
 
 use super::codec::{self, Entry};
+use super::network::Faults;
 use super::{storage_err, StorageError, TypeConfig};
 use crate::proto::v1 as pb;
 use crate::store::kv::{Batch, Kv, Space};
@@ -62,27 +69,187 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, EntryError> {
     Ok(codec::entry_from_pb(codec::decode(body, "log entry")?)?)
 }
 
-type FlushJob = LogFlushed<TypeConfig>;
+/// An append waiting for the next flush: with openraft's callback, or without one when it was
+/// acknowledged already (the leader's own entries).
+type FlushJob = Option<LogFlushed<TypeConfig>>;
+
+/// How far this replica's own log is on disk, for the gates that make the leader's early
+/// acknowledgement safe.
+///
+/// openraft commits an entry once a quorum has it, counting the leader as soon as its append
+/// is acknowledged. So two things wait here for the leader's copy:
+/// - the state machine, before it applies an entry: a write is answered, and read or watched,
+///   only once it is applied;
+/// - the network, before it tells followers that an entry is committed: a follower applies
+///   only what it has been told is committed.
+///
+/// Anything applied anywhere is then on the leader's disk and on the disk of every follower
+/// that acknowledged it (a follower acknowledges only after its own flush), which is a
+/// majority. An entry that lost its leader's copy to a crash was never applied or answered,
+/// so Raft may still drop it. On a follower the gates are already open when they are reached:
+/// its entries are flushed before openraft hears of them.
+#[derive(Clone)]
+pub struct Durability {
+    inner: Arc<DurabilityInner>,
+}
+
+struct DurabilityInner {
+    written: Mutex<Written>,
+    flushed: tokio::sync::watch::Sender<Flushed>,
+}
+
+/// The last index written to the engine, and how many truncations came before it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Written {
+    index: u64,
+    epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Flushed {
+    /// Every entry up to this index is on disk.
+    Upto(u64),
+    /// A flush failed; nothing after it can be trusted.
+    Failed(String),
+}
+
+/// Why a wait for durability ended without it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the log could not be made durable: {0}")]
+pub struct NotDurable(String);
+
+impl Durability {
+    /// Everything up to `index` is on disk already.
+    pub fn new(index: u64) -> Durability {
+        Durability {
+            inner: Arc::new(DurabilityInner {
+                written: Mutex::new(Written { index, epoch: 0 }),
+                flushed: tokio::sync::watch::Sender::new(Flushed::Upto(index)),
+            }),
+        }
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, Written> {
+        self.inner.written.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries up to `index` were written to the engine (not yet flushed).
+    fn wrote(&self, index: u64) {
+        self.written().index = index;
+    }
+
+    /// Entries from `index` on were removed; earlier flushes say nothing about what replaces
+    /// them.
+    fn truncated(&self, index: u64) {
+        let keep = index.saturating_sub(1);
+        let mut w = self.written();
+        w.index = w.index.min(keep);
+        w.epoch += 1;
+        self.inner.flushed.send_modify(|f| {
+            if let Flushed::Upto(i) = f {
+                *i = (*i).min(keep);
+            }
+        });
+    }
+
+    /// What a flush starting now will cover.
+    fn mark(&self) -> Written {
+        *self.written()
+    }
+
+    /// A flush that started at `mark` succeeded.
+    fn flushed(&self, mark: Written) {
+        let w = self.written();
+        if w.epoch != mark.epoch {
+            return;
+        }
+        self.inner.flushed.send_if_modified(|f| match f {
+            Flushed::Upto(i) if *i < mark.index => {
+                *i = mark.index;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    fn failed(&self, why: String) {
+        self.inner.flushed.send_replace(Flushed::Failed(why));
+    }
+
+    /// Waits until the entry at `index` is on this replica's disk.
+    pub async fn reached(&self, index: u64) -> Result<(), NotDurable> {
+        let mut rx = self.inner.flushed.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                Flushed::Upto(i) if *i >= index => return Ok(()),
+                Flushed::Failed(why) => return Err(NotDurable(why.clone())),
+                Flushed::Upto(_) => {}
+            }
+            // The sender lives as long as `self`.
+            if rx.changed().await.is_err() {
+                return Err(NotDurable("the log store is gone".into()));
+            }
+        }
+    }
+}
 
 /// The log store. Cheap to clone; clones share the engine and the flusher.
 #[derive(Clone)]
 pub struct LogStore {
     kv: Arc<dyn Kv>,
     flusher: std::sync::mpsc::Sender<FlushJob>,
+    /// This replica's id: its own entries, as leader, are acknowledged before their flush.
+    id: u64,
+    /// The last vote saved, so that an append knows whether it is this leader's own.
+    vote: Arc<Mutex<Option<Vote<u64>>>>,
+    durability: Durability,
 }
 
 impl LogStore {
-    /// Opens the log, checks it from end to end, and repairs a corrupt tail that was never
-    /// acknowledged. Corruption anywhere else is refused.
-    pub fn open(kv: Arc<dyn Kv>) -> Result<LogStore, StoreError> {
+    /// Opens the log of replica `id`, checks it from end to end, and repairs a corrupt tail
+    /// that was never acknowledged. Corruption anywhere else is refused. `faults` may hold its
+    /// flushes (tests).
+    pub fn open(kv: Arc<dyn Kv>, id: u64, faults: Arc<Faults>) -> Result<LogStore, StoreError> {
         verify_and_repair(kv.as_ref())?;
+        // What was read back is counted as durable: make sure it is, even if it was still in
+        // the page cache after the previous process was killed.
+        kv.flush_blocking().map_err(StoreError::Engine)?;
+        let purged = match kv.get(Space::RaftMeta, LAST_PURGED).map_err(StoreError::Engine)? {
+            Some(b) => {
+                codec::decode::<pb::LogId>(&b, "last purged log id")
+                    .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?
+                    .index
+            }
+            None => 0,
+        };
+        let durability = Durability::new(last_log_id(kv.as_ref()).map_or(purged, |l| l.index));
+        let vote =
+            match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
+                Some(b) => Some(decode_vote(&b).map_err(|e| StoreError::Corrupt {
+                    file: kv.location().to_path_buf(),
+                    what: format!("vote: {e}"),
+                })?),
+                None => None,
+            };
         let (tx, rx) = std::sync::mpsc::channel();
         let engine = kv.clone();
+        let flushes = durability.clone();
         std::thread::Builder::new()
             .name("log flusher".into())
-            .spawn(move || flusher(engine, rx))
+            .spawn(move || flusher(engine, rx, flushes, move || faults.wait_log_flush(id)))
             .map_err(|e| StoreError::Stopped(format!("cannot start the log flusher thread: {e}")))?;
-        Ok(LogStore { kv, flusher: tx })
+        Ok(LogStore { kv, flusher: tx, id, vote: Arc::new(Mutex::new(vote)), durability })
+    }
+
+    /// The durability of this log, for the state machine and the network.
+    pub fn durability(&self) -> Durability {
+        self.durability.clone()
+    }
+
+    /// The leader id of entries this replica creates as the established leader, if it is one.
+    fn own_leader(&self) -> Option<openraft::LeaderId<u64>> {
+        let vote = self.vote.lock().unwrap_or_else(|p| p.into_inner());
+        vote.as_ref().filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(self.id)).map(|v| *v.leader_id())
     }
 
     fn read_log_id(&self, key: &[u8]) -> Result<Option<LogId<u64>>, StorageError> {
@@ -109,7 +276,12 @@ impl LogStore {
 
     async fn flush(&self, subject: ErrorSubject<u64>) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
-        self.kv.flush().await.map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
+        let mark = self.durability.mark();
+        if let Err(e) = self.kv.flush().await {
+            self.durability.failed(e.to_string());
+            return Err(storage_err(subject, ErrorVerb::Write, e));
+        }
+        self.durability.flushed(mark);
         warn_if_slow(started, &subject);
         Ok(())
     }
@@ -222,16 +394,24 @@ fn warn_if_slow(started: std::time::Instant, of: &dyn std::fmt::Debug) {
 
 /// Completes every queued append with one flush. A dedicated thread: the flush blocks, and
 /// calling it directly skips a hop through the engine's own thread pool.
-fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>) {
+fn flusher(kv: Arc<dyn Kv>, rx: std::sync::mpsc::Receiver<FlushJob>, durability: Durability, stall: impl Fn()) {
     while let Ok(first) = rx.recv() {
+        stall();
         let mut jobs = vec![first];
         while let Ok(more) = rx.try_recv() {
             jobs.push(more);
         }
+        // Every queued append was written before it was queued, so the flush covers it.
+        let mark = durability.mark();
         let started = std::time::Instant::now();
         let result = kv.flush_blocking();
         warn_if_slow(started, &format_args!("{} appends", jobs.len()));
-        for job in jobs {
+        // The gates open before openraft hears of the flush.
+        match &result {
+            Ok(()) => durability.flushed(mark),
+            Err(e) => durability.failed(e.to_string()),
+        }
+        for job in jobs.into_iter().flatten() {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
@@ -350,7 +530,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         self.write_meta(VOTE, Some(codec::vote_to_pb(vote).encode_to_vec()), ErrorSubject::Vote)?;
         // A vote must be durable before it is acted on.
-        self.flush(ErrorSubject::Vote).await
+        self.flush(ErrorSubject::Vote).await?;
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
@@ -378,14 +560,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let leader = self.own_leader();
+        let mut own = leader.is_some();
+        let mut last = None;
         let mut batch = Batch::default();
         for e in entries {
+            own &= leader.as_ref() == Some(&e.log_id.leader_id);
+            last = Some(e.log_id.index);
             batch.put(index_key(e.log_id.index), encode_entry(&e));
         }
         self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        // Acknowledged only once the flusher has made it durable.
-        if let Err(std::sync::mpsc::SendError(job)) = self.flusher.send(callback) {
-            job.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+        if let Some(last) = last {
+            self.durability.wrote(last);
+        }
+        // The leader's own entries are acknowledged now and flushed behind the gates of
+        // `Durability`; anything else only once the flusher has made it durable.
+        let job = if own && last.is_some() {
+            callback.log_io_completed(Ok(()));
+            None
+        } else {
+            Some(callback)
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = self.flusher.send(job) {
+            self.durability.failed("log flusher stopped".into());
+            if let Some(job) = job {
+                job.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+            }
         }
         Ok(())
     }
@@ -397,6 +597,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.delete(k);
         }
         self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.durability.truncated(log_id.index);
         self.flush(ErrorSubject::Logs).await
     }
 
@@ -437,7 +638,7 @@ pub(crate) mod tests {
         torn.truncate(torn.len() - 2);
         put_raw(&kv, 6, torn);
         let kv: Arc<dyn Kv> = Arc::new(kv);
-        let mut store = LogStore::open(kv).unwrap();
+        let mut store = LogStore::open(kv, 1, Faults::new()).unwrap();
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
     }
@@ -462,6 +663,162 @@ pub(crate) mod tests {
         tail.write(Space::RaftMeta, b).unwrap();
         let err = verify_and_repair(&tail).unwrap_err().to_string();
         assert!(err.contains("committed log entry 5 is damaged"), "{err}");
+    }
+
+    /// The in-memory engine with a flush that can be held, to see what waits for it.
+    struct HeldFlush {
+        kv: crate::store::kv::MemKv,
+        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl HeldFlush {
+        fn new() -> (Arc<HeldFlush>, Arc<(Mutex<bool>, std::sync::Condvar)>) {
+            let held = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+            (Arc::new(HeldFlush { kv: crate::store::kv::MemKv::new(), held: held.clone() }), held)
+        }
+    }
+
+    fn hold(h: &(Mutex<bool>, std::sync::Condvar), on: bool) {
+        *h.0.lock().unwrap() = on;
+        h.1.notify_all();
+    }
+
+    impl Kv for HeldFlush {
+        fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
+            self.kv.get(space, key)
+        }
+        fn scan(
+            &self,
+            space: Space,
+            range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+            reverse: bool,
+        ) -> crate::store::kv::KvIter<'_> {
+            self.kv.scan(space, range, reverse)
+        }
+        fn write(&self, space: Space, batch: Batch) -> Result<(), crate::store::kv::KvError> {
+            self.kv.write(space, batch)
+        }
+        fn clear(&self, space: Space) -> Result<(), crate::store::kv::KvError> {
+            self.kv.clear(space)
+        }
+        fn flush(&self) -> futures::future::BoxFuture<'static, Result<(), crate::store::kv::KvError>> {
+            let held = self.held.clone();
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    let _open = held.1.wait_while(held.0.lock().unwrap(), |h| *h).unwrap();
+                })
+                .await
+                .unwrap();
+                Ok(())
+            })
+        }
+        fn flush_blocking(&self) -> Result<(), crate::store::kv::KvError> {
+            let _open = self.held.1.wait_while(self.held.0.lock().unwrap(), |h| *h).unwrap();
+            Ok(())
+        }
+        fn location(&self) -> &std::path::Path {
+            self.kv.location()
+        }
+    }
+
+    fn entry_of(term: u64, leader: u64, index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, leader), index), payload: EntryPayload::Blank }
+    }
+
+    const SHORT: std::time::Duration = std::time::Duration::from_millis(200);
+    const LONG: std::time::Duration = std::time::Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn only_the_leaders_own_entries_are_acknowledged_before_their_flush() {
+        use openraft::storage::RaftLogStorageExt;
+        let (kv, held) = HeldFlush::new();
+        let mut store = LogStore::open(kv, 1, Faults::new()).unwrap();
+        let durable = store.durability();
+
+        // Replica 1 leads term 3: its entries are acknowledged at once, durable only later.
+        store.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        hold(&held, true);
+        tokio::time::timeout(LONG, store.blocking_append([entry_of(3, 1, 1), entry_of(3, 1, 2)]))
+            .await
+            .expect("the leader's own append is acknowledged while its flush is held")
+            .unwrap();
+        assert!(tokio::time::timeout(SHORT, durable.reached(2)).await.is_err(), "durable before the flush");
+        hold(&held, false);
+        tokio::time::timeout(LONG, durable.reached(2)).await.unwrap().unwrap();
+
+        // Replica 2 leads term 4, and its entries (and an old one of replica 1's, resent by
+        // it) are acknowledged only after their flush.
+        store.save_vote(&Vote::new_committed(4, 2)).await.unwrap();
+        for (i, e) in [entry_of(4, 2, 3), entry_of(3, 1, 4)].into_iter().enumerate() {
+            hold(&held, true);
+            let mut s = store.clone();
+            let append = tokio::spawn(async move { s.blocking_append([e]).await });
+            tokio::time::sleep(SHORT).await;
+            assert!(!append.is_finished(), "follower append {i} acknowledged before its flush");
+            hold(&held, false);
+            tokio::time::timeout(LONG, append).await.unwrap().unwrap().unwrap();
+        }
+        tokio::time::timeout(SHORT, durable.reached(4)).await.unwrap().unwrap();
+
+        // A truncation takes back what it removed until the replacement is flushed.
+        store.truncate(entry_of(4, 2, 3).log_id).await.unwrap();
+        assert!(tokio::time::timeout(SHORT, durable.reached(3)).await.is_err(), "removed entries stay durable");
+        store.blocking_append([entry_of(4, 2, 3)]).await.unwrap();
+        tokio::time::timeout(SHORT, durable.reached(3)).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_is_applied_before_the_leaders_own_copy_is_on_disk() {
+        use crate::store::raft::state_machine::StateMachine;
+        use crate::store::raft::Request;
+        use crate::store::watch::{WatchConfig, WatchHub};
+        use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
+        let (kv, held) = HeldFlush::new();
+        let mut store = LogStore::open(kv.clone(), 1, Faults::new()).unwrap();
+        let mut sm =
+            StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1, store.durability()).unwrap();
+        let shared = sm.shared();
+        store.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        hold(&held, true);
+        let put = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: b"/k".to_vec(),
+                    value: b"v".to_vec(),
+                    prev_kv: false,
+                })),
+            }],
+            ..Default::default()
+        };
+        let entry = Entry {
+            log_id: entry_of(3, 1, 1).log_id,
+            payload: EntryPayload::Normal(Request(pb::TxnBatch { txns: vec![put] })),
+        };
+        store.blocking_append([entry.clone()]).await.unwrap();
+        let apply = tokio::spawn(async move { sm.apply([entry]).await });
+        tokio::time::sleep(SHORT).await;
+        assert!(!apply.is_finished(), "applied before the leader's copy was flushed");
+        assert_eq!(*shared.read(), 0, "the write is visible before it is durable");
+        hold(&held, false);
+        let out = tokio::time::timeout(LONG, apply).await.unwrap().unwrap().unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(*shared.read(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_wait() {
+        let d = Durability::new(1);
+        d.wrote(5);
+        let mark = d.mark();
+        let waiting = tokio::spawn({
+            let d = d.clone();
+            async move { d.reached(5).await }
+        });
+        d.failed("disk gone".into());
+        let e = tokio::time::timeout(LONG, waiting).await.unwrap().unwrap().unwrap_err();
+        assert!(e.to_string().contains("disk gone"), "{e}");
+        d.flushed(mark);
+        assert!(d.reached(1).await.is_err(), "a failure is final");
     }
 
     #[test]

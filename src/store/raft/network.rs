@@ -19,15 +19,19 @@ use openraft::SnapshotSegmentId;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::codec::{self, CodecError};
+use super::log_store::Durability;
 use super::{Member, TypeConfig};
 use crate::proto::v1 as pb;
 use crate::proto::v1::raft_client::RaftClient;
 
-/// Directed links that are cut: `(from, to)` drops every message from `from` to `to`.
-/// Shared by every replica of an in-process test cluster; empty in production.
+/// Directed links that are cut: `(from, to)` drops every message from `from` to `to`; and
+/// replicas whose log flushes are held, as a stalled disk would hold them. Shared by every
+/// replica of an in-process test cluster; empty in production.
 #[derive(Default, Debug)]
 pub struct Faults {
     cut: RwLock<HashSet<(u64, u64)>>,
+    stalled: Mutex<HashSet<u64>>,
+    unstalled: std::sync::Condvar,
 }
 
 impl Faults {
@@ -54,6 +58,23 @@ impl Faults {
 
     pub fn is_cut(&self, from: u64, to: u64) -> bool {
         self.cut.read().unwrap_or_else(|p| p.into_inner()).contains(&(from, to))
+    }
+
+    /// Holds (or releases) the log flushes of replica `id`.
+    pub fn stall_log_flushes(&self, id: u64, stalled: bool) {
+        let mut s = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        if stalled {
+            s.insert(id);
+        } else {
+            s.remove(&id);
+        }
+        self.unstalled.notify_all();
+    }
+
+    /// Blocks the calling (flusher) thread while replica `id`'s log flushes are held.
+    pub(crate) fn wait_log_flush(&self, id: u64) {
+        let s = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        let _released = self.unstalled.wait_while(s, |s| s.contains(&id)).unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -232,13 +253,15 @@ impl Peers {
 #[derive(Clone)]
 pub struct Network {
     pub peers: Arc<Peers>,
+    /// This replica's log on disk: a commit is announced only once it is (see `Durability`).
+    pub durability: Durability,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> PeerClient {
-        PeerClient { peers: self.peers.clone(), target, addr: node.addr.clone() }
+        PeerClient { peers: self.peers.clone(), target, addr: node.addr.clone(), durability: self.durability.clone() }
     }
 }
 
@@ -246,6 +269,7 @@ pub struct PeerClient {
     peers: Arc<Peers>,
     target: u64,
     addr: String,
+    durability: Durability,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
@@ -305,6 +329,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         };
         let term = (rpc.vote.leader_id().term, rpc.vote.leader_id().voted_for().unwrap_or_default());
         self.peers.may_append(term, self.target).map_err(|e| Unreachable::new(&e))?;
+        // A follower applies what it is told is committed; that must be on our disk first.
+        if let Some(commit) = &rpc.leader_commit {
+            self.durability.reached(commit.index).await.map_err(|e| Unreachable::new(&e))?;
+        }
         let resp = self.client()?.append_entries(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         self.peers.contacted(self.target);

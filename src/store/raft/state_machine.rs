@@ -17,6 +17,7 @@ use openraft::{
 use prost::Message;
 
 use super::codec::{self, Entry};
+use super::log_store::Durability;
 use super::{storage_err, Member, Response, StorageError, TypeConfig};
 use crate::proto::v1 as pb;
 use crate::store::kv::{Batch, Kv, Space};
@@ -61,6 +62,8 @@ pub struct StateMachine {
     shared: Arc<Shared>,
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, Member>,
+    /// This replica's log on disk: nothing is applied before it (see `Durability`).
+    durability: Durability,
 }
 
 struct Persisted {
@@ -107,6 +110,7 @@ impl StateMachine {
         kv: Arc<dyn Kv>,
         shared_hub: impl FnOnce(i64) -> Arc<WatchHub>,
         member_id: u64,
+        durability: Durability,
     ) -> Result<StateMachine, StoreError> {
         let mut p = read_persisted(kv.as_ref())?;
         if let Some((meta, data)) = read_snapshot(kv.as_ref())? {
@@ -117,7 +121,7 @@ impl StateMachine {
             }
         }
         let shared = Arc::new(Shared { revision: RwLock::new(p.revision), hub: shared_hub(p.revision), member_id });
-        Ok(StateMachine { kv, shared, last_applied: p.applied, membership: p.membership })
+        Ok(StateMachine { kv, shared, last_applied: p.applied, membership: p.membership, durability })
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -289,6 +293,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let mut batch = view.into_batch();
         meta_batch(&mut batch, &self.last_applied, &self.membership, revision);
+        // Worked out while the leader's own copy may still be flushing; made visible only
+        // once it is on disk.
+        if let Some(last) = self.last_applied {
+            self.durability
+                .reached(last.index)
+                .await
+                .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        }
         {
             let mut rev = self.shared.write();
             self.kv.write(Space::State, batch).map_err(err)?;
