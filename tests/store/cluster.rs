@@ -208,7 +208,14 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
 /// applied anywhere, though the followers already hold it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_is_answered_and_applied_nowhere_before_the_leaders_copy_is_on_disk() {
-    let c = TestCluster::start(3, |_| {}).await;
+    // While the flush is held the leader cannot announce the commit, so its followers hear
+    // nothing: elections are kept out of the way.
+    let c = TestCluster::start(3, |c| {
+        c.election_timeout_min = Duration::from_secs(3);
+        c.election_timeout_max = Duration::from_secs(4);
+        c.write_timeout = Duration::from_secs(5);
+    })
+    .await;
     let l = c.leader().await;
     let id = l as u64 + 1;
     let store = c.server(l).store.clone();
@@ -217,15 +224,11 @@ async fn a_write_is_answered_and_applied_nowhere_before_the_leaders_copy_is_on_d
 
     c.faults.stall_log_flushes(id, true);
     let write = tokio::spawn(async move { store.txn(put("/held/k", "v"), true).await });
+    // A quorum needs one follower; the other may get the entry only with its commit.
     let deadline = Instant::now() + Duration::from_secs(5);
-    for f in others(3, l) {
-        while c.server(f).store.status().last_log_index <= before {
-            assert!(
-                Instant::now() < deadline,
-                "replica {f} never received the entry while the leader's flush was held"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    while others(3, l).iter().all(|f| c.server(*f).store.status().last_log_index <= before) {
+        assert!(Instant::now() < deadline, "no follower received the entry while the leader's flush was held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!write.is_finished(), "the write was answered before the leader's copy was on disk");
