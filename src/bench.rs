@@ -49,6 +49,10 @@ pub struct ApiBench {
     pub clients: usize,
     #[command(flatten)]
     pub load: LoadArgs,
+    /// Working directory, kept afterwards with the servers' data and logs (default: a new
+    /// directory under the system temp dir, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -84,7 +88,10 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 async fn api(b: ApiBench) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("keel-bench-api-{}", std::process::id()));
+    let dir = match &b.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("keel-bench-api-{}", std::process::id())),
+    };
     std::fs::create_dir_all(&dir)?;
     let exe = std::env::current_exe()?;
     println!(
@@ -93,7 +100,10 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     {
-        let cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
+        let mut cluster = ProcCluster::start(&exe, &dir.join("keel"), 3, &[])?;
+        if b.dir.is_some() {
+            cluster.keep();
+        }
         cluster.wait_caught_up(Duration::from_secs(20)).await?;
         let chans = channels(&cluster.addrs(), b.load.conns_per_replica, Some(&cluster.pki.admin))?;
         for addr in cluster.addrs() {
@@ -124,7 +134,9 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
     for (name, f) in &rows {
         println!("| {name} | {:.0} | {:.2} | {:.2} | {} |", f.per_sec, f.p50_ms, f.p99_ms, f.errors);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if b.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
@@ -219,6 +231,7 @@ async fn put_load(target: &Target, clients: usize, seconds: f64, value_size: usi
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0;
+            let mut first_error = None;
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let key = format!("bench/{tag}/{c}/{n}").into_bytes();
@@ -226,19 +239,30 @@ async fn put_load(target: &Target, clients: usize, seconds: f64, value_size: usi
                 let t = Instant::now();
                 match target.put(c, key, value.to_vec()).await {
                     Ok(()) => lat.push(t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{:?}: {}", e.code(), e.message()));
+                    }
                 }
             }
-            (lat, errors)
+            (lat, errors, first_error)
         }));
     }
     let mut lat = Vec::new();
     let mut errors = 0;
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for t in tasks {
-        if let Ok((l, e)) = t.await {
+        if let Ok((l, e, first)) = t.await {
             lat.extend(l);
             errors += e;
+            if let Some(first) = first {
+                *kinds.entry(first).or_default() += 1;
+            }
         }
+    }
+    // Failed writes are counted, not hidden: say what they were.
+    for (what, clients) in &kinds {
+        eprintln!("  {tag}: first error of {clients} client(s): {what}");
     }
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort();

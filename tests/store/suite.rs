@@ -25,7 +25,7 @@ fn stores(kv: Arc<dyn Kv>) -> Result<(LogStore, StateMachine), StorageError<u64>
     let log = LogStore::open(kv.clone(), 1, keel::store::Faults::new()).map_err(wrap)?;
     // The suite applies entries it never appended to this log, so the state machine does not
     // wait for the log's flushes here.
-    let durable = Durability::new(u64::MAX);
+    let durable = Durability::everything();
     let sm = StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1, durable).map_err(wrap)?;
     Ok((log, sm))
 }

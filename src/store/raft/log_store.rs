@@ -81,7 +81,9 @@ type FlushJob = Option<LogFlushed<TypeConfig>>;
 /// - the state machine, before it applies an entry: a write is answered, and read or watched,
 ///   only once it is applied;
 /// - the network, before it tells followers that an entry is committed: a follower applies
-///   only what it has been told is committed.
+///   only what it has been told is committed. If the flush takes longer than a fraction of
+///   the heartbeat, the message goes out anyway with the commit lowered to what is on disk,
+///   so that a slow disk does not also silence the heartbeats and start an election.
 ///
 /// Anything applied anywhere is then on the leader's disk and on the disk of every follower
 /// that acknowledged it (a follower acknowledges only after its own flush), which is a
@@ -98,19 +100,23 @@ struct DurabilityInner {
     flushed: tokio::sync::watch::Sender<Flushed>,
 }
 
-/// The last index written to the engine, and how many truncations came before it.
+/// The last entry written to the engine, and how many truncations came before it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Written {
-    index: u64,
+    last: Option<LogId<u64>>,
     epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Flushed {
-    /// Every entry up to this index is on disk.
-    Upto(u64),
+    /// Every entry up to this one is on disk.
+    Upto(Option<LogId<u64>>),
     /// A flush failed; nothing after it can be trusted.
     Failed(String),
+}
+
+fn index_of(id: &Option<LogId<u64>>) -> u64 {
+    id.map_or(0, |l| l.index)
 }
 
 /// Why a wait for durability ended without it.
@@ -119,35 +125,44 @@ enum Flushed {
 pub struct NotDurable(String);
 
 impl Durability {
-    /// Everything up to `index` is on disk already.
-    pub fn new(index: u64) -> Durability {
+    /// Everything up to `last` is on disk already.
+    pub fn new(last: Option<LogId<u64>>) -> Durability {
         Durability {
             inner: Arc::new(DurabilityInner {
-                written: Mutex::new(Written { index, epoch: 0 }),
-                flushed: tokio::sync::watch::Sender::new(Flushed::Upto(index)),
+                written: Mutex::new(Written { last, epoch: 0 }),
+                flushed: tokio::sync::watch::Sender::new(Flushed::Upto(last)),
             }),
         }
+    }
+
+    /// Nothing waits: for a state machine fed entries that no log of this replica holds
+    /// (openraft's conformance suite).
+    pub fn everything() -> Durability {
+        Durability::new(Some(LogId::new(openraft::CommittedLeaderId::new(u64::MAX, 0), u64::MAX)))
     }
 
     fn written(&self) -> std::sync::MutexGuard<'_, Written> {
         self.inner.written.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Entries up to `index` were written to the engine (not yet flushed).
-    fn wrote(&self, index: u64) {
-        self.written().index = index;
+    /// Entries up to `last` were written to the engine (not yet flushed).
+    fn wrote(&self, last: LogId<u64>) {
+        self.written().last = Some(last);
     }
 
-    /// Entries from `index` on were removed; earlier flushes say nothing about what replaces
+    /// Entries after `kept` were removed; earlier flushes say nothing about what replaces
     /// them.
-    fn truncated(&self, index: u64) {
-        let keep = index.saturating_sub(1);
+    fn truncated(&self, kept: Option<LogId<u64>>) {
         let mut w = self.written();
-        w.index = w.index.min(keep);
+        if index_of(&w.last) > index_of(&kept) {
+            w.last = kept;
+        }
         w.epoch += 1;
         self.inner.flushed.send_modify(|f| {
-            if let Flushed::Upto(i) = f {
-                *i = (*i).min(keep);
+            if let Flushed::Upto(upto) = f {
+                if index_of(upto) > index_of(&kept) {
+                    *upto = kept;
+                }
             }
         });
     }
@@ -164,8 +179,8 @@ impl Durability {
             return;
         }
         self.inner.flushed.send_if_modified(|f| match f {
-            Flushed::Upto(i) if *i < mark.index => {
-                *i = mark.index;
+            Flushed::Upto(upto) if index_of(upto) < index_of(&mark.last) => {
+                *upto = mark.last;
                 true
             }
             _ => false,
@@ -181,7 +196,7 @@ impl Durability {
         let mut rx = self.inner.flushed.subscribe();
         loop {
             match &*rx.borrow_and_update() {
-                Flushed::Upto(i) if *i >= index => return Ok(()),
+                Flushed::Upto(upto) if index_of(upto) >= index => return Ok(()),
                 Flushed::Failed(why) => return Err(NotDurable(why.clone())),
                 Flushed::Upto(_) => {}
             }
@@ -189,6 +204,23 @@ impl Durability {
             if rx.changed().await.is_err() {
                 return Err(NotDurable("the log store is gone".into()));
             }
+        }
+    }
+
+    /// The commit a leader may tell its followers: `commit` once it is on disk here, waiting
+    /// up to `patience` for that; after that, the last entry on disk, which is below it.
+    pub async fn announceable(
+        &self,
+        commit: LogId<u64>,
+        patience: std::time::Duration,
+    ) -> Result<Option<LogId<u64>>, NotDurable> {
+        match tokio::time::timeout(patience, self.reached(commit.index)).await {
+            Ok(reached) => reached.map(|()| Some(commit)),
+            Err(_) => match &*self.inner.flushed.borrow() {
+                Flushed::Upto(upto) if index_of(upto) >= commit.index => Ok(Some(commit)),
+                Flushed::Upto(upto) => Ok(*upto),
+                Flushed::Failed(why) => Err(NotDurable(why.clone())),
+            },
         }
     }
 }
@@ -214,15 +246,10 @@ impl LogStore {
         // What was read back is counted as durable: make sure it is, even if it was still in
         // the page cache after the previous process was killed.
         kv.flush_blocking().map_err(StoreError::Engine)?;
-        let purged = match kv.get(Space::RaftMeta, LAST_PURGED).map_err(StoreError::Engine)? {
-            Some(b) => {
-                codec::decode::<pb::LogId>(&b, "last purged log id")
-                    .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?
-                    .index
-            }
-            None => 0,
-        };
-        let durability = Durability::new(last_log_id(kv.as_ref()).map_or(purged, |l| l.index));
+        let durability = Durability::new(match last_log_id(kv.as_ref()) {
+            Some(last) => Some(last),
+            None => last_purged(kv.as_ref())?,
+        });
         let vote =
             match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
                 Some(b) => Some(decode_vote(&b).map_err(|e| StoreError::Corrupt {
@@ -284,6 +311,18 @@ impl LogStore {
         self.durability.flushed(mark);
         warn_if_slow(started, &subject);
         Ok(())
+    }
+}
+
+/// The purge point (`raft_meta/last_purged`), if the log was ever purged.
+fn last_purged(kv: &dyn Kv) -> Result<Option<LogId<u64>>, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
+    match kv.get(Space::RaftMeta, LAST_PURGED).map_err(StoreError::Engine)? {
+        Some(b) => {
+            let id: pb::LogId = codec::decode(&b, "last purged log id").map_err(|e| corrupt(e.to_string()))?;
+            Ok(Some(codec::log_id_from_pb(&id).map_err(|e| corrupt(e.to_string()))?))
+        }
+        None => Ok(None),
     }
 }
 
@@ -562,11 +601,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let leader = self.own_leader();
         let mut own = leader.is_some();
-        let mut last = None;
+        let mut last: Option<LogId<u64>> = None;
         let mut batch = Batch::default();
         for e in entries {
             own &= leader.as_ref() == Some(&e.log_id.leader_id);
-            last = Some(e.log_id.index);
+            last = Some(e.log_id);
             batch.put(index_key(e.log_id.index), encode_entry(&e));
         }
         self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
@@ -597,7 +636,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.delete(k);
         }
         self.kv.write(Space::Log, batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        self.durability.truncated(log_id.index);
+        let kept = match log_id.index.checked_sub(1) {
+            Some(prev) => match self.kv.get(Space::Log, &index_key(prev)) {
+                Ok(Some(v)) => decode_entry(&v).ok().map(|e| e.log_id),
+                _ => last_purged(self.kv.as_ref()).ok().flatten().filter(|p| p.index == prev),
+            },
+            None => None,
+        };
+        self.durability.truncated(kept);
         self.flush(ErrorSubject::Logs).await
     }
 
@@ -807,8 +853,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_failed_flush_fails_every_wait() {
-        let d = Durability::new(1);
-        d.wrote(5);
+        let d = Durability::new(Some(entry_of(1, 1, 1).log_id));
+        d.wrote(entry_of(1, 1, 5).log_id);
         let mark = d.mark();
         let waiting = tokio::spawn({
             let d = d.clone();

@@ -321,18 +321,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        // A follower applies what it is told is committed; that must be on our disk first.
+        let leader_commit = match rpc.leader_commit {
+            Some(commit) => {
+                self.durability.announceable(commit, option.hard_ttl() / 4).await.map_err(|e| Unreachable::new(&e))?
+            }
+            None => None,
+        };
         let msg = pb::AppendEntriesRequest {
             vote: Some(codec::vote_to_pb(&rpc.vote)),
             prev_log_id: codec::opt_log_id_to_pb(&rpc.prev_log_id),
             entries: rpc.entries.iter().map(codec::entry_to_pb).collect(),
-            leader_commit: codec::opt_log_id_to_pb(&rpc.leader_commit),
+            leader_commit: codec::opt_log_id_to_pb(&leader_commit),
         };
         let term = (rpc.vote.leader_id().term, rpc.vote.leader_id().voted_for().unwrap_or_default());
         self.peers.may_append(term, self.target).map_err(|e| Unreachable::new(&e))?;
-        // A follower applies what it is told is committed; that must be on our disk first.
-        if let Some(commit) = &rpc.leader_commit {
-            self.durability.reached(commit.index).await.map_err(|e| Unreachable::new(&e))?;
-        }
+
         let resp = self.client()?.append_entries(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         self.peers.contacted(self.target);

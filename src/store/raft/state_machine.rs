@@ -44,6 +44,10 @@ pub struct Shared {
     pub revision: RwLock<i64>,
     pub hub: Arc<WatchHub>,
     pub member_id: u64,
+    /// Held shared by every change to the state and exclusively while a snapshot reads it.
+    /// Async, so that a change waiting for a long snapshot read holds up no runtime thread
+    /// (and so no heartbeat or vote).
+    changes: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -120,7 +124,12 @@ impl StateMachine {
                 p = read_persisted(kv.as_ref())?;
             }
         }
-        let shared = Arc::new(Shared { revision: RwLock::new(p.revision), hub: shared_hub(p.revision), member_id });
+        let shared = Arc::new(Shared {
+            revision: RwLock::new(p.revision),
+            hub: shared_hub(p.revision),
+            member_id,
+            changes: tokio::sync::RwLock::new(()),
+        });
         Ok(StateMachine { kv, shared, last_applied: p.applied, membership: p.membership, durability })
     }
 
@@ -302,6 +311,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         }
         {
+            let _change = self.shared.changes.read().await;
             let mut rev = self.shared.write();
             self.kv.write(Space::State, batch).map_err(err)?;
             *rev = revision;
@@ -330,6 +340,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         save_snapshot(self.kv.as_ref(), meta, &data)
             .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         let revision = {
+            let _change = self.shared.changes.read().await;
             let mut rev = self.shared.write();
             let r = install(self.kv.as_ref(), meta, &data)
                 .map_err(store_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
@@ -358,22 +369,33 @@ fn save_snapshot(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let err = store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read);
-        // Read a consistent point: the state machine cannot apply while the read lock is held.
-        let (persisted, kvs) = {
-            let _guard = self.shared.read();
-            let p = read_persisted(self.kv.as_ref()).map_err(&err)?;
-            let view = Overlay::new(self.kv.as_ref());
-            let kvs = view.range(&txn::KeyRange::new(b"", &[0])).map_err(|e| err(StoreError::Engine(e)))?;
-            (p, kvs)
+        let stopped = |e: tokio::task::JoinError| StoreError::Stopped(format!("snapshot task: {e}"));
+        // Read a consistent point: nothing changes the state while `changes` is held. The
+        // read takes a while on a large state, so it runs off the runtime's threads.
+        let (persisted, data) = {
+            let _quiet = self.shared.changes.write().await;
+            let kv = self.kv.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let p = read_persisted(kv.as_ref())?;
+                let view = Overlay::new(kv.as_ref());
+                let kvs = view.range(&txn::KeyRange::new(b"", &[0])).map_err(StoreError::Engine)?;
+                let data = pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: p.revision, kvs };
+                Ok((p, data))
+            })
+            .await
+            .map_err(|e| err(stopped(e)))?
+            .map_err(&err)?
         };
-        let data =
-            pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: persisted.revision, kvs }.encode_to_vec();
+        let data = tokio::task::spawn_blocking(move || data.encode_to_vec()).await.map_err(|e| err(stopped(e)))?;
         let snapshot_id = match &persisted.applied {
             Some(l) => format!("{}-{}-{}-r{}", l.leader_id.term, l.leader_id.node_id, l.index, persisted.revision),
             None => format!("empty-r{}", persisted.revision),
         };
         let meta = SnapshotMeta { last_log_id: persisted.applied, last_membership: persisted.membership, snapshot_id };
-        save_snapshot(self.kv.as_ref(), &meta, &data)
+        let (kv, saved_meta) = (self.kv.clone(), meta.clone());
+        let data = tokio::task::spawn_blocking(move || save_snapshot(kv.as_ref(), &saved_meta, &data).map(|()| data))
+            .await
+            .map_err(|e| err(stopped(e)))?
             .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
