@@ -627,33 +627,18 @@ mod tests {
         let synced = |lines: &[&str], call: &str, path: &str| {
             lines.iter().any(|l| l.contains(&format!("{call}(")) && l.contains(path) && l.contains(") = 0"))
         };
-        let small = window("small");
-        assert!(
-            synced(&small, "fdatasync", "/data/db>"),
-            "no fdatasync of the database file in:\n{}",
-            small.join("\n")
-        );
-        let blob = window("blob");
-        assert!(synced(&blob, "fdatasync", "/data/blobs/"), "no fdatasync of the new blob in:\n{}", blob.join("\n"));
-        assert!(synced(&blob, "fsync", "/data/blobs>"), "no fsync of the blobs directory in:\n{}", blob.join("\n"));
-        assert!(synced(&blob, "fdatasync", "/data/db>"), "no fdatasync of the database file in:\n{}", blob.join("\n"));
-        let grown = window("grown");
-        assert!(
-            synced(&grown, "fdatasync", "/data/blobs/999999999>"),
-            "a grown blob was not synced again in:\n{}",
-            grown.join("\n")
-        );
-        let settled = window("settled");
-        assert!(
-            synced(&settled, "fdatasync", "/data/db>"),
-            "no fdatasync of the database file in:\n{}",
-            settled.join("\n")
-        );
-        assert!(
-            !synced(&settled, "fdatasync", "/data/blobs/"),
-            "a blob synced twice already was synced again in:\n{}",
-            settled.join("\n")
-        );
+        // `want` says whether the window must (or must not) hold the call; `what` is the failure.
+        let expect = |name: &str, call: &str, path: &str, want: bool, what: &str| {
+            let lines = window(name);
+            assert_eq!(synced(&lines, call, path), want, "{what} in:\n{}", lines.join("\n"));
+        };
+        expect("small", "fdatasync", "/data/db>", true, "no fdatasync of the database file");
+        expect("blob", "fdatasync", "/data/blobs/", true, "no fdatasync of the new blob");
+        expect("blob", "fsync", "/data/blobs>", true, "no fsync of the blobs directory");
+        expect("blob", "fdatasync", "/data/db>", true, "no fdatasync of the database file");
+        expect("grown", "fdatasync", "/data/blobs/999999999>", true, "a grown blob was not synced again");
+        expect("settled", "fdatasync", "/data/db>", true, "no fdatasync of the database file");
+        expect("settled", "fdatasync", "/data/blobs/", false, "a blob synced twice already was synced again");
     }
 
     /// Run by `batches_stay_whole_across_kill_9` in a child process: writes batches until killed.

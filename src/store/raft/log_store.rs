@@ -243,21 +243,13 @@ impl LogStore {
     /// flushes (tests).
     pub fn open(kv: Arc<dyn Kv>, id: u64, faults: Arc<Faults>) -> Result<LogStore, StoreError> {
         verify_and_repair(kv.as_ref())?;
-        // What was read back is counted as durable: make sure it is, even if it was still in
-        // the page cache after the previous process was killed.
-        kv.flush_blocking().map_err(StoreError::Engine)?;
+        // What was read back counts as durable: the engine syncs its files as it opens
+        // (`SledKv::open`), so even a page cache left by a killed process is on disk by now.
         let durability = Durability::new(match last_log_id(kv.as_ref()) {
             Some(last) => Some(last),
             None => last_purged(kv.as_ref())?,
         });
-        let vote =
-            match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
-                Some(b) => Some(decode_vote(&b).map_err(|e| StoreError::Corrupt {
-                    file: kv.location().to_path_buf(),
-                    what: format!("vote: {e}"),
-                })?),
-                None => None,
-            };
+        let vote = stored_vote(kv.as_ref())?;
         let (tx, rx) = std::sync::mpsc::channel();
         let engine = kv.clone();
         let flushes = durability.clone();
@@ -337,6 +329,17 @@ fn decode_vote(bytes: &[u8]) -> Result<Vote<u64>, codec::CodecError> {
     codec::vote_from_pb(&Some(codec::decode::<pb::Vote>(bytes, "vote")?))
 }
 
+/// The vote stored in `raft_meta/vote`, if any.
+fn stored_vote(kv: &dyn Kv) -> Result<Option<Vote<u64>>, StoreError> {
+    match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
+        Some(b) => Ok(Some(
+            decode_vote(&b)
+                .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: format!("vote: {e}") })?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Stores a vote and makes it durable, outside openraft (recovery and start-up).
 fn store_vote_blocking(kv: &dyn Kv, vote: &Vote<u64>) -> Result<(), StoreError> {
     let mut b = Batch::default();
@@ -357,12 +360,7 @@ fn store_vote_blocking(kv: &dyn Kv, vote: &Vote<u64>) -> Result<(), StoreError> 
 /// before it, and read indexes are taken from there. The vote keeps its term and candidate,
 /// so it grants nothing it had not granted before.
 pub fn step_down_at_start(kv: &dyn Kv, id: u64) -> Result<bool, StoreError> {
-    let stored = match kv.get(Space::RaftMeta, VOTE).map_err(StoreError::Engine)? {
-        Some(b) => b,
-        None => return Ok(false),
-    };
-    let vote = decode_vote(&stored)
-        .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: format!("vote: {e}") })?;
+    let Some(vote) = stored_vote(kv)? else { return Ok(false) };
     if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
         return Ok(false);
     }

@@ -336,7 +336,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         };
         let term = (rpc.vote.leader_id().term, rpc.vote.leader_id().voted_for().unwrap_or_default());
         self.peers.may_append(term, self.target).map_err(|e| Unreachable::new(&e))?;
-
         let resp = self.client()?.append_entries(self.request(msg, &option)).await.map_err(|s| self.status_err(s))?;
         self.check_reply()?;
         self.peers.contacted(self.target);

@@ -386,17 +386,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map_err(|e| err(stopped(e)))?
             .map_err(&err)?
         };
-        let data = tokio::task::spawn_blocking(move || data.encode_to_vec()).await.map_err(|e| err(stopped(e)))?;
         let snapshot_id = match &persisted.applied {
             Some(l) => format!("{}-{}-{}-r{}", l.leader_id.term, l.leader_id.node_id, l.index, persisted.revision),
             None => format!("empty-r{}", persisted.revision),
         };
         let meta = SnapshotMeta { last_log_id: persisted.applied, last_membership: persisted.membership, snapshot_id };
+        // Encoded and saved once changes may run again, still off the runtime's threads.
         let (kv, saved_meta) = (self.kv.clone(), meta.clone());
-        let data = tokio::task::spawn_blocking(move || save_snapshot(kv.as_ref(), &saved_meta, &data).map(|()| data))
-            .await
-            .map_err(|e| err(stopped(e)))?
-            .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        let data = tokio::task::spawn_blocking(move || {
+            let data = data.encode_to_vec();
+            save_snapshot(kv.as_ref(), &saved_meta, &data).map(|()| data)
+        })
+        .await
+        .map_err(|e| err(stopped(e)))?
+        .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
