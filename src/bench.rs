@@ -68,9 +68,14 @@ pub struct StoreBench {
     /// Replicas per cluster (3 for the comparison; 1 shows the cost without replication).
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
-    /// Send every client to the leader instead of spreading them over all replicas.
-    #[arg(long)]
+    /// Send every client to the leader instead of spreading them over all replicas (keel and
+    /// etcd alike).
+    #[arg(long, conflicts_with = "follower_only")]
     pub leader_only: bool,
+    /// Send every client to one follower, so every write is forwarded to the leader (keel and
+    /// etcd alike).
+    #[arg(long)]
+    pub follower_only: bool,
     /// Extra flags for every `keel server` (e.g. --server-args=--max-in-flight=4).
     #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
     pub server_args: Vec<String>,
@@ -454,6 +459,22 @@ async fn etcd_kills(e: &mut Etcd, kills: usize) -> anyhow::Result<Vec<Duration>>
     Ok(out)
 }
 
+/// The addresses the clients use, by `--leader-only` / `--follower-only`, and what the first
+/// client (the whole 1-client run) talks to.
+fn route(b: &StoreBench, addrs: &[String], leader: usize, system: &str) -> anyhow::Result<Vec<String>> {
+    let chosen = if b.leader_only {
+        vec![addrs[leader].clone()]
+    } else if b.follower_only {
+        let follower = (0..addrs.len()).find(|i| *i != leader).context("--follower-only needs two replicas or more")?;
+        vec![addrs[follower].clone()]
+    } else {
+        addrs.to_vec()
+    };
+    let first = if chosen[0] == addrs[leader] { "the leader" } else { "a follower" };
+    println!("  {system}: the first client writes through {first}");
+    Ok(chosen)
+}
+
 async fn store(b: StoreBench) -> anyhow::Result<()> {
     let dir = match &b.dir {
         Some(d) => d.clone(),
@@ -469,7 +490,7 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
     );
     let mut cluster = ProcCluster::start(&exe, &dir.join("keel"), b.replicas, &b.server_args)?;
     let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
-    let addrs = if b.leader_only { vec![cluster.nodes[leader].addr.clone()] } else { cluster.addrs() };
+    let addrs = route(&b, &cluster.addrs(), leader, "keel")?;
     let keel = Target::Keel(
         channels(&addrs, b.load.conns_per_replica, Some(&cluster.pki.admin))?
             .into_iter()
@@ -493,9 +514,10 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
     let mut etcd_kill = None;
     if !b.load.etcd.is_empty() {
         let mut e = Etcd::start(&b.load.etcd, &dir.join("etcd"))?;
-        e.leader(Duration::from_secs(30)).await?;
+        let leader = e.leader(Duration::from_secs(30)).await?;
+        let addrs = route(&b, &e.client_addrs, leader, "etcd")?;
         let target = Target::Etcd(
-            channels(&e.client_addrs, b.load.conns_per_replica, None)?
+            channels(&addrs, b.load.conns_per_replica, None)?
                 .into_iter()
                 .map(etcd::kv_client::KvClient::new)
                 .collect(),
