@@ -134,10 +134,10 @@ async fn api(b: ApiBench) -> anyhow::Result<()> {
         rows.push(("etcd put", f));
     }
     println!();
-    println!("| path | writes/s | p50 ms | p99 ms | errors |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| path | writes/s | p50 ms | p99 ms | max ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for (name, f) in &rows {
-        println!("| {name} | {:.0} | {:.2} | {:.2} | {} |", f.per_sec, f.p50_ms, f.p99_ms, f.errors);
+        println!("| {name} | {:.0} | {:.2} | {:.2} | {:.1} | {} |", f.per_sec, f.p50_ms, f.p99_ms, f.max_ms, f.errors);
     }
     if b.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -214,6 +214,8 @@ pub struct Figures {
     pub per_sec: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The slowest write: a stall (an election, a snapshot) shows here first.
+    pub max_ms: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -277,6 +279,7 @@ async fn put_load(target: &Target, clients: usize, seconds: f64, value_size: usi
         per_sec: lat.len() as f64 / elapsed,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        max_ms: lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
     }
 }
 
@@ -517,10 +520,7 @@ async fn store(b: StoreBench) -> anyhow::Result<()> {
         let leader = e.leader(Duration::from_secs(30)).await?;
         let addrs = route(&b, &e.client_addrs, leader, "etcd")?;
         let target = Target::Etcd(
-            channels(&addrs, b.load.conns_per_replica, None)?
-                .into_iter()
-                .map(etcd::kv_client::KvClient::new)
-                .collect(),
+            channels(&addrs, b.load.conns_per_replica, None)?.into_iter().map(etcd::kv_client::KvClient::new).collect(),
         );
         debug_assert!(target.conns() > 0);
         for row in rows.iter_mut() {

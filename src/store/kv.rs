@@ -93,6 +93,11 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The operations, in order: a key and its new value, or None for a delete.
+    pub fn ops(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
+        &self.ops
+    }
 }
 
 pub type KvPair = (Vec<u8>, Vec<u8>);

@@ -5,7 +5,12 @@
 //! together with the applied log id, the membership and the revision. The state machine is
 //! not flushed on its own: the log is the durable record, and a restart re-applies whatever
 //! the engine had not yet persisted.
+//!
+//! A snapshot reads the whole state while entries go on being applied: the changes made during
+//! the read are recorded and laid over what it read, which gives the state as of the moment
+//! the read ended (see `build_snapshot`).
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
@@ -44,10 +49,23 @@ pub struct Shared {
     pub revision: RwLock<i64>,
     pub hub: Arc<WatchHub>,
     pub member_id: u64,
-    /// Held shared by every change to the state and exclusively while a snapshot reads it.
-    /// Async, so that a change waiting for a long snapshot read holds up no runtime thread
-    /// (and so no heartbeat or vote).
+    /// Held shared by every change to the state, and exclusively for a moment where a
+    /// snapshot read starts and ends (or for all of it, see `build_snapshot`). Async, so that
+    /// a change waiting for it holds up no runtime thread (and so no heartbeat or vote).
     changes: tokio::sync::RwLock<()>,
+    /// The changes made while a snapshot reads the state. Switched only under `changes` held
+    /// exclusively, and added to only under `changes` held shared.
+    recording: std::sync::Mutex<Recording>,
+}
+
+/// What a snapshot read needs to know about the changes made during it.
+enum Recording {
+    Off,
+    /// Every engine key of the state written since the read began, with its last value
+    /// (None: deleted).
+    On(BTreeMap<Vec<u8>, Option<Vec<u8>>>),
+    /// The whole state was replaced (a snapshot was installed) during the read.
+    Lost,
 }
 
 impl Shared {
@@ -57,6 +75,20 @@ impl Shared {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, i64> {
         self.revision.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recording(&self) -> std::sync::MutexGuard<'_, Recording> {
+        self.recording.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a batch of changes to the state. The caller holds `changes` shared.
+    fn change(&self, kv: &dyn Kv, batch: Batch) -> Result<(), crate::store::kv::KvError> {
+        let recorded = matches!(*self.recording(), Recording::On(_)).then(|| batch.ops().to_vec());
+        kv.write(Space::State, batch)?;
+        if let (Some(ops), Recording::On(changed)) = (recorded, &mut *self.recording()) {
+            changed.extend(ops);
+        }
+        Ok(())
     }
 }
 
@@ -129,6 +161,7 @@ impl StateMachine {
             hub: shared_hub(p.revision),
             member_id,
             changes: tokio::sync::RwLock::new(()),
+            recording: std::sync::Mutex::new(Recording::Off),
         });
         Ok(StateMachine { kv, shared, last_applied: p.applied, membership: p.membership, durability })
     }
@@ -313,7 +346,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         {
             let _change = self.shared.changes.read().await;
             let mut rev = self.shared.write();
-            self.kv.write(Space::State, batch).map_err(err)?;
+            self.shared.change(self.kv.as_ref(), batch).map_err(err)?;
             *rev = revision;
         }
         for (rev, events) in published {
@@ -342,6 +375,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let revision = {
             let _change = self.shared.changes.read().await;
             let mut rev = self.shared.write();
+            let mut recording = self.shared.recording();
+            if matches!(*recording, Recording::On(_)) {
+                *recording = Recording::Lost;
+            }
+            drop(recording);
             let r = install(self.kv.as_ref(), meta, &data)
                 .map_err(store_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
             *rev = r;
@@ -366,25 +404,81 @@ fn save_snapshot(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> 
     kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)
 }
 
+/// Every user key of the state, in key order, read off the runtime's threads.
+async fn read_state(kv: Arc<dyn Kv>) -> Result<Vec<pb::KeyValue>, StoreError> {
+    tokio::task::spawn_blocking(move || Overlay::new(kv.as_ref()).range(&txn::KeyRange::new(b"", &[0])))
+        .await
+        .map_err(|e| StoreError::Stopped(format!("snapshot task: {e}")))?
+        .map_err(StoreError::Engine)
+}
+
+/// Lays the engine writes recorded during a read over what it read (user keys only).
+fn lay_over(read: Vec<pb::KeyValue>, changed: BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<pb::KeyValue> {
+    let mut state: BTreeMap<Vec<u8>, pb::KeyValue> = read.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+    for (k, v) in changed {
+        let Some((&USER_PREFIX, key)) = k.split_first() else { continue };
+        match v.and_then(|b| txn::decode_record(key, &b)) {
+            Some(kv) => state.insert(key.to_vec(), kv),
+            None => state.remove(key),
+        };
+    }
+    state.into_values().collect()
+}
+
+impl StateMachine {
+    /// Reads the state while changes go on, recording them. The changes made during the read
+    /// are then laid over it, which gives the state as it was when the read ended, taken
+    /// with the meta of that moment. None if a snapshot was installed meanwhile, or if another
+    /// such read is under way.
+    async fn read_while_changing(&self) -> Result<Option<(Persisted, pb::SnapshotData)>, StoreError> {
+        {
+            let _quiet = self.shared.changes.write().await;
+            let mut recording = self.shared.recording();
+            if !matches!(*recording, Recording::Off) {
+                return Ok(None);
+            }
+            *recording = Recording::On(BTreeMap::new());
+        }
+        // A build dropped midway stops recording too.
+        struct Stop<'a>(&'a Shared);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                *self.0.recording() = Recording::Off;
+            }
+        }
+        let stop = Stop(&self.shared);
+        let read = read_state(self.kv.clone()).await;
+        let (recorded, persisted) = {
+            let _quiet = self.shared.changes.write().await;
+            let recorded = std::mem::replace(&mut *self.shared.recording(), Recording::Off);
+            std::mem::forget(stop);
+            (recorded, read_persisted(self.kv.as_ref()))
+        };
+        let (read, persisted) = (read?, persisted?);
+        let Recording::On(changed) = recorded else { return Ok(None) };
+        let revision = persisted.revision;
+        let kvs = tokio::task::spawn_blocking(move || lay_over(read, changed))
+            .await
+            .map_err(|e| StoreError::Stopped(format!("snapshot task: {e}")))?;
+        Ok(Some((persisted, pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision, kvs })))
+    }
+
+    /// Reads the state with every change held off until the read is done.
+    async fn read_quiet(&self) -> Result<(Persisted, pb::SnapshotData), StoreError> {
+        let _quiet = self.shared.changes.write().await;
+        let persisted = read_persisted(self.kv.as_ref())?;
+        let kvs = read_state(self.kv.clone()).await?;
+        let revision = persisted.revision;
+        Ok((persisted, pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision, kvs }))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let err = store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read);
-        let stopped = |e: tokio::task::JoinError| StoreError::Stopped(format!("snapshot task: {e}"));
-        // Read a consistent point: nothing changes the state while `changes` is held. The
-        // read takes a while on a large state, so it runs off the runtime's threads.
-        let (persisted, data) = {
-            let _quiet = self.shared.changes.write().await;
-            let kv = self.kv.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let p = read_persisted(kv.as_ref())?;
-                let view = Overlay::new(kv.as_ref());
-                let kvs = view.range(&txn::KeyRange::new(b"", &[0])).map_err(StoreError::Engine)?;
-                let data = pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: p.revision, kvs };
-                Ok((p, data))
-            })
-            .await
-            .map_err(|e| err(stopped(e)))?
-            .map_err(&err)?
+        let (persisted, data) = match self.read_while_changing().await.map_err(&err)? {
+            Some(read) => read,
+            None => self.read_quiet().await.map_err(&err)?,
         };
         let snapshot_id = match &persisted.applied {
             Some(l) => format!("{}-{}-{}-r{}", l.leader_id.term, l.leader_id.node_id, l.index, persisted.revision),
@@ -392,6 +486,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let meta = SnapshotMeta { last_log_id: persisted.applied, last_membership: persisted.membership, snapshot_id };
         // Encoded and saved once changes may run again, still off the runtime's threads.
+        let stopped = |e: tokio::task::JoinError| StoreError::Stopped(format!("snapshot task: {e}"));
         let (kv, saved_meta) = (self.kv.clone(), meta.clone());
         let data = tokio::task::spawn_blocking(move || {
             let data = data.encode_to_vec();
@@ -416,6 +511,174 @@ mod tests {
             last_membership: StoredMembership::default(),
             snapshot_id: "3-1-42-r40".into(),
         }
+    }
+
+    /// The in-memory engine where a read can be held after its first item: the first read
+    /// that starts while `hold` is on. It reads what was there when it started.
+    #[derive(Default)]
+    struct HeldScan {
+        kv: MemKv,
+        gate: std::sync::Mutex<Gate>,
+        changed: std::sync::Condvar,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        held: bool,
+        claimed: bool,
+        waiting: bool,
+    }
+
+    impl HeldScan {
+        fn hold(&self, on: bool) {
+            let mut gate = self.gate.lock().unwrap();
+            gate.held = on;
+            gate.claimed &= on;
+            self.changed.notify_all();
+        }
+
+        fn waiting(&self) -> bool {
+            self.gate.lock().unwrap().waiting
+        }
+    }
+
+    impl Kv for HeldScan {
+        fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
+            self.kv.get(space, key)
+        }
+        fn scan(
+            &self,
+            space: Space,
+            range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+            reverse: bool,
+        ) -> crate::store::kv::KvIter<'_> {
+            let items: Vec<_> = self.kv.scan(space, range, reverse).collect();
+            let this = {
+                let mut gate = self.gate.lock().unwrap();
+                let this = gate.held && !gate.claimed;
+                gate.claimed |= this;
+                this
+            };
+            Box::new(items.into_iter().enumerate().map(move |(i, item)| {
+                if this && i == 1 {
+                    let mut gate = self.gate.lock().unwrap();
+                    gate.waiting = true;
+                    gate = self.changed.wait_while(gate, |g| g.held).unwrap();
+                    gate.waiting = false;
+                }
+                item
+            }))
+        }
+        fn write(&self, space: Space, batch: Batch) -> Result<(), crate::store::kv::KvError> {
+            self.kv.write(space, batch)
+        }
+        fn clear(&self, space: Space) -> Result<(), crate::store::kv::KvError> {
+            self.kv.clear(space)
+        }
+        fn flush(&self) -> futures::future::BoxFuture<'static, Result<(), crate::store::kv::KvError>> {
+            self.kv.flush()
+        }
+        fn flush_blocking(&self) -> Result<(), crate::store::kv::KvError> {
+            self.kv.flush_blocking()
+        }
+        fn location(&self) -> &std::path::Path {
+            self.kv.location()
+        }
+    }
+
+    fn entry(index: u64, ops: Vec<pb::request_op::Request>) -> Entry {
+        let txn = pb::TxnRequest {
+            success: ops.into_iter().map(|r| pb::RequestOp { request: Some(r) }).collect(),
+            ..Default::default()
+        };
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(super::super::Request(pb::TxnBatch { txns: vec![txn] })),
+        }
+    }
+
+    fn put(key: &str, value: &str) -> pb::request_op::Request {
+        pb::request_op::Request::RequestPut(pb::PutRequest { key: key.into(), value: value.into(), prev_kv: false })
+    }
+
+    fn state_of(kvs: &[pb::KeyValue]) -> Vec<(String, String, i64)> {
+        kvs.iter()
+            .map(|kv| {
+                (String::from_utf8_lossy(&kv.key).into(), String::from_utf8_lossy(&kv.value).into(), kv.mod_revision)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_read_holds_up_no_change_and_gives_the_state_at_its_end() {
+        use crate::store::watch::{WatchConfig, WatchHub};
+        const LONG: std::time::Duration = std::time::Duration::from_secs(10);
+        let kv = Arc::new(HeldScan::default());
+        let hub = |rev| WatchHub::new(rev, WatchConfig::default());
+        let mut sm = StateMachine::open(kv.clone(), hub, 1, Durability::everything()).unwrap();
+        sm.apply([entry(1, vec![put("a", "1"), put("b", "1")])]).await.unwrap();
+
+        kv.hold(true);
+        let mut builder = sm.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        while !kv.waiting() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The read is under way and held: changes still go through.
+        let delete_b = pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: "b".into(),
+            ..Default::default()
+        });
+        tokio::time::timeout(LONG, sm.apply([entry(2, vec![put("a", "2"), delete_b, put("c", "1")])]))
+            .await
+            .expect("a change waited for the snapshot's read")
+            .unwrap();
+        assert!(!build.is_finished());
+        kv.hold(false);
+
+        let snap = tokio::time::timeout(LONG, build).await.unwrap().unwrap().unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2), "the meta is of the read's end");
+        let data: pb::SnapshotData = codec::decode(snap.snapshot.get_ref(), "snapshot").unwrap();
+        assert_eq!(data.revision, 2);
+        assert_eq!(state_of(&data.kvs), [("a".into(), "2".into(), 2), ("c".into(), "1".into(), 2)]);
+        let now = Overlay::new(kv.as_ref()).range(&txn::KeyRange::new(b"", &[0])).unwrap();
+        assert_eq!(data.kvs, now, "the snapshot is the state as it stands");
+        assert!(matches!(*sm.shared().recording(), Recording::Off), "recording stopped");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_installed_during_a_snapshot_read_is_what_the_read_gives() {
+        use crate::store::watch::{WatchConfig, WatchHub};
+        const LONG: std::time::Duration = std::time::Duration::from_secs(10);
+        let kv = Arc::new(HeldScan::default());
+        let hub = |rev| WatchHub::new(rev, WatchConfig::default());
+        let mut sm = StateMachine::open(kv.clone(), hub, 1, Durability::everything()).unwrap();
+        sm.apply([entry(1, vec![put("a", "1"), put("b", "1")])]).await.unwrap();
+
+        kv.hold(true);
+        let mut builder = sm.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        while !kv.waiting() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let x = pb::KeyValue { key: "x".into(), value: "9".into(), create_revision: 7, mod_revision: 7, version: 1 };
+        let installed = pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: 7, kvs: vec![x] };
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(2, 2), 5)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "2-2-5-r7".into(),
+        };
+        tokio::time::timeout(LONG, sm.install_snapshot(&meta, Box::new(Cursor::new(installed.encode_to_vec()))))
+            .await
+            .expect("an install waited for the snapshot's read")
+            .unwrap();
+        kv.hold(false);
+
+        let snap = tokio::time::timeout(LONG, build).await.unwrap().unwrap().unwrap();
+        assert_eq!(snap.meta.last_log_id, meta.last_log_id);
+        let data: pb::SnapshotData = codec::decode(snap.snapshot.get_ref(), "snapshot").unwrap();
+        assert_eq!((data.revision, state_of(&data.kvs)), (7, vec![("x".into(), "9".into(), 7)]));
+        assert!(matches!(*sm.shared().recording(), Recording::Off), "recording stopped");
     }
 
     #[test]
