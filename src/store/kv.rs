@@ -19,6 +19,13 @@
 //! file's new size, and it writes values over about 128 KiB to files under `blobs/` with no
 //! sync at all. [`SledKv`]'s flush therefore also `fdatasync`s the database file and every
 //! new blob file (and the `blobs` directory) before it returns, as etcd does for its WAL.
+//!
+//! Values of many megabytes (snapshots) are whole files beside the engine instead
+//! ([`Kv::write_file`]). In the engine they would be blobs, which every flush after them must
+//! sync: the log's next flush, and every write waiting for it, would wait for all of it to
+//! reach the disk. A file is written in slices, each synced before the next, so that no flush
+//! of the log (ext4 commits every file's newly written data with its journal) waits for more
+//! than a slice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -67,6 +74,13 @@ pub enum KvError {
     },
     #[error("the batch journal in {path} is damaged: {what}")]
     Journal { path: PathBuf, what: String },
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make {path} durable: {source}")]
     Sync {
         path: PathBuf,
@@ -120,7 +134,24 @@ pub trait Kv: Send + Sync + 'static {
     fn flush_blocking(&self) -> Result<(), KvError>;
     /// Where the data lives, for error messages.
     fn location(&self) -> &Path;
+    /// Writes a whole file beside the data, durably: once this returns it survives a crash.
+    /// A file of the same name is replaced atomically.
+    fn write_file(&self, name: &str, data: &[u8]) -> Result<(), KvError>;
+    /// A file's content; None if it does not exist.
+    fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, KvError>;
+    /// The names of the files, including any left half-written by a crash.
+    fn list_files(&self) -> Result<Vec<String>, KvError>;
+    fn remove_file(&self, name: &str) -> Result<(), KvError>;
+    /// Where a file lives, for error messages.
+    fn file_location(&self, name: &str) -> PathBuf;
 }
+
+/// Files beside sled's own, inside its directory (sled ignores names it does not know).
+const FILES_DIR: &str = "keel-files";
+/// A file is written and synced in slices of this size.
+const FILE_SLICE: usize = 1 << 20;
+/// The suffix of a file being written; renamed away once it is whole and synced.
+const PARTIAL: &str = ".partial";
 
 /// The sled engine: one database per replica.
 pub struct SledKv {
@@ -406,6 +437,68 @@ impl Kv for SledKv {
     fn location(&self) -> &Path {
         &self.path
     }
+
+    fn write_file(&self, name: &str, data: &[u8]) -> Result<(), KvError> {
+        use std::io::Write;
+        let dir = self.path.join(FILES_DIR);
+        let file_err = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KvError::File { action, path, source }
+        };
+        if !dir.exists() {
+            std::fs::create_dir(&dir).map_err(file_err("create", &dir))?;
+            File::open(&self.path).and_then(|d| d.sync_all()).map_err(sync_err(&self.path))?;
+        }
+        let partial = dir.join(format!("{name}{PARTIAL}"));
+        let mut f = File::create(&partial).map_err(file_err("create", &partial))?;
+        for slice in data.chunks(FILE_SLICE) {
+            f.write_all(slice).map_err(file_err("write", &partial))?;
+            f.sync_data().map_err(sync_err(&partial))?;
+        }
+        f.sync_all().map_err(sync_err(&partial))?;
+        let path = dir.join(name);
+        std::fs::rename(&partial, &path).map_err(file_err("rename into place", &path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(sync_err(&dir))
+    }
+
+    fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let path = self.file_location(name);
+        match std::fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(KvError::File { action: "read", path, source }),
+        }
+    }
+
+    fn list_files(&self) -> Result<Vec<String>, KvError> {
+        let dir = self.path.join(FILES_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(KvError::File { action: "list", path: dir, source }),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| KvError::File { action: "list", path: dir.clone(), source })?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn remove_file(&self, name: &str) -> Result<(), KvError> {
+        let path = self.file_location(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(KvError::File { action: "remove", path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn file_location(&self, name: &str) -> PathBuf {
+        self.path.join(FILES_DIR).join(name)
+    }
 }
 
 type Spaces = BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>;
@@ -414,6 +507,7 @@ type Spaces = BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>;
 #[derive(Default, Clone)]
 pub struct MemKv {
     spaces: Arc<Mutex<Spaces>>,
+    files: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
 }
 
 impl MemKv {
@@ -472,6 +566,28 @@ impl Kv for MemKv {
 
     fn location(&self) -> &Path {
         Path::new("<memory>")
+    }
+
+    fn write_file(&self, name: &str, data: &[u8]) -> Result<(), KvError> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), data.to_vec());
+        Ok(())
+    }
+
+    fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.files.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned())
+    }
+
+    fn list_files(&self) -> Result<Vec<String>, KvError> {
+        Ok(self.files.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect())
+    }
+
+    fn remove_file(&self, name: &str) -> Result<(), KvError> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        Ok(())
+    }
+
+    fn file_location(&self, name: &str) -> PathBuf {
+        Path::new("<memory>").join(name)
     }
 }
 

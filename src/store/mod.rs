@@ -42,7 +42,13 @@ pub use watch::{Watch, WatchBatch, WatchConfig, WatchError};
 /// 3: the current snapshot is one value (`state_machine::SNAPSHOT`) rather than a batch of
 /// two, so saving one writes its data once instead of twice. Versions 1 and 2 are upgraded
 /// in place (`upgrade_snapshot_layout`); a version 2 binary would not find the snapshot.
-pub const DATA_VERSION: u32 = 3;
+///
+/// 4: the current snapshot's data is a file beside the engine, and the engine holds its name,
+/// length, checksum and meta (`state_machine::SNAPSHOT_FILE`). In the engine it was a blob
+/// that the log's next flush had to sync, so every write waited for the whole snapshot to
+/// reach the disk. Versions 1-3 are upgraded in place (`move_snapshot_to_file`); a version 3
+/// binary would not find the snapshot.
+pub const DATA_VERSION: u32 = 4;
 const DATA_VERSION_KEY: &[u8] = b"data_version";
 
 /// Log entries per AppendEntries.
@@ -230,8 +236,9 @@ fn check_data_version(kv: &dyn Kv) -> Result<(), StoreError> {
     let file = kv.location().to_path_buf();
     match kv.get(Space::RaftMeta, DATA_VERSION_KEY)? {
         Some(v) if v == DATA_VERSION.to_be_bytes() => Ok(()),
-        Some(v) if v == 1u32.to_be_bytes() || v == 2u32.to_be_bytes() => {
+        Some(v) if [1u32, 2, 3].iter().any(|old| v == old.to_be_bytes()) => {
             raft::state_machine::upgrade_snapshot_layout(kv)?;
+            raft::state_machine::move_snapshot_to_file(kv)?;
             kv.flush_blocking()?;
             let mut b = kv::Batch::default();
             b.put(DATA_VERSION_KEY.to_vec(), DATA_VERSION.to_be_bytes().to_vec());

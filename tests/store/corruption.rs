@@ -178,30 +178,56 @@ async fn data_of_layout_version_1_is_upgraded_and_keeps_its_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_of_layout_version_2_keeps_its_snapshot_in_one_value() {
+async fn data_of_layouts_2_and_3_keep_their_snapshot_in_a_file() {
+    use keel::store::raft::state_machine::stored_snapshot;
+    for version in [2u32, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = replica_with_writes_and(&dir.path().join("c"), 20, &["--snapshot-every=5".to_string()]).await;
+        // Rewrite the snapshot as that version kept it: in the engine, meta and data under two
+        // keys (2) or as one value (3), and no file.
+        let mut snapshot = None;
+        tamper(&data, |kv| {
+            let (meta, body) = stored_snapshot(kv).unwrap().expect("a snapshot after 20 writes");
+            let mut b = Batch::default();
+            if version == 2 {
+                b.put(b"meta".to_vec(), meta.clone());
+                b.put(b"data".to_vec(), body.clone());
+            } else {
+                let value = [body.as_slice(), &meta, &(meta.len() as u32).to_be_bytes()].concat();
+                b.put(b"current".to_vec(), value);
+            }
+            b.delete(b"file".to_vec());
+            kv.write(Space::Snapshot, b).unwrap();
+            for name in kv.list_files().unwrap() {
+                kv.remove_file(&name).unwrap();
+            }
+            snapshot = Some((meta, body));
+        });
+        let kv = open_as_version(&data, version);
+        assert_eq!(stored_snapshot(&kv).unwrap(), snapshot, "the snapshot survives the upgrade from {version}");
+        for old in [&b"current"[..], b"meta", b"data"] {
+            assert_eq!(kv.get(Space::Snapshot, old).unwrap(), None);
+        }
+        assert_eq!(kv.list_files().unwrap().len(), 1, "{:?}", kv.list_files());
+        assert_eq!(written_keys(&kv), 20, "every write survives the upgrade from {version}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_file_refuses_to_start_and_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = replica_with_writes_and(&dir.path().join("c"), 20, &["--snapshot-every=5".to_string()]).await;
-    // Rewrite the snapshot as version 2 kept it: meta and data under two keys.
-    let mut snapshot = Vec::new();
-    tamper(&data, |kv| {
-        let value = kv.get(Space::Snapshot, b"current").unwrap().expect("a snapshot after 20 writes");
-        let n = value.len();
-        let meta_len = u32::from_be_bytes(value[n - 4..].try_into().unwrap()) as usize;
-        let (body, meta) = value[..n - 4].split_at(n - 4 - meta_len);
-        let mut b = Batch::default();
-        b.put(b"meta".to_vec(), meta.to_vec());
-        b.put(b"data".to_vec(), body.to_vec());
-        kv.write(Space::Snapshot, b).unwrap();
-        let mut b = Batch::default();
-        b.delete(b"current".to_vec());
-        kv.write(Space::Snapshot, b).unwrap();
-        snapshot = value;
-    });
-    let kv = open_as_version(&data, 2);
-    assert_eq!(kv.get(Space::Snapshot, b"current").unwrap(), Some(snapshot), "the snapshot survives the upgrade");
-    assert_eq!(kv.get(Space::Snapshot, b"meta").unwrap(), None);
-    assert_eq!(kv.get(Space::Snapshot, b"data").unwrap(), None);
-    assert_eq!(written_keys(&kv), 20, "every write survives the upgrade");
+    let files: Vec<_> =
+        std::fs::read_dir(data.join("db").join("keel-files")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&files[0], bytes).unwrap();
+    let out = start(&data, Duration::from_secs(10)).expect("must exit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.status.code() != Some(101), "{err}");
+    assert!(err.contains(&files[0].display().to_string()) && err.contains("damaged"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

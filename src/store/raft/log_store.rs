@@ -763,6 +763,21 @@ pub(crate) mod tests {
         fn location(&self) -> &std::path::Path {
             self.kv.location()
         }
+        fn write_file(&self, name: &str, data: &[u8]) -> Result<(), crate::store::kv::KvError> {
+            self.kv.write_file(name, data)
+        }
+        fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
+            self.kv.read_file(name)
+        }
+        fn list_files(&self) -> Result<Vec<String>, crate::store::kv::KvError> {
+            self.kv.list_files()
+        }
+        fn remove_file(&self, name: &str) -> Result<(), crate::store::kv::KvError> {
+            self.kv.remove_file(name)
+        }
+        fn file_location(&self, name: &str) -> std::path::PathBuf {
+            self.kv.file_location(name)
+        }
     }
 
     fn entry_of(term: u64, leader: u64, index: u64) -> Entry {

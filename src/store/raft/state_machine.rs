@@ -33,9 +33,14 @@ use crate::store::StoreError;
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const REVISION: &[u8] = b"m/revision";
-/// The current snapshot, one value: its data, then its encoded meta, then the meta's length
-/// (4 bytes, big-endian). One value is written as one engine operation, so saving a snapshot
-/// needs no journal record, which would write all of the data a second time.
+/// Where the current snapshot is (layout 4): its data is a file beside the engine's
+/// (`Kv::write_file`), and this value names it: the name's length (2 bytes, big-endian), the
+/// name, the data's length (8 bytes) and SHA-256, then the encoded meta.
+const SNAPSHOT_FILE: &[u8] = b"file";
+/// The files that hold snapshots' data are named `snapshot-<id>-<unique>.bin`.
+const SNAPSHOT_FILE_PREFIX: &str = "snapshot-";
+/// Layout 3 kept the current snapshot in the engine as one value: its data, then its encoded
+/// meta, then the meta's length (4 bytes, big-endian).
 const SNAPSHOT: &[u8] = b"current";
 /// Layout versions 1 and 2 kept the meta and the data under two keys, written as one batch.
 const OLD_SNAP_META: &[u8] = b"meta";
@@ -56,6 +61,9 @@ pub struct Shared {
     /// The changes made while a snapshot reads the state. Switched only under `changes` held
     /// exclusively, and added to only under `changes` held shared.
     recording: std::sync::Mutex<Recording>,
+    /// Held from saving a snapshot until the engine's pointer to it is flushed and the files
+    /// it replaced are removed, so that a build and an install never remove each other's file.
+    saving: tokio::sync::Mutex<()>,
 }
 
 /// What a snapshot read needs to know about the changes made during it.
@@ -149,6 +157,8 @@ impl StateMachine {
         durability: Durability,
     ) -> Result<StateMachine, StoreError> {
         let mut p = read_persisted(kv.as_ref())?;
+        let current = read_snapshot_ref(kv.as_ref())?.map(|r| r.name);
+        remove_snapshot_files_but(kv.as_ref(), current.as_deref())?;
         if let Some((meta, data)) = read_snapshot(kv.as_ref())? {
             if meta.last_log_id > p.applied {
                 tracing::warn!(snapshot = %meta.snapshot_id, "re-installing a snapshot that was not fully installed");
@@ -162,6 +172,7 @@ impl StateMachine {
             member_id,
             changes: tokio::sync::RwLock::new(()),
             recording: std::sync::Mutex::new(Recording::Off),
+            saving: tokio::sync::Mutex::new(()),
         });
         Ok(StateMachine { kv, shared, last_applied: p.applied, membership: p.membership, durability })
     }
@@ -173,16 +184,100 @@ impl StateMachine {
 
 type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
 
-fn read_snapshot(kv: &dyn Kv) -> Result<Option<StoredSnapshot>, StoreError> {
-    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
-    let Some(mut value) = kv.get(Space::Snapshot, SNAPSHOT).map_err(StoreError::Engine)? else {
+/// What the engine says of the current snapshot: its file, the data's length and SHA-256, and
+/// the encoded meta.
+struct SnapshotRef {
+    name: String,
+    len: u64,
+    sha256: [u8; 32],
+    meta: Vec<u8>,
+}
+
+fn encode_snapshot_ref(r: &SnapshotRef) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + r.name.len() + 8 + 32 + r.meta.len());
+    v.extend_from_slice(&(r.name.len() as u16).to_be_bytes());
+    v.extend_from_slice(r.name.as_bytes());
+    v.extend_from_slice(&r.len.to_be_bytes());
+    v.extend_from_slice(&r.sha256);
+    v.extend_from_slice(&r.meta);
+    v
+}
+
+fn decode_snapshot_ref(mut b: &[u8]) -> Result<SnapshotRef, String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], String> {
+        if b.len() < n {
+            return Err(format!("{what} is cut short"));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    let name_len = u16::from_be_bytes(take(&mut b, 2, "the file name's length")?.try_into().unwrap_or_default());
+    let name = std::str::from_utf8(take(&mut b, name_len as usize, "the file name")?)
+        .map_err(|_| "the file name is not UTF-8".to_string())?
+        .to_string();
+    if !name.starts_with(SNAPSHOT_FILE_PREFIX) || name.contains('/') {
+        return Err(format!("{name:?} is not a snapshot file name"));
+    }
+    let len = u64::from_be_bytes(take(&mut b, 8, "the data's length")?.try_into().unwrap_or_default());
+    let sha256 = take(&mut b, 32, "the data's checksum")?.try_into().unwrap_or_default();
+    Ok(SnapshotRef { name, len, sha256, meta: b.to_vec() })
+}
+
+fn read_snapshot_ref(kv: &dyn Kv) -> Result<Option<SnapshotRef>, StoreError> {
+    let Some(value) = kv.get(Space::Snapshot, SNAPSHOT_FILE).map_err(StoreError::Engine)? else {
         return Ok(None);
     };
-    let (data_len, meta) = split_snapshot(&value).map_err(|what| corrupt(format!("stored snapshot: {what}")))?;
-    let meta: pb::SnapshotMeta = codec::decode(meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
-    let meta = codec::snapshot_meta_from_pb(&meta).map_err(|e| corrupt(e.to_string()))?;
-    value.truncate(data_len);
-    Ok(Some((meta, value)))
+    decode_snapshot_ref(&value).map(Some).map_err(|what| StoreError::Corrupt {
+        file: kv.location().to_path_buf(),
+        what: format!("stored snapshot: {what}"),
+    })
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).into()
+}
+
+fn read_snapshot(kv: &dyn Kv) -> Result<Option<StoredSnapshot>, StoreError> {
+    let Some(r) = read_snapshot_ref(kv)? else { return Ok(None) };
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.file_location(&r.name), what };
+    let meta: pb::SnapshotMeta = codec::decode(&r.meta, "snapshot meta")
+        .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
+    let meta = codec::snapshot_meta_from_pb(&meta)
+        .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
+    let data = kv
+        .read_file(&r.name)
+        .map_err(StoreError::Engine)?
+        .ok_or_else(|| corrupt(format!("the current snapshot's data ({}) is missing", meta.snapshot_id)))?;
+    if data.len() as u64 != r.len || sha256(&data) != r.sha256 {
+        return Err(corrupt(format!(
+            "the current snapshot's data ({}) is damaged: {} bytes where {} were written, or a checksum mismatch",
+            meta.snapshot_id,
+            data.len(),
+            r.len
+        )));
+    }
+    Ok(Some((meta, data)))
+}
+
+/// A snapshot's encoded meta and its data.
+pub type EncodedSnapshot = (Vec<u8>, Vec<u8>);
+
+/// The current snapshot, for tools and tests outside this module.
+pub fn stored_snapshot(kv: &dyn Kv) -> Result<Option<EncodedSnapshot>, StoreError> {
+    let Some(r) = read_snapshot_ref(kv)? else { return Ok(None) };
+    Ok(read_snapshot(kv)?.map(|(_, data)| (r.meta, data)))
+}
+
+/// Removes every snapshot file but `keep`, and whatever a crash left half-written.
+fn remove_snapshot_files_but(kv: &dyn Kv, keep: Option<&str>) -> Result<(), StoreError> {
+    for name in kv.list_files().map_err(StoreError::Engine)? {
+        if name.starts_with(SNAPSHOT_FILE_PREFIX) && Some(name.as_str()) != keep {
+            kv.remove_file(&name).map_err(StoreError::Engine)?;
+        }
+    }
+    Ok(())
 }
 
 /// The data's length and the encoded meta of a stored snapshot value.
@@ -370,7 +465,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         // Keep the snapshot first, so that a crash mid-install is finished at the next start.
-        save_snapshot(self.kv.as_ref(), meta, &data)
+        let shared = self.shared.clone();
+        let _saving = shared.saving.lock().await;
+        // Writing and syncing the file takes a while: not on a runtime thread.
+        let (kv, saved_meta) = (self.kv.clone(), meta.clone());
+        let data = tokio::task::spawn_blocking(move || save_snapshot(kv.as_ref(), &saved_meta, &data).map(|()| data))
+            .await
+            .map_err(|e| StoreError::Stopped(format!("snapshot task: {e}")))
+            .and_then(|r| r)
             .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         let revision = {
             let _change = self.shared.changes.read().await;
@@ -386,6 +488,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             r
         };
         self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        keep_only_current(self.kv.as_ref()).map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Delete))?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.hub.reset(revision, "snapshot installed");
@@ -398,10 +501,57 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+/// Writes the snapshot's data to a new file and points the engine at it, unless the stored
+/// snapshot is already newer (a build that read the state before an install). The previous
+/// file stays until the engine's pointer to the new one is flushed (`keep_only_current`).
 fn save_snapshot(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result<(), StoreError> {
+    if let Some(current) = read_snapshot_ref(kv)? {
+        let stored: pb::SnapshotMeta = codec::decode(&current.meta, "snapshot meta")
+            .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
+        let stored = codec::snapshot_meta_from_pb(&stored)
+            .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
+        if stored.last_log_id > meta.last_log_id {
+            return Ok(());
+        }
+    }
+    save_snapshot_encoded(kv, &meta.snapshot_id, codec::snapshot_meta_to_pb(meta).encode_to_vec(), data).map(|_| ())
+}
+
+/// Removes every snapshot file but the one the engine points to. Only after that pointer is
+/// flushed: until then a crash comes back to the previous file.
+fn keep_only_current(kv: &dyn Kv) -> Result<(), StoreError> {
+    let current = read_snapshot_ref(kv)?.map(|r| r.name);
+    remove_snapshot_files_but(kv, current.as_deref())
+}
+
+fn save_snapshot_encoded(kv: &dyn Kv, id: &str, meta: Vec<u8>, data: &[u8]) -> Result<String, StoreError> {
+    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!("{SNAPSHOT_FILE_PREFIX}{safe}-{}.bin", &unique[..12]);
+    kv.write_file(&name, data).map_err(StoreError::Engine)?;
+    let r = SnapshotRef { name: name.clone(), len: data.len() as u64, sha256: sha256(data), meta };
     let mut batch = Batch::default();
-    batch.put(SNAPSHOT.to_vec(), snapshot_value(&codec::snapshot_meta_to_pb(meta).encode_to_vec(), data));
-    kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)
+    batch.put(SNAPSHOT_FILE.to_vec(), encode_snapshot_ref(&r));
+    kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)?;
+    Ok(name)
+}
+
+/// Layout 3 -> 4: moves the snapshot's data out of the engine into a file. Safe to run again
+/// after a crash part-way: the old value goes only after the new pointer is written (and the
+/// caller flushes before recording the new layout version).
+pub fn move_snapshot_to_file(kv: &dyn Kv) -> Result<(), StoreError> {
+    let Some(mut value) = kv.get(Space::Snapshot, SNAPSHOT).map_err(StoreError::Engine)? else {
+        return Ok(());
+    };
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
+    let (data_len, meta) = split_snapshot(&value).map_err(|what| corrupt(format!("stored snapshot: {what}")))?;
+    let meta = meta.to_vec();
+    let id = codec::decode::<pb::SnapshotMeta>(&meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?.snapshot_id;
+    value.truncate(data_len);
+    save_snapshot_encoded(kv, &id, meta, &value)?;
+    let mut b = Batch::default();
+    b.delete(SNAPSHOT.to_vec());
+    kv.write(Space::Snapshot, b).map_err(StoreError::Engine)
 }
 
 /// Every user key of the state, in key order, read off the runtime's threads.
@@ -488,6 +638,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // Encoded and saved once changes may run again, still off the runtime's threads.
         let stopped = |e: tokio::task::JoinError| StoreError::Stopped(format!("snapshot task: {e}"));
         let (kv, saved_meta) = (self.kv.clone(), meta.clone());
+        let _saving = self.shared.saving.lock().await;
         let data = tokio::task::spawn_blocking(move || {
             let data = data.encode_to_vec();
             save_snapshot(kv.as_ref(), &saved_meta, &data).map(|()| data)
@@ -496,6 +647,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         .map_err(|e| err(stopped(e)))?
         .map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         self.kv.flush().await.map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        keep_only_current(self.kv.as_ref()).map_err(store_err(ErrorSubject::Snapshot(None), ErrorVerb::Delete))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -583,6 +735,21 @@ mod tests {
         }
         fn location(&self) -> &std::path::Path {
             self.kv.location()
+        }
+        fn write_file(&self, name: &str, data: &[u8]) -> Result<(), crate::store::kv::KvError> {
+            self.kv.write_file(name, data)
+        }
+        fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
+            self.kv.read_file(name)
+        }
+        fn list_files(&self) -> Result<Vec<String>, crate::store::kv::KvError> {
+            self.kv.list_files()
+        }
+        fn remove_file(&self, name: &str) -> Result<(), crate::store::kv::KvError> {
+            self.kv.remove_file(name)
+        }
+        fn file_location(&self, name: &str) -> std::path::PathBuf {
+            self.kv.file_location(name)
         }
     }
 
@@ -681,41 +848,86 @@ mod tests {
         assert!(matches!(*sm.shared().recording(), Recording::Off), "recording stopped");
     }
 
-    #[test]
-    fn a_saved_snapshot_reads_back_whole() {
-        let kv = MemKv::default();
-        assert!(read_snapshot(&kv).unwrap().is_none());
-        for data in [Vec::new(), vec![9u8; 1000]] {
-            save_snapshot(&kv, &meta(), &data).unwrap();
-            let (m, d) = read_snapshot(&kv).unwrap().unwrap();
-            assert_eq!((m, d), (meta(), data));
-        }
+    fn snapshot_files(kv: &dyn Kv) -> Vec<String> {
+        kv.list_files().unwrap().into_iter().filter(|n| n.starts_with(SNAPSHOT_FILE_PREFIX)).collect()
     }
 
     #[test]
-    fn a_damaged_snapshot_value_is_refused_by_name() {
+    fn a_saved_snapshot_reads_back_whole_from_its_file_and_replaces_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = crate::store::kv::SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert!(read_snapshot(&kv).unwrap().is_none());
+        let mut newer = meta();
+        for data in [Vec::new(), vec![9u8; 3 << 20]] {
+            newer.last_log_id.as_mut().unwrap().index += 1;
+            save_snapshot(&kv, &newer, &data).unwrap();
+            kv.flush_blocking().unwrap();
+            keep_only_current(&kv).unwrap();
+            assert_eq!(read_snapshot(&kv).unwrap().unwrap(), (newer.clone(), data));
+            assert_eq!(snapshot_files(&kv).len(), 1, "the replaced file is gone");
+        }
+        // The data is not in the engine: no blob of its size exists.
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(blobs, 0);
+        // An older snapshot (a build that read the state before an install) replaces nothing.
+        save_snapshot(&kv, &meta(), b"older").unwrap();
+        assert_eq!(read_snapshot(&kv).unwrap().unwrap().0, newer);
+        drop(kv);
+        let kv = crate::store::kv::SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(read_snapshot(&kv).unwrap().unwrap().1.len(), 3 << 20, "it survives a reopen");
+    }
+
+    #[test]
+    fn a_damaged_or_missing_snapshot_is_refused_by_name() {
         let kv = MemKv::default();
-        for bad in [vec![1u8, 2], vec![0, 0, 1, 0]] {
+        for bad in [vec![1u8], vec![0, 200, b's'], vec![0, 3, b'x', b'y', b'z']] {
             let mut b = Batch::default();
-            b.put(SNAPSHOT.to_vec(), bad);
+            b.put(SNAPSHOT_FILE.to_vec(), bad);
             kv.write(Space::Snapshot, b).unwrap();
             let e = read_snapshot(&kv).unwrap_err().to_string();
             assert!(e.contains("stored snapshot"), "{e}");
         }
+        let mut b = Batch::default();
+        b.delete(SNAPSHOT_FILE.to_vec());
+        kv.write(Space::Snapshot, b).unwrap();
+        save_snapshot(&kv, &meta(), b"the state").unwrap();
+        let name = snapshot_files(&kv).pop().unwrap();
+        kv.write_file(&name, b"the stale").unwrap();
+        let e = read_snapshot(&kv).unwrap_err().to_string();
+        assert!(e.contains(&name) && e.contains("damaged"), "{e}");
+        kv.remove_file(&name).unwrap();
+        let e = read_snapshot(&kv).unwrap_err().to_string();
+        assert!(e.contains(&name) && e.contains("missing"), "{e}");
     }
 
     #[test]
-    fn a_snapshot_of_layout_2_is_moved_into_one_value() {
+    fn snapshots_of_layouts_2_and_3_are_moved_into_a_file() {
         let kv = MemKv::default();
+        let state = pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: 40, kvs: vec![] }.encode_to_vec();
         let mut b = Batch::default();
         b.put(OLD_SNAP_META.to_vec(), codec::snapshot_meta_to_pb(&meta()).encode_to_vec());
-        b.put(OLD_SNAP_DATA.to_vec(), b"state".to_vec());
+        b.put(OLD_SNAP_DATA.to_vec(), state.clone());
         kv.write(Space::Snapshot, b).unwrap();
-        upgrade_snapshot_layout(&kv).unwrap();
         // A second run (a crash before the version was written) changes nothing.
-        upgrade_snapshot_layout(&kv).unwrap();
-        assert_eq!(read_snapshot(&kv).unwrap().unwrap(), (meta(), b"state".to_vec()));
-        assert_eq!(kv.get(Space::Snapshot, OLD_SNAP_META).unwrap(), None);
-        assert_eq!(kv.get(Space::Snapshot, OLD_SNAP_DATA).unwrap(), None);
+        for _ in 0..2 {
+            upgrade_snapshot_layout(&kv).unwrap();
+            move_snapshot_to_file(&kv).unwrap();
+        }
+        assert_eq!(read_snapshot(&kv).unwrap().unwrap(), (meta(), state.clone()));
+        for old in [OLD_SNAP_META, OLD_SNAP_DATA, SNAPSHOT] {
+            assert_eq!(kv.get(Space::Snapshot, old).unwrap(), None);
+        }
+        assert_eq!(snapshot_files(&kv).len(), 1);
+        // A crash after the file, before the old value went: the run again leaves one file
+        // in use, and opening removes the other.
+        let mut b = Batch::default();
+        b.put(SNAPSHOT.to_vec(), snapshot_value(&codec::snapshot_meta_to_pb(&meta()).encode_to_vec(), &state));
+        kv.write(Space::Snapshot, b).unwrap();
+        move_snapshot_to_file(&kv).unwrap();
+        assert_eq!(snapshot_files(&kv).len(), 2);
+        let hub = |rev| crate::store::watch::WatchHub::new(rev, crate::store::watch::WatchConfig::default());
+        StateMachine::open(Arc::new(kv.clone()), hub, 1, Durability::everything()).unwrap();
+        assert_eq!(snapshot_files(&kv).len(), 1);
+        assert_eq!(read_snapshot(&kv).unwrap().unwrap(), (meta(), state.clone()));
     }
 }
