@@ -38,6 +38,10 @@ struct Args {
     /// Keep the history, fault log and replica logs even when no violation is found.
     #[arg(long)]
     keep: bool,
+    /// Extra `keel server` flags, e.g. --server-args=--snapshot-every=300 to take and install
+    /// snapshots while faults run.
+    #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+    server_args: Vec<String>,
 }
 
 #[tokio::main]
@@ -66,6 +70,7 @@ async fn go(a: Args) -> anyhow::Result<()> {
     cfg.rounds = a.rounds;
     cfg.duration = a.duration;
     cfg.keep = a.keep;
+    cfg.server_args = a.server_args;
     if cfg.rounds.is_none() && cfg.duration.is_none() {
         cfg.rounds = Some(3);
     }

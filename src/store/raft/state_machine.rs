@@ -563,16 +563,26 @@ async fn read_state(kv: Arc<dyn Kv>) -> Result<Vec<pb::KeyValue>, StoreError> {
 }
 
 /// Lays the engine writes recorded during a read over what it read (user keys only).
+/// Both are in key order, so one merge pass does it.
 fn lay_over(read: Vec<pb::KeyValue>, changed: BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<pb::KeyValue> {
-    let mut state: BTreeMap<Vec<u8>, pb::KeyValue> = read.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-    for (k, v) in changed {
-        let Some((&USER_PREFIX, key)) = k.split_first() else { continue };
-        match v.and_then(|b| txn::decode_record(key, &b)) {
-            Some(kv) => state.insert(key.to_vec(), kv),
-            None => state.remove(key),
-        };
+    let changed: Vec<(Vec<u8>, Option<pb::KeyValue>)> = changed
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let (&USER_PREFIX, key) = k.split_first()? else { return None };
+            Some((key.to_vec(), v.and_then(|b| txn::decode_record(key, &b))))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(read.len() + changed.len());
+    let mut read = read.into_iter().peekable();
+    for (key, value) in changed {
+        while let Some(kv) = read.next_if(|kv| kv.key < key) {
+            out.push(kv);
+        }
+        read.next_if(|kv| kv.key == key);
+        out.extend(value);
     }
-    state.into_values().collect()
+    out.extend(read);
+    out
 }
 
 impl StateMachine {
