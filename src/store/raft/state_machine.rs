@@ -25,7 +25,7 @@ use super::codec::{self, Entry};
 use super::log_store::Durability;
 use super::{storage_err, Member, Response, StorageError, TypeConfig};
 use crate::proto::v1 as pb;
-use crate::store::kv::{Batch, Kv, Space};
+use crate::store::kv::{Batch, Kv, KvPair, Space};
 use crate::store::txn::{self, Overlay, USER_PREFIX};
 use crate::store::watch::WatchHub;
 use crate::store::StoreError;
@@ -554,34 +554,60 @@ pub fn move_snapshot_to_file(kv: &dyn Kv) -> Result<(), StoreError> {
     kv.write(Space::Snapshot, b).map_err(StoreError::Engine)
 }
 
-/// Every user key of the state, in key order, read off the runtime's threads.
-async fn read_state(kv: Arc<dyn Kv>) -> Result<Vec<pb::KeyValue>, StoreError> {
-    tokio::task::spawn_blocking(move || Overlay::new(kv.as_ref()).range(&txn::KeyRange::new(b"", &[0])))
-        .await
-        .map_err(|e| StoreError::Stopped(format!("snapshot task: {e}")))?
-        .map_err(StoreError::Engine)
+/// Every user key of the state as the engine stores it (engine key, record), in key order,
+/// read off the runtime's threads. Nothing is decoded: a snapshot is built from the records
+/// as they are (`encode_snapshot_data`).
+async fn read_state(kv: Arc<dyn Kv>) -> Result<Vec<KvPair>, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let range = (Bound::Included(vec![USER_PREFIX]), Bound::Excluded(vec![USER_PREFIX + 1]));
+        kv.scan(Space::State, range, false).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| StoreError::Stopped(format!("snapshot task: {e}")))?
+    .map_err(StoreError::Engine)
 }
 
 /// Lays the engine writes recorded during a read over what it read (user keys only).
 /// Both are in key order, so one merge pass does it.
-fn lay_over(read: Vec<pb::KeyValue>, changed: BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<pb::KeyValue> {
-    let changed: Vec<(Vec<u8>, Option<pb::KeyValue>)> = changed
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let (&USER_PREFIX, key) = k.split_first()? else { return None };
-            Some((key.to_vec(), v.and_then(|b| txn::decode_record(key, &b))))
-        })
-        .collect();
+fn lay_over(read: Vec<KvPair>, changed: BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<KvPair> {
     let mut out = Vec::with_capacity(read.len() + changed.len());
     let mut read = read.into_iter().peekable();
-    for (key, value) in changed {
-        while let Some(kv) = read.next_if(|kv| kv.key < key) {
+    for (key, value) in changed.into_iter().filter(|(k, _)| k.first() == Some(&USER_PREFIX)) {
+        while let Some(kv) = read.next_if(|(k, _)| *k < key) {
             out.push(kv);
         }
-        read.next_if(|kv| kv.key == key);
-        out.extend(value);
+        read.next_if(|(k, _)| *k == key);
+        out.extend(value.map(|v| (key, v)));
     }
     out.extend(read);
+    out
+}
+
+/// The encoded `SnapshotData` of the state's records, without decoding them: a record is a
+/// `KeyValue` encoded without its key, so the key is appended to it as field 1.
+fn encode_snapshot_data(revision: i64, records: &[KvPair]) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    let key_field_len = |key: &[u8]| key_len(1) + encoded_len_varint(key.len() as u64) + key.len();
+    let size: usize = records
+        .iter()
+        .map(|(k, v)| {
+            let body = v.len() + key_field_len(&k[1..]);
+            key_len(3) + encoded_len_varint(body as u64) + body
+        })
+        .sum();
+    let mut out = Vec::with_capacity(size + 32);
+    prost::encoding::uint32::encode(1, &SNAPSHOT_FORMAT, &mut out);
+    if revision != 0 {
+        prost::encoding::int64::encode(2, &revision, &mut out);
+    }
+    for (k, v) in records {
+        let key = &k[1..];
+        encode_key(3, WireType::LengthDelimited, &mut out);
+        encode_varint((v.len() + key_field_len(key)) as u64, &mut out);
+        out.extend_from_slice(v);
+        // After the record, so that it is the key even if a record ever carried one.
+        prost::encoding::bytes::encode(1, &key.to_vec(), &mut out);
+    }
     out
 }
 
@@ -590,7 +616,7 @@ impl StateMachine {
     /// are then laid over it, which gives the state as it was when the read ended, taken
     /// with the meta of that moment. None if a snapshot was installed meanwhile, or if another
     /// such read is under way.
-    async fn read_while_changing(&self) -> Result<Option<(Persisted, pb::SnapshotData)>, StoreError> {
+    async fn read_while_changing(&self) -> Result<Option<(Persisted, Vec<KvPair>)>, StoreError> {
         {
             let _quiet = self.shared.changes.write().await;
             let mut recording = self.shared.recording();
@@ -616,27 +642,21 @@ impl StateMachine {
         };
         let (read, persisted) = (read?, persisted?);
         let Recording::On(changed) = recorded else { return Ok(None) };
-        let revision = persisted.revision;
-        let kvs = tokio::task::spawn_blocking(move || lay_over(read, changed))
-            .await
-            .map_err(|e| StoreError::Stopped(format!("snapshot task: {e}")))?;
-        Ok(Some((persisted, pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision, kvs })))
+        Ok(Some((persisted, lay_over(read, changed))))
     }
 
     /// Reads the state with every change held off until the read is done.
-    async fn read_quiet(&self) -> Result<(Persisted, pb::SnapshotData), StoreError> {
+    async fn read_quiet(&self) -> Result<(Persisted, Vec<KvPair>), StoreError> {
         let _quiet = self.shared.changes.write().await;
         let persisted = read_persisted(self.kv.as_ref())?;
-        let kvs = read_state(self.kv.clone()).await?;
-        let revision = persisted.revision;
-        Ok((persisted, pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision, kvs }))
+        Ok((persisted, read_state(self.kv.clone()).await?))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let err = store_err(ErrorSubject::Snapshot(None), ErrorVerb::Read);
-        let (persisted, data) = match self.read_while_changing().await.map_err(&err)? {
+        let (persisted, records) = match self.read_while_changing().await.map_err(&err)? {
             Some(read) => read,
             None => self.read_quiet().await.map_err(&err)?,
         };
@@ -647,10 +667,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let meta = SnapshotMeta { last_log_id: persisted.applied, last_membership: persisted.membership, snapshot_id };
         // Encoded and saved once changes may run again, still off the runtime's threads.
         let stopped = |e: tokio::task::JoinError| StoreError::Stopped(format!("snapshot task: {e}"));
-        let (kv, saved_meta) = (self.kv.clone(), meta.clone());
+        let (kv, saved_meta, revision) = (self.kv.clone(), meta.clone(), persisted.revision);
         let _saving = self.shared.saving.lock().await;
         let data = tokio::task::spawn_blocking(move || {
-            let data = data.encode_to_vec();
+            let data = encode_snapshot_data(revision, &records);
             save_snapshot(kv.as_ref(), &saved_meta, &data).map(|()| data)
         })
         .await
@@ -856,6 +876,30 @@ mod tests {
         let data: pb::SnapshotData = codec::decode(snap.snapshot.get_ref(), "snapshot").unwrap();
         assert_eq!((data.revision, state_of(&data.kvs)), (7, vec![("x".into(), "9".into(), 7)]));
         assert!(matches!(*sm.shared().recording(), Recording::Off), "recording stopped");
+    }
+
+    #[test]
+    fn snapshot_data_built_from_stored_records_decodes_to_those_records() {
+        let kv = |key: &[u8], value: Vec<u8>, rev: i64| pb::KeyValue {
+            key: key.to_vec(),
+            value,
+            create_revision: rev,
+            mod_revision: rev + 1,
+            version: 2,
+        };
+        let kvs = vec![kv(b"a", b"1".to_vec(), 1), kv(b"b/\xff\x00", vec![7; 300], 5), kv(b"c", Vec::new(), 9)];
+        let records: Vec<KvPair> = kvs
+            .iter()
+            .map(|k| {
+                ([&[USER_PREFIX][..], &k.key].concat(), pb::KeyValue { key: Vec::new(), ..k.clone() }.encode_to_vec())
+            })
+            .collect();
+        for revision in [0, 42] {
+            let data = encode_snapshot_data(revision, &records);
+            let decoded = pb::SnapshotData::decode(&data[..]).unwrap();
+            assert_eq!(decoded, pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision, kvs: kvs.clone() });
+        }
+        assert_eq!(pb::SnapshotData::decode(&encode_snapshot_data(3, &[])[..]).unwrap().kvs, vec![]);
     }
 
     fn snapshot_files(kv: &dyn Kv) -> Vec<String> {
