@@ -591,6 +591,118 @@ impl Kv for MemKv {
     }
 }
 
+/// An in-memory engine whose flushes and reads tests can hold, to see what waits for them.
+#[cfg(test)]
+pub(crate) mod gated {
+    use super::*;
+    use std::sync::Condvar;
+
+    #[derive(Default)]
+    struct Gates {
+        flushes_held: bool,
+        read_held: bool,
+        /// A read is the one being held (it started while `read_held` was on).
+        read_claimed: bool,
+        /// That read has given its first item and is waiting.
+        read_waiting: bool,
+    }
+
+    /// Flushes wait while `hold_flushes` is on. The first read that starts while `hold_read`
+    /// is on stops after its first item until it is turned off; it reads what was there when
+    /// it started. Everything else goes to a [`MemKv`].
+    #[derive(Default)]
+    pub struct GatedKv {
+        kv: MemKv,
+        gates: Arc<(Mutex<Gates>, Condvar)>,
+    }
+
+    impl GatedKv {
+        fn set(&self, f: impl FnOnce(&mut Gates)) {
+            f(&mut self.gates.0.lock().unwrap());
+            self.gates.1.notify_all();
+        }
+
+        pub fn hold_flushes(&self, on: bool) {
+            self.set(|g| g.flushes_held = on);
+        }
+
+        pub fn hold_read(&self, on: bool) {
+            self.set(|g| {
+                g.read_held = on;
+                g.read_claimed &= on;
+            });
+        }
+
+        /// Whether the held read is waiting after its first item.
+        pub fn read_waiting(&self) -> bool {
+            self.gates.0.lock().unwrap().read_waiting
+        }
+
+        fn wait_for_flushes(gates: &(Mutex<Gates>, Condvar)) {
+            let _open = gates.1.wait_while(gates.0.lock().unwrap(), |g| g.flushes_held).unwrap();
+        }
+    }
+
+    impl Kv for GatedKv {
+        fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+            self.kv.get(space, key)
+        }
+        fn scan(&self, space: Space, range: (Bound<Vec<u8>>, Bound<Vec<u8>>), reverse: bool) -> KvIter<'_> {
+            let items: Vec<_> = self.kv.scan(space, range, reverse).collect();
+            let held = {
+                let mut g = self.gates.0.lock().unwrap();
+                let held = g.read_held && !g.read_claimed;
+                g.read_claimed |= held;
+                held
+            };
+            Box::new(items.into_iter().enumerate().map(move |(i, item)| {
+                if held && i == 1 {
+                    let mut g = self.gates.0.lock().unwrap();
+                    g.read_waiting = true;
+                    g = self.gates.1.wait_while(g, |g| g.read_held).unwrap();
+                    g.read_waiting = false;
+                }
+                item
+            }))
+        }
+        fn write(&self, space: Space, batch: Batch) -> Result<(), KvError> {
+            self.kv.write(space, batch)
+        }
+        fn clear(&self, space: Space) -> Result<(), KvError> {
+            self.kv.clear(space)
+        }
+        fn flush(&self) -> BoxFuture<'static, Result<(), KvError>> {
+            let gates = self.gates.clone();
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || GatedKv::wait_for_flushes(&gates)).await.unwrap();
+                Ok(())
+            })
+        }
+        fn flush_blocking(&self) -> Result<(), KvError> {
+            GatedKv::wait_for_flushes(&self.gates);
+            Ok(())
+        }
+        fn location(&self) -> &Path {
+            self.kv.location()
+        }
+        fn write_file(&self, name: &str, data: &[u8]) -> Result<(), KvError> {
+            self.kv.write_file(name, data)
+        }
+        fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+            self.kv.read_file(name)
+        }
+        fn list_files(&self) -> Result<Vec<String>, KvError> {
+            self.kv.list_files()
+        }
+        fn remove_file(&self, name: &str) -> Result<(), KvError> {
+            self.kv.remove_file(name)
+        }
+        fn file_location(&self, name: &str) -> PathBuf {
+            self.kv.file_location(name)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

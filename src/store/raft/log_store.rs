@@ -682,7 +682,7 @@ pub(crate) mod tests {
         torn.truncate(torn.len() - 2);
         put_raw(&kv, 6, torn);
         let kv: Arc<dyn Kv> = Arc::new(kv);
-        let mut store = LogStore::open(kv, 1, Faults::new()).unwrap();
+        let mut store = LogStore::open(kv.clone(), 1, Faults::new()).unwrap();
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
     }
@@ -709,77 +709,6 @@ pub(crate) mod tests {
         assert!(err.contains("committed log entry 5 is damaged"), "{err}");
     }
 
-    /// The in-memory engine with a flush that can be held, to see what waits for it.
-    struct HeldFlush {
-        kv: crate::store::kv::MemKv,
-        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
-    }
-
-    impl HeldFlush {
-        fn new() -> (Arc<HeldFlush>, Arc<(Mutex<bool>, std::sync::Condvar)>) {
-            let held = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-            (Arc::new(HeldFlush { kv: crate::store::kv::MemKv::new(), held: held.clone() }), held)
-        }
-    }
-
-    fn hold(h: &(Mutex<bool>, std::sync::Condvar), on: bool) {
-        *h.0.lock().unwrap() = on;
-        h.1.notify_all();
-    }
-
-    impl Kv for HeldFlush {
-        fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
-            self.kv.get(space, key)
-        }
-        fn scan(
-            &self,
-            space: Space,
-            range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-            reverse: bool,
-        ) -> crate::store::kv::KvIter<'_> {
-            self.kv.scan(space, range, reverse)
-        }
-        fn write(&self, space: Space, batch: Batch) -> Result<(), crate::store::kv::KvError> {
-            self.kv.write(space, batch)
-        }
-        fn clear(&self, space: Space) -> Result<(), crate::store::kv::KvError> {
-            self.kv.clear(space)
-        }
-        fn flush(&self) -> futures::future::BoxFuture<'static, Result<(), crate::store::kv::KvError>> {
-            let held = self.held.clone();
-            Box::pin(async move {
-                tokio::task::spawn_blocking(move || {
-                    let _open = held.1.wait_while(held.0.lock().unwrap(), |h| *h).unwrap();
-                })
-                .await
-                .unwrap();
-                Ok(())
-            })
-        }
-        fn flush_blocking(&self) -> Result<(), crate::store::kv::KvError> {
-            let _open = self.held.1.wait_while(self.held.0.lock().unwrap(), |h| *h).unwrap();
-            Ok(())
-        }
-        fn location(&self) -> &std::path::Path {
-            self.kv.location()
-        }
-        fn write_file(&self, name: &str, data: &[u8]) -> Result<(), crate::store::kv::KvError> {
-            self.kv.write_file(name, data)
-        }
-        fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
-            self.kv.read_file(name)
-        }
-        fn list_files(&self) -> Result<Vec<String>, crate::store::kv::KvError> {
-            self.kv.list_files()
-        }
-        fn remove_file(&self, name: &str) -> Result<(), crate::store::kv::KvError> {
-            self.kv.remove_file(name)
-        }
-        fn file_location(&self, name: &str) -> std::path::PathBuf {
-            self.kv.file_location(name)
-        }
-    }
-
     fn entry_of(term: u64, leader: u64, index: u64) -> Entry {
         Entry { log_id: LogId::new(CommittedLeaderId::new(term, leader), index), payload: EntryPayload::Blank }
     }
@@ -790,31 +719,31 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn only_the_leaders_own_entries_are_acknowledged_before_their_flush() {
         use openraft::storage::RaftLogStorageExt;
-        let (kv, held) = HeldFlush::new();
-        let mut store = LogStore::open(kv, 1, Faults::new()).unwrap();
+        let kv = Arc::new(crate::store::kv::gated::GatedKv::default());
+        let mut store = LogStore::open(kv.clone(), 1, Faults::new()).unwrap();
         let durable = store.durability();
 
         // Replica 1 leads term 3: its entries are acknowledged at once, durable only later.
         store.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
-        hold(&held, true);
+        kv.hold_flushes(true);
         tokio::time::timeout(LONG, store.blocking_append([entry_of(3, 1, 1), entry_of(3, 1, 2)]))
             .await
             .expect("the leader's own append is acknowledged while its flush is held")
             .unwrap();
         assert!(tokio::time::timeout(SHORT, durable.reached(2)).await.is_err(), "durable before the flush");
-        hold(&held, false);
+        kv.hold_flushes(false);
         tokio::time::timeout(LONG, durable.reached(2)).await.unwrap().unwrap();
 
         // Replica 2 leads term 4, and its entries (and an old one of replica 1's, resent by
         // it) are acknowledged only after their flush.
         store.save_vote(&Vote::new_committed(4, 2)).await.unwrap();
         for (i, e) in [entry_of(4, 2, 3), entry_of(3, 1, 4)].into_iter().enumerate() {
-            hold(&held, true);
+            kv.hold_flushes(true);
             let mut s = store.clone();
             let append = tokio::spawn(async move { s.blocking_append([e]).await });
             tokio::time::sleep(SHORT).await;
             assert!(!append.is_finished(), "follower append {i} acknowledged before its flush");
-            hold(&held, false);
+            kv.hold_flushes(false);
             tokio::time::timeout(LONG, append).await.unwrap().unwrap().unwrap();
         }
         tokio::time::timeout(SHORT, durable.reached(4)).await.unwrap().unwrap();
@@ -832,13 +761,14 @@ pub(crate) mod tests {
         use crate::store::raft::Request;
         use crate::store::watch::{WatchConfig, WatchHub};
         use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
-        let (kv, held) = HeldFlush::new();
+        let kv = Arc::new(crate::store::kv::gated::GatedKv::default());
         let mut store = LogStore::open(kv.clone(), 1, Faults::new()).unwrap();
         let mut sm =
-            StateMachine::open(kv, |rev| WatchHub::new(rev, WatchConfig::default()), 1, store.durability()).unwrap();
+            StateMachine::open(kv.clone(), |rev| WatchHub::new(rev, WatchConfig::default()), 1, store.durability())
+                .unwrap();
         let shared = sm.shared();
         store.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
-        hold(&held, true);
+        kv.hold_flushes(true);
         let put = pb::TxnRequest {
             success: vec![pb::RequestOp {
                 request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
@@ -858,7 +788,7 @@ pub(crate) mod tests {
         tokio::time::sleep(SHORT).await;
         assert!(!apply.is_finished(), "applied before the leader's copy was flushed");
         assert_eq!(*shared.read(), 0, "the write is visible before it is durable");
-        hold(&held, false);
+        kv.hold_flushes(false);
         let out = tokio::time::timeout(LONG, apply).await.unwrap().unwrap().unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(*shared.read(), 1);

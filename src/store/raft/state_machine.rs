@@ -34,8 +34,8 @@ const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const REVISION: &[u8] = b"m/revision";
 /// Where the current snapshot is (layout 4): its data is a file beside the engine's
-/// (`Kv::write_file`), and this value names it: the name's length (2 bytes, big-endian), the
-/// name, the data's length (8 bytes) and SHA-256, then the encoded meta.
+/// (`Kv::write_file`), and this value (`pb::SnapshotFile`) names it, with the data's size and
+/// SHA-256 and the snapshot's meta.
 const SNAPSHOT_FILE: &[u8] = b"file";
 /// The files that hold snapshots' data are named `snapshot-<id>-<unique>.bin`.
 const SNAPSHOT_FILE_PREFIX: &str = "snapshot-";
@@ -157,8 +157,7 @@ impl StateMachine {
         durability: Durability,
     ) -> Result<StateMachine, StoreError> {
         let mut p = read_persisted(kv.as_ref())?;
-        let current = read_snapshot_ref(kv.as_ref())?.map(|r| r.name);
-        remove_snapshot_files_but(kv.as_ref(), current.as_deref())?;
+        keep_only_current(kv.as_ref())?;
         if let Some((meta, data)) = read_snapshot(kv.as_ref())? {
             if meta.last_log_id > p.applied {
                 tracing::warn!(snapshot = %meta.snapshot_id, "re-installing a snapshot that was not fully installed");
@@ -184,54 +183,30 @@ impl StateMachine {
 
 type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
 
-/// What the engine says of the current snapshot: its file, the data's length and SHA-256, and
-/// the encoded meta.
-struct SnapshotRef {
-    name: String,
-    len: u64,
-    sha256: [u8; 32],
-    meta: Vec<u8>,
-}
-
-fn encode_snapshot_ref(r: &SnapshotRef) -> Vec<u8> {
-    let mut v = Vec::with_capacity(2 + r.name.len() + 8 + 32 + r.meta.len());
-    v.extend_from_slice(&(r.name.len() as u16).to_be_bytes());
-    v.extend_from_slice(r.name.as_bytes());
-    v.extend_from_slice(&r.len.to_be_bytes());
-    v.extend_from_slice(&r.sha256);
-    v.extend_from_slice(&r.meta);
-    v
-}
-
-fn decode_snapshot_ref(mut b: &[u8]) -> Result<SnapshotRef, String> {
-    fn take<'a>(b: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], String> {
-        if b.len() < n {
-            return Err(format!("{what} is cut short"));
-        }
-        let (head, rest) = b.split_at(n);
-        *b = rest;
-        Ok(head)
-    }
-    let name_len = u16::from_be_bytes(take(&mut b, 2, "the file name's length")?.try_into().unwrap_or_default());
-    let name = std::str::from_utf8(take(&mut b, name_len as usize, "the file name")?)
-        .map_err(|_| "the file name is not UTF-8".to_string())?
-        .to_string();
-    if !name.starts_with(SNAPSHOT_FILE_PREFIX) || name.contains('/') {
-        return Err(format!("{name:?} is not a snapshot file name"));
-    }
-    let len = u64::from_be_bytes(take(&mut b, 8, "the data's length")?.try_into().unwrap_or_default());
-    let sha256 = take(&mut b, 32, "the data's checksum")?.try_into().unwrap_or_default();
-    Ok(SnapshotRef { name, len, sha256, meta: b.to_vec() })
-}
-
-fn read_snapshot_ref(kv: &dyn Kv) -> Result<Option<SnapshotRef>, StoreError> {
+/// The engine's record of the current snapshot: its file's name, the data's size and SHA-256,
+/// and the snapshot's meta.
+fn read_snapshot_file(kv: &dyn Kv) -> Result<Option<pb::SnapshotFile>, StoreError> {
     let Some(value) = kv.get(Space::Snapshot, SNAPSHOT_FILE).map_err(StoreError::Engine)? else {
         return Ok(None);
     };
-    decode_snapshot_ref(&value).map(Some).map_err(|what| StoreError::Corrupt {
+    let corrupt = |what: String| StoreError::Corrupt {
         file: kv.location().to_path_buf(),
         what: format!("stored snapshot: {what}"),
-    })
+    };
+    let f: pb::SnapshotFile = codec::decode(&value, "snapshot file record").map_err(|e| corrupt(e.to_string()))?;
+    if !f.name.starts_with(SNAPSHOT_FILE_PREFIX) || f.name.contains('/') {
+        return Err(corrupt(format!("{:?} is not a snapshot file name", f.name)));
+    }
+    if f.sha256.len() != 32 {
+        return Err(corrupt(format!("a checksum of {} bytes", f.sha256.len())));
+    }
+    Ok(Some(f))
+}
+
+fn meta_of(kv: &dyn Kv, f: &pb::SnapshotFile) -> Result<SnapshotMeta<u64, Member>, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
+    let meta = f.meta.as_ref().ok_or_else(|| corrupt("stored snapshot: no meta".into()))?;
+    codec::snapshot_meta_from_pb(meta).map_err(|e| corrupt(e.to_string()))
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -240,22 +215,19 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 fn read_snapshot(kv: &dyn Kv) -> Result<Option<StoredSnapshot>, StoreError> {
-    let Some(r) = read_snapshot_ref(kv)? else { return Ok(None) };
-    let corrupt = |what: String| StoreError::Corrupt { file: kv.file_location(&r.name), what };
-    let meta: pb::SnapshotMeta = codec::decode(&r.meta, "snapshot meta")
-        .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
-    let meta = codec::snapshot_meta_from_pb(&meta)
-        .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
+    let Some(f) = read_snapshot_file(kv)? else { return Ok(None) };
+    let meta = meta_of(kv, &f)?;
+    let corrupt = |what: String| StoreError::Corrupt { file: kv.file_location(&f.name), what };
     let data = kv
-        .read_file(&r.name)
+        .read_file(&f.name)
         .map_err(StoreError::Engine)?
         .ok_or_else(|| corrupt(format!("the current snapshot's data ({}) is missing", meta.snapshot_id)))?;
-    if data.len() as u64 != r.len || sha256(&data) != r.sha256 {
+    if data.len() as u64 != f.size || sha256(&data)[..] != f.sha256[..] {
         return Err(corrupt(format!(
             "the current snapshot's data ({}) is damaged: {} bytes where {} were written, or a checksum mismatch",
             meta.snapshot_id,
             data.len(),
-            r.len
+            f.size
         )));
     }
     Ok(Some((meta, data)))
@@ -266,8 +238,7 @@ pub type EncodedSnapshot = (Vec<u8>, Vec<u8>);
 
 /// The current snapshot, for tools and tests outside this module.
 pub fn stored_snapshot(kv: &dyn Kv) -> Result<Option<EncodedSnapshot>, StoreError> {
-    let Some(r) = read_snapshot_ref(kv)? else { return Ok(None) };
-    Ok(read_snapshot(kv)?.map(|(_, data)| (r.meta, data)))
+    Ok(read_snapshot(kv)?.map(|(meta, data)| (codec::snapshot_meta_to_pb(&meta).encode_to_vec(), data)))
 }
 
 /// Removes every snapshot file but `keep`, and whatever a crash left half-written.
@@ -505,35 +476,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// snapshot is already newer (a build that read the state before an install). The previous
 /// file stays until the engine's pointer to the new one is flushed (`keep_only_current`).
 fn save_snapshot(kv: &dyn Kv, meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> Result<(), StoreError> {
-    if let Some(current) = read_snapshot_ref(kv)? {
-        let stored: pb::SnapshotMeta = codec::decode(&current.meta, "snapshot meta")
-            .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
-        let stored = codec::snapshot_meta_from_pb(&stored)
-            .map_err(|e| StoreError::Corrupt { file: kv.location().to_path_buf(), what: e.to_string() })?;
-        if stored.last_log_id > meta.last_log_id {
+    if let Some(current) = read_snapshot_file(kv)? {
+        if meta_of(kv, &current)?.last_log_id > meta.last_log_id {
             return Ok(());
         }
     }
-    save_snapshot_encoded(kv, &meta.snapshot_id, codec::snapshot_meta_to_pb(meta).encode_to_vec(), data).map(|_| ())
+    save_snapshot_file(kv, codec::snapshot_meta_to_pb(meta), data)
 }
 
 /// Removes every snapshot file but the one the engine points to. Only after that pointer is
 /// flushed: until then a crash comes back to the previous file.
 fn keep_only_current(kv: &dyn Kv) -> Result<(), StoreError> {
-    let current = read_snapshot_ref(kv)?.map(|r| r.name);
+    let current = read_snapshot_file(kv)?.map(|f| f.name);
     remove_snapshot_files_but(kv, current.as_deref())
 }
 
-fn save_snapshot_encoded(kv: &dyn Kv, id: &str, meta: Vec<u8>, data: &[u8]) -> Result<String, StoreError> {
-    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+/// Writes the data to a new file, then records it as the current snapshot.
+fn save_snapshot_file(kv: &dyn Kv, meta: pb::SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+    let safe: String =
+        meta.snapshot_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let name = format!("{SNAPSHOT_FILE_PREFIX}{safe}-{}.bin", &unique[..12]);
     kv.write_file(&name, data).map_err(StoreError::Engine)?;
-    let r = SnapshotRef { name: name.clone(), len: data.len() as u64, sha256: sha256(data), meta };
+    let f = pb::SnapshotFile { name, size: data.len() as u64, sha256: sha256(data).to_vec(), meta: Some(meta) };
     let mut batch = Batch::default();
-    batch.put(SNAPSHOT_FILE.to_vec(), encode_snapshot_ref(&r));
-    kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)?;
-    Ok(name)
+    batch.put(SNAPSHOT_FILE.to_vec(), f.encode_to_vec());
+    kv.write(Space::Snapshot, batch).map_err(StoreError::Engine)
 }
 
 /// Layout 3 -> 4: moves the snapshot's data out of the engine into a file. Safe to run again
@@ -545,10 +513,9 @@ pub fn move_snapshot_to_file(kv: &dyn Kv) -> Result<(), StoreError> {
     };
     let corrupt = |what: String| StoreError::Corrupt { file: kv.location().to_path_buf(), what };
     let (data_len, meta) = split_snapshot(&value).map_err(|what| corrupt(format!("stored snapshot: {what}")))?;
-    let meta = meta.to_vec();
-    let id = codec::decode::<pb::SnapshotMeta>(&meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?.snapshot_id;
+    let meta: pb::SnapshotMeta = codec::decode(meta, "snapshot meta").map_err(|e| corrupt(e.to_string()))?;
     value.truncate(data_len);
-    save_snapshot_encoded(kv, &id, meta, &value)?;
+    save_snapshot_file(kv, meta, &value)?;
     let mut b = Batch::default();
     b.delete(SNAPSHOT.to_vec());
     kv.write(Space::Snapshot, b).map_err(StoreError::Engine)
@@ -606,7 +573,9 @@ fn encode_snapshot_data(revision: i64, records: &[KvPair]) -> Vec<u8> {
         encode_varint((v.len() + key_field_len(key)) as u64, &mut out);
         out.extend_from_slice(v);
         // After the record, so that it is the key even if a record ever carried one.
-        prost::encoding::bytes::encode(1, &key.to_vec(), &mut out);
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        encode_varint(key.len() as u64, &mut out);
+        out.extend_from_slice(key);
     }
     out
 }
@@ -685,6 +654,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::kv::gated::GatedKv;
     use crate::store::kv::MemKv;
 
     fn meta() -> SnapshotMeta<u64, Member> {
@@ -692,94 +662,6 @@ mod tests {
             last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
             last_membership: StoredMembership::default(),
             snapshot_id: "3-1-42-r40".into(),
-        }
-    }
-
-    /// The in-memory engine where a read can be held after its first item: the first read
-    /// that starts while `hold` is on. It reads what was there when it started.
-    #[derive(Default)]
-    struct HeldScan {
-        kv: MemKv,
-        gate: std::sync::Mutex<Gate>,
-        changed: std::sync::Condvar,
-    }
-
-    #[derive(Default)]
-    struct Gate {
-        held: bool,
-        claimed: bool,
-        waiting: bool,
-    }
-
-    impl HeldScan {
-        fn hold(&self, on: bool) {
-            let mut gate = self.gate.lock().unwrap();
-            gate.held = on;
-            gate.claimed &= on;
-            self.changed.notify_all();
-        }
-
-        fn waiting(&self) -> bool {
-            self.gate.lock().unwrap().waiting
-        }
-    }
-
-    impl Kv for HeldScan {
-        fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
-            self.kv.get(space, key)
-        }
-        fn scan(
-            &self,
-            space: Space,
-            range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-            reverse: bool,
-        ) -> crate::store::kv::KvIter<'_> {
-            let items: Vec<_> = self.kv.scan(space, range, reverse).collect();
-            let this = {
-                let mut gate = self.gate.lock().unwrap();
-                let this = gate.held && !gate.claimed;
-                gate.claimed |= this;
-                this
-            };
-            Box::new(items.into_iter().enumerate().map(move |(i, item)| {
-                if this && i == 1 {
-                    let mut gate = self.gate.lock().unwrap();
-                    gate.waiting = true;
-                    gate = self.changed.wait_while(gate, |g| g.held).unwrap();
-                    gate.waiting = false;
-                }
-                item
-            }))
-        }
-        fn write(&self, space: Space, batch: Batch) -> Result<(), crate::store::kv::KvError> {
-            self.kv.write(space, batch)
-        }
-        fn clear(&self, space: Space) -> Result<(), crate::store::kv::KvError> {
-            self.kv.clear(space)
-        }
-        fn flush(&self) -> futures::future::BoxFuture<'static, Result<(), crate::store::kv::KvError>> {
-            self.kv.flush()
-        }
-        fn flush_blocking(&self) -> Result<(), crate::store::kv::KvError> {
-            self.kv.flush_blocking()
-        }
-        fn location(&self) -> &std::path::Path {
-            self.kv.location()
-        }
-        fn write_file(&self, name: &str, data: &[u8]) -> Result<(), crate::store::kv::KvError> {
-            self.kv.write_file(name, data)
-        }
-        fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, crate::store::kv::KvError> {
-            self.kv.read_file(name)
-        }
-        fn list_files(&self) -> Result<Vec<String>, crate::store::kv::KvError> {
-            self.kv.list_files()
-        }
-        fn remove_file(&self, name: &str) -> Result<(), crate::store::kv::KvError> {
-            self.kv.remove_file(name)
-        }
-        fn file_location(&self, name: &str) -> std::path::PathBuf {
-            self.kv.file_location(name)
         }
     }
 
@@ -806,21 +688,30 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_snapshot_read_holds_up_no_change_and_gives_the_state_at_its_end() {
+    const LONG: std::time::Duration = std::time::Duration::from_secs(10);
+
+    type Build = tokio::task::JoinHandle<Result<Snapshot<TypeConfig>, StorageError>>;
+
+    /// A state machine holding a=1 and b=1 (entry 1), and a snapshot build of it whose read
+    /// of the state is held after its first key.
+    async fn build_with_its_read_held() -> (Arc<GatedKv>, StateMachine, Build) {
         use crate::store::watch::{WatchConfig, WatchHub};
-        const LONG: std::time::Duration = std::time::Duration::from_secs(10);
-        let kv = Arc::new(HeldScan::default());
+        let kv = Arc::new(GatedKv::default());
         let hub = |rev| WatchHub::new(rev, WatchConfig::default());
         let mut sm = StateMachine::open(kv.clone(), hub, 1, Durability::everything()).unwrap();
         sm.apply([entry(1, vec![put("a", "1"), put("b", "1")])]).await.unwrap();
-
-        kv.hold(true);
+        kv.hold_read(true);
         let mut builder = sm.get_snapshot_builder().await;
         let build = tokio::spawn(async move { builder.build_snapshot().await });
-        while !kv.waiting() {
+        while !kv.read_waiting() {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        (kv, sm, build)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_read_holds_up_no_change_and_gives_the_state_at_its_end() {
+        let (kv, mut sm, build) = build_with_its_read_held().await;
         // The read is under way and held: changes still go through.
         let delete_b = pb::request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
             key: "b".into(),
@@ -831,7 +722,7 @@ mod tests {
             .expect("a change waited for the snapshot's read")
             .unwrap();
         assert!(!build.is_finished());
-        kv.hold(false);
+        kv.hold_read(false);
 
         let snap = tokio::time::timeout(LONG, build).await.unwrap().unwrap().unwrap();
         assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2), "the meta is of the read's end");
@@ -845,19 +736,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_installed_during_a_snapshot_read_is_what_the_read_gives() {
-        use crate::store::watch::{WatchConfig, WatchHub};
-        const LONG: std::time::Duration = std::time::Duration::from_secs(10);
-        let kv = Arc::new(HeldScan::default());
-        let hub = |rev| WatchHub::new(rev, WatchConfig::default());
-        let mut sm = StateMachine::open(kv.clone(), hub, 1, Durability::everything()).unwrap();
-        sm.apply([entry(1, vec![put("a", "1"), put("b", "1")])]).await.unwrap();
-
-        kv.hold(true);
-        let mut builder = sm.get_snapshot_builder().await;
-        let build = tokio::spawn(async move { builder.build_snapshot().await });
-        while !kv.waiting() {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        let (kv, mut sm, build) = build_with_its_read_held().await;
         let x = pb::KeyValue { key: "x".into(), value: "9".into(), create_revision: 7, mod_revision: 7, version: 1 };
         let installed = pb::SnapshotData { format_version: SNAPSHOT_FORMAT, revision: 7, kvs: vec![x] };
         let meta = SnapshotMeta {
@@ -869,7 +748,7 @@ mod tests {
             .await
             .expect("an install waited for the snapshot's read")
             .unwrap();
-        kv.hold(false);
+        kv.hold_read(false);
 
         let snap = tokio::time::timeout(LONG, build).await.unwrap().unwrap().unwrap();
         assert_eq!(snap.meta.last_log_id, meta.last_log_id);
@@ -934,7 +813,16 @@ mod tests {
     #[test]
     fn a_damaged_or_missing_snapshot_is_refused_by_name() {
         let kv = MemKv::default();
-        for bad in [vec![1u8], vec![0, 200, b's'], vec![0, 3, b'x', b'y', b'z']] {
+        let named = |name: &str, sha: usize| {
+            pb::SnapshotFile { name: name.into(), sha256: vec![0; sha], ..Default::default() }.encode_to_vec()
+        };
+        for bad in [
+            vec![1u8],
+            vec![0, 200, b's'],
+            named("../db", 32),
+            named("snapshot-1.bin", 31),
+            named("snapshot-1.bin", 32),
+        ] {
             let mut b = Batch::default();
             b.put(SNAPSHOT_FILE.to_vec(), bad);
             kv.write(Space::Snapshot, b).unwrap();
