@@ -20,7 +20,7 @@ const KEEL_PROTOS: &[&str] = &[
 /// encoding of an object to every watcher.
 const HAND_WRITTEN: &[(&str, &str)] = &[
     (".keel.v1.IntOrString", "crate::api::IntOrString"),
-    (".keel.v1.WatchEvent", "crate::api::watch_event::WatchEvent"),
+    (".keel.v1.WatchEvent", "crate::proto::watch_event::WatchEvent"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,4 +1,5 @@
-//! `keel`: a control-plane replica (`keel server`) and the process-level benchmarks.
+//! `keel`: a control-plane replica (`keel server`), a node agent (`keel agent`) and the
+//! process-level benchmarks. It parses flags and calls the library; nothing else.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use keel::pki::{Credentials, Identity, TokenRole};
-use keel::server::bootstrap;
-use keel::store::{Faults, Member, StoreConfig};
+use keel::server::bootstrap::BootstrapOptions;
+use keel::server::run::ServerOptions;
+use keel::server::ServeConfig;
+use keel::store::{Member, StoreConfig};
 
 // glibc malloc showed up as ~12% of CPU under write load; mimalloc is a drop-in.
 #[global_allocator]
@@ -76,19 +78,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         token: a.token,
         node_ip: a.node_ip,
     };
-    let creds = keel::agent::credentials(&cfg).await?;
-    let name = cfg.name.clone();
-    let mut agent = keel::agent::Agent::new(cfg, &creds)?;
-    agent.register().await.with_context(|| format!("register node {name}"))?;
-    println!("Node {name} registered.");
-    let task = tokio::spawn(agent.run());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    task.abort();
-    Ok(())
+    Ok(keel::agent::run(cfg).await?)
 }
 
 #[derive(Args)]
@@ -146,8 +136,8 @@ struct ServerArgs {
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Take a verified snapshot (a backup file) this often while leading; 0 turns it off.
-    #[arg(long, default_value = "12h", value_parser = keel::cli::cluster::parse_ttl)]
-    snapshot_interval: u64,
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    snapshot_interval: Duration,
     /// Scheduled snapshots kept.
     #[arg(long, default_value_t = 5)]
     snapshot_retention: usize,
@@ -180,6 +170,35 @@ struct ServerArgs {
     /// Gathered log entries proposed at once.
     #[arg(long, default_value_t = 1)]
     max_in_flight: usize,
+    /// How long the leader keeps a learner it does not hear from.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    learner_timeout: Duration,
+    /// Requests this replica works on at once; more are refused with RESOURCE_EXHAUSTED
+    /// and a retry hint (kube-apiserver's --max-requests-inflight).
+    #[arg(long, default_value_t = 400)]
+    max_requests_inflight: usize,
+    /// Of those, how many one client (certificate or token) may hold.
+    #[arg(long, default_value_t = 200)]
+    max_requests_inflight_per_client: usize,
+    /// Watches one client may hold open on this replica.
+    #[arg(long, default_value_t = 1000)]
+    max_watches_per_client: usize,
+    /// The longest a request (not a watch) may take.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Controller manager election: how long a Lease not renewed stays its holder's.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_elect_lease_duration: Duration,
+    /// How long the holder keeps leading without renewing (less than the lease duration).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    leader_elect_renew_deadline: Duration,
+    /// How often candidates try to acquire or renew.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    leader_elect_retry_period: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    keel::api::duration::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<u64, Member>> {
@@ -200,11 +219,11 @@ fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<u64, Member>> {
 }
 
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
-    let secs = keel::cli::cluster::parse_ttl(s).map_err(|e| e.to_string())?;
-    if secs < 10 {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(10) {
         return Err(format!("{s:?}: a certificate must last at least 10s"));
     }
-    Ok(Duration::from_secs(secs))
+    Ok(d)
 }
 
 fn hostname() -> String {
@@ -215,212 +234,56 @@ fn hostname() -> String {
         .unwrap_or_else(|| "keel".to_string())
 }
 
-/// Where this replica's credentials come from, decided before anything starts.
-enum Start {
-    /// A new cluster: CA, certificate, admin configuration, then tokens once Raft runs.
-    Init { ca: keel::pki::Ca, cluster_id: String },
-    /// A new cluster from a backup: its CA and keys, then its content once Raft runs.
-    Restore { payload: Box<keel::proto::v1::BackupPayload>, marker: PathBuf },
-    /// Joined through `seed` just now or earlier: never initializes a cluster of its own.
-    Joined { seed: String },
-    /// Certificates were provisioned beforehand (--initial-cluster) or this is a restart.
-    Existing,
-}
-
 async fn server(a: ServerArgs) -> anyhow::Result<()> {
-    if a.id == Some(0) {
-        bail!("--id: replica id 0 is reserved");
+    if a.leader_elect_renew_deadline >= a.leader_elect_lease_duration {
+        bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
     }
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
-    let name = a.name.clone().unwrap_or_else(hostname);
-    let tls = bootstrap::tls_dir(&a.data_dir);
-    let joined_marker = a.data_dir.join("joined-via");
-    let (creds, start) = if Credentials::exists(&tls) {
-        if a.cluster_init {
-            bail!(
-                "--cluster-init: {} already holds a cluster's certificates; start without --cluster-init to restart this replica, or use an empty --data-dir for a new cluster",
-                a.data_dir.display()
-            );
-        }
-        let creds = Credentials::load(&tls)?;
-        let _ = a.force_new_cluster;
-        let pending = a.data_dir.join("restore-pending");
-        if pending.exists() {
-            bail!(
-                "{}: a restore into this directory did not finish; remove the directory and run the restore again",
-                a.data_dir.display()
-            );
-        }
-        let start = match std::fs::read_to_string(&joined_marker) {
-            Ok(seed) => Start::Joined { seed: seed.trim().to_string() },
-            Err(_) => Start::Existing,
-        };
-        (creds, start)
-    } else if a.force_new_cluster {
-        bail!(
-            "--force-new-cluster: {} holds no replica (no tls/); run it on a survivor's data directory",
-            a.data_dir.display()
-        );
-    } else if a.initial_cluster.is_some() {
-        bail!(
-            "--initial-cluster needs this replica's certificates in {} (ca.crt, tls.crt, tls.key, signed by the cluster CA); \
-             to start a cluster without them, run `keel server --cluster-init` on one replica and join the others with its token",
-            tls.display()
-        );
-    } else if let (Some(seed), Some(token)) = (&a.server, &a.token) {
-        let (creds, resp) = keel::server::join::join(seed, token, TokenRole::Server, &name, &advertise)
-            .await
-            .with_context(|| format!("join through {seed}"))?;
-        creds.save(&tls)?;
-        bootstrap::save_ca(
-            &a.data_dir,
-            &keel::pki::Ca { cert_pem: resp.ca_pem.clone(), key_pem: resp.ca_key_pem.clone() },
-        )?;
-        keel::pki::write_private(&a.data_dir.join("cluster-id"), &resp.cluster_id)?;
-        keel::pki::write_private(&a.data_dir.join("secrets.key"), &resp.secrets_keys)?;
-        keel::pki::write_private(&a.data_dir.join("epoch"), &resp.epoch)?;
-        keel::pki::write_private(&joined_marker, seed)?;
-        println!("Joined cluster {} as replica {} ({name}).", resp.cluster_id, resp.replica_id);
-        (creds, Start::Joined { seed: seed.clone() })
-    } else if let Some(file) = &a.restore {
-        let recovery = match &a.recovery_key {
-            Some(k) => Some(keel::server::secrets::Keyring::parse(
-                &std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?,
-                &k.display().to_string(),
-            )?),
-            None => None,
-        };
-        let (header, payload) = keel::server::backup::read(file, recovery.as_ref())?;
-        let ca = keel::server::cluster::backup_ca(&payload)
-            .with_context(|| format!("{}: the backup holds no cluster CA", file.display()))?;
-        let id = a.id.unwrap_or(1);
-        let marker = a.data_dir.join("restore-pending");
-        keel::pki::write_private(&marker, &file.display().to_string())?;
-        let creds =
-            bootstrap::init_from_backup(&a.data_dir, id, &advertise, &ca, &header.cluster_id, &payload.secrets_keys)?;
-        println!(
-            "Restoring cluster {} from {} (revision {}, {} keys, taken {}).",
-            header.cluster_id,
-            file.display(),
-            header.revision,
-            header.keys,
-            header.created
-        );
-        (creds, Start::Restore { payload: Box::new(payload), marker })
-    } else {
-        let id = a.id.unwrap_or(1);
-        let (creds, ca) = bootstrap::init_cluster(&a.data_dir, id, &advertise, a.cert_lifetime)?;
-        let cluster_id = std::fs::read_to_string(a.data_dir.join("cluster-id")).unwrap_or_default();
-        (creds, Start::Init { ca, cluster_id })
+    let bootstrap = BootstrapOptions {
+        data_dir: a.data_dir.clone(),
+        id: a.id,
+        name: a.name.clone().unwrap_or_else(hostname),
+        advertise: advertise.clone(),
+        cluster_init: a.cluster_init,
+        join: a.server.clone().zip(a.token.clone()),
+        initial_cluster: a.initial_cluster.is_some(),
+        restore: a.restore.clone(),
+        recovery_key: a.recovery_key.clone(),
+        force_new_cluster: a.force_new_cluster,
+        cert_lifetime: a.cert_lifetime,
     };
-    let id = match creds.identity() {
-        Some(Identity::Replica(id)) => id,
-        other => bail!("{}/tls.crt is not a replica certificate (it names {other:?})", tls.display()),
+    let mut store = StoreConfig::new(a.id.unwrap_or(1), advertise, &a.data_dir);
+    store.heartbeat = Duration::from_millis(a.heartbeat_ms);
+    store.election_timeout_min = Duration::from_millis(a.election_timeout_min_ms);
+    store.election_timeout_max = Duration::from_millis(a.election_timeout_max_ms);
+    store.snapshot_every = a.snapshot_every;
+    store.keep_logs = a.keep_logs;
+    store.watch.history_events = a.watch_history;
+    store.write_timeout = Duration::from_millis(a.write_timeout_ms);
+    store.max_batch = a.max_batch;
+    store.max_in_flight = a.max_in_flight;
+    store.peer_source = a.peer_source_ip;
+    let options = ServerOptions {
+        bootstrap,
+        listen: a.listen,
+        initial_cluster: a.initial_cluster.as_deref().map(parse_cluster).transpose()?,
+        store,
+        serve: ServeConfig {
+            learner_timeout: a.learner_timeout,
+            max_requests_inflight: a.max_requests_inflight,
+            max_requests_inflight_per_caller: a.max_requests_inflight_per_client,
+            max_watches_per_caller: a.max_watches_per_client,
+            request_timeout: a.request_timeout,
+        },
+        metrics_listen: a.metrics_listen,
+        snapshot_interval: Some(a.snapshot_interval).filter(|d| !d.is_zero()),
+        snapshot_retention: a.snapshot_retention,
+        snapshot_dir: a.snapshot_dir.clone(),
+        lease_duration: a.leader_elect_lease_duration,
+        renew_deadline: a.leader_elect_renew_deadline,
+        retry_period: a.leader_elect_retry_period,
     };
-    if a.id.is_some_and(|want| want != id) {
-        bail!("--id {} does not match this replica's certificate, which is for replica {id}", a.id.unwrap_or(0));
-    }
-    let mut config = StoreConfig::new(id, advertise.clone(), &a.data_dir);
-    config.name = name.clone();
-    config.heartbeat = Duration::from_millis(a.heartbeat_ms);
-    config.election_timeout_min = Duration::from_millis(a.election_timeout_min_ms);
-    config.election_timeout_max = Duration::from_millis(a.election_timeout_max_ms);
-    config.snapshot_every = a.snapshot_every;
-    config.keep_logs = a.keep_logs;
-    config.watch.history_events = a.watch_history;
-    config.write_timeout = Duration::from_millis(a.write_timeout_ms);
-    config.max_batch = a.max_batch;
-    config.max_in_flight = a.max_in_flight;
-    config.peer_source = a.peer_source_ip;
-    let epoch_file = a.data_dir.join("epoch");
-    if a.force_new_cluster {
-        let epoch = uuid::Uuid::new_v4().to_string();
-        let forced = keel::store::Store::force_new_cluster(&config)
-            .with_context(|| format!("--force-new-cluster on {}", a.data_dir.display()))?;
-        keel::pki::write_private(&epoch_file, &epoch)?;
-        println!(
-            "Forced a new cluster: replica {id} is the only voter, all {} log entries kept, term {}, epoch {epoch}. \
-             Join new replicas with a server token; replicas of the old cluster are refused.",
-            forced.last_index, forced.term
-        );
-    }
-    config.epoch = std::fs::read_to_string(&epoch_file).map(|e| e.trim().to_string()).unwrap_or_default();
-    // Only a replica that did not join may found a cluster (and only while its store is
-    // empty: Store::initialize does nothing otherwise).
-    let initial = match (&start, &a.initial_cluster) {
-        (Start::Joined { .. }, _) => None,
-        _ if a.force_new_cluster => None,
-        (_, Some(s)) => Some(parse_cluster(s)?),
-        (_, None) => Some([(id, Member { addr: advertise.clone(), name: name.clone() })].into()),
-    };
-    if initial.as_ref().is_some_and(|c| !c.contains_key(&id)) {
-        bail!("--initial-cluster does not list this replica's id {id}");
-    }
-    let server = keel::server::Server::start(config, a.listen, initial, Faults::new(), &creds)
-        .await
-        .with_context(|| format!("replica {id} failed to start"))?;
-    tracing::info!(id, name, addr = %server.addr, data_dir = %a.data_dir.display(), "keel server ready");
-    if let Start::Init { ca, cluster_id } = &start {
-        let (server_token, agent_token) =
-            keel::server::cluster::initialize(&server.store, ca, cluster_id, &name, id, &creds, a.cert_lifetime)
-                .await?;
-        keel::pki::write_private(&a.data_dir.join("token"), &format!("{server_token}\n"))?;
-        keel::pki::write_private(&a.data_dir.join("agent-token"), &format!("{agent_token}\n"))?;
-        let admin = bootstrap::admin_config_path(&a.data_dir);
-        println!("New cluster {cluster_id} initialized.");
-        println!("  Admin configuration: {}   (export KEELCONFIG={})", admin.display(), admin.display());
-        println!("  Server join token:   {}", a.data_dir.join("token").display());
-        println!("  Agent join token:    {}", a.data_dir.join("agent-token").display());
-        println!(
-            "  Join another replica: keel server --server {advertise} --token $(cat {}) ...",
-            a.data_dir.join("token").display()
-        );
-    }
-    if let Start::Restore { payload, marker } = &start {
-        let n = keel::server::cluster::load_backup(&server.store, payload, &name, id, &creds).await?;
-        std::fs::remove_file(marker).with_context(|| format!("remove {}", marker.display()))?;
-        let admin = bootstrap::admin_config_path(&a.data_dir);
-        println!("Restored {n} keys. Admin configuration: {}", admin.display());
-        println!("  Join tokens of the old cluster still work; `keelctl token create` makes new ones.");
-    }
-    let seeds = match &start {
-        Start::Joined { seed } => vec![seed.clone()],
-        _ => Vec::new(),
-    };
-    let member =
-        tokio::spawn(keel::server::join::ensure_member(server.store.clone(), creds.clone(), advertise.clone(), seeds));
-    if let Some(listen) = a.metrics_listen {
-        let at = keel::server::metrics::serve(listen, server.store.clone(), server.creds.clone())
-            .await
-            .with_context(|| format!("--metrics-listen {listen}"))?;
-        tracing::info!(%at, "metrics on https://{at}/metrics");
-    }
-    let snapshots = (a.snapshot_interval > 0).then(|| {
-        let keys = keel::server::secrets::Keyring::load_or_create(&a.data_dir.join("secrets.key"));
-        let dir = a.snapshot_dir.clone().unwrap_or_else(|| a.data_dir.join("snapshots"));
-        let interval = Duration::from_secs(a.snapshot_interval);
-        keys.ok().map(|k| {
-            tokio::spawn(keel::server::backup::schedule(
-                server.store.clone(),
-                std::sync::Arc::new(k),
-                dir,
-                interval,
-                a.snapshot_retention,
-            ))
-        })
-    });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    member.abort();
-    if let Some(Some(t)) = snapshots {
-        t.abort();
-    }
-    tracing::info!("shutting down");
-    server.stop().await?;
-    Ok(())
+    Ok(keel::server::run::run(options).await?)
 }
 
 fn main() -> std::process::ExitCode {
@@ -453,8 +316,9 @@ fn run() -> anyhow::Result<()> {
             Command::Server(a) => server(*a).await,
             Command::Agent(a) => agent(a).await,
             Command::SecretsKey(SecretsKeyCommand::Rotate { data_dir }) => {
-                let name = keel::server::secrets::Keyring::rotate(&data_dir.join("secrets.key"))?;
-                println!("{} now seals with {name} (after a restart)", data_dir.join("secrets.key").display());
+                let path = keel::server::bootstrap::DataDir::new(&data_dir).secrets_key();
+                let name = keel::seal::Keyring::rotate(&path)?;
+                println!("{} now seals with {name} (after a restart)", path.display());
                 Ok(())
             }
             Command::Bench(b) => keel::bench::run(b).await,

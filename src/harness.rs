@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::client::KvClient;
+use crate::client::Client;
 use crate::pki::{Ca, Credentials, Identity};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,16 +34,13 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
 /// Waits until the replica at `addr` serves the default namespaces (it leads or follows a
 /// leader, and the start-up creates went through).
 pub async fn wait_default_namespaces(addr: &str, timeout: Duration, creds: &Credentials) -> Result<(), HarnessError> {
-    use crate::proto::v1 as pb;
     let deadline = Instant::now() + timeout;
-    let endpoint =
-        crate::client::endpoint(addr, creds).map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
-    let mut client = pb::objects_client::ObjectsClient::new(endpoint.connect_lazy());
+    let client = Client::with_certificate(&[addr.to_string()], Duration::from_secs(2), creds)
+        .map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
     loop {
         let mut ready = true;
-        for ns in crate::server::objects::DEFAULT_NAMESPACES {
-            let r = pb::ObjectRef { kind: "ns".into(), namespace: String::new(), name: ns.to_string() };
-            ready &= client.get(pb::GetRequest { r#ref: Some(r) }).await.is_ok();
+        for ns in crate::api::wellknown::DEFAULT_NAMESPACES {
+            ready &= client.get(crate::api::kinds::Kind::Namespace, "", ns).await.is_ok();
         }
         if ready {
             return Ok(());
@@ -74,7 +71,7 @@ impl TestPki {
         let admin = ca.issue(&Identity::Admin("admin".into()), Duration::from_secs(24 * 3600), &[]).map_err(pki)?;
         let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
         let path = dir.path().join("secrets.key");
-        crate::server::secrets::Keyring::load_or_create(&path).map_err(pki)?;
+        crate::seal::Keyring::load_or_create(&path).map_err(pki)?;
         let secrets_key = std::fs::read_to_string(&path).map_err(io("read secrets key"))?;
         Ok(TestPki { ca, admin, secrets_key })
     }
@@ -86,10 +83,51 @@ impl TestPki {
     }
 }
 
+/// An in-process replica with its controller manager, as `keel server` assembles them.
+pub struct TestReplica {
+    pub server: crate::server::Server,
+    controllers: Option<crate::server::run::Controllers>,
+}
+
+impl std::ops::Deref for TestReplica {
+    type Target = crate::server::Server;
+
+    fn deref(&self) -> &crate::server::Server {
+        &self.server
+    }
+}
+
+impl TestReplica {
+    /// Starts the controller manager beside `server` (with fast test timings).
+    pub fn new(server: crate::server::Server) -> TestReplica {
+        let mut config = crate::controllers::runtime::ManagerConfig::new("test");
+        config.leader.lease_duration = Duration::from_secs(3);
+        config.leader.renew_deadline = Duration::from_secs(2);
+        config.leader.retry_period = Duration::from_millis(200);
+        let controllers = crate::server::run::start_controllers(&server, "test", &[], Some(config));
+        TestReplica { server, controllers: Some(controllers) }
+    }
+
+    /// Waits until the controller manager leads and its informers have synced.
+    pub async fn controllers_ready(&self) {
+        if let Some(c) = &self.controllers {
+            c.ready().await;
+        }
+    }
+
+    /// Stops the controllers (releasing their Lease), then the replica.
+    pub async fn stop(mut self) -> Result<(), crate::server::ServerError> {
+        if let Some(c) = self.controllers.take() {
+            c.stop().await;
+        }
+        self.server.stop().await
+    }
+}
+
 /// One in-process replica (a single-voter cluster) on a free 127.0.0.1 port, with its data
 /// under `data_dir`, returned once it serves the default namespaces, with its CA (whose
-/// `admin` credentials call it).
-pub async fn single_replica(data_dir: &Path) -> Result<(crate::server::Server, String, TestPki), HarnessError> {
+/// `admin` credentials call it). Its controller manager runs beside it.
+pub async fn single_replica(data_dir: &Path) -> Result<(TestReplica, String, TestPki), HarnessError> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let listen = addr.parse().map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
     let pki = TestPki::new()?;
@@ -101,7 +139,11 @@ pub async fn single_replica(data_dir: &Path) -> Result<(crate::server::Server, S
         .await
         .map_err(|e| HarnessError::Timeout(format!("replica failed to start: {e}")))?;
     wait_default_namespaces(&addr, Duration::from_secs(10), &pki.admin).await?;
-    Ok((server, addr, pki))
+    let replica = TestReplica::new(server);
+    tokio::time::timeout(Duration::from_secs(10), replica.controllers_ready())
+        .await
+        .map_err(|_| HarnessError::Timeout("the controller manager did not start leading within 10s".into()))?;
+    Ok((replica, addr, pki))
 }
 
 /// A free port on 127.0.0.1 (the kernel picks it; we release it for the child to bind).
@@ -317,9 +359,9 @@ impl ProcCluster {
         }
     }
 
-    pub fn client(&self, timeout: Duration) -> KvClient {
+    pub fn client(&self, timeout: Duration) -> Client {
         // Addresses come from our own formatting, so they always parse.
-        KvClient::new(&self.addrs(), timeout, &self.pki.admin)
+        Client::with_certificate(&self.addrs(), timeout, &self.pki.admin)
             .unwrap_or_else(|e| panic!("harness addresses are valid: {e}"))
     }
 

@@ -6,14 +6,17 @@
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod controllers;
+pub mod grpc;
 pub mod harness;
 pub mod netfault;
 pub mod pki;
 pub mod proto;
+pub mod seal;
 pub mod server;
 pub mod store;

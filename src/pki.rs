@@ -102,7 +102,7 @@ impl Identity {
 /// SHA-256 of a certificate's DER, hex: what a join token pins.
 pub fn cert_hash(pem: &str) -> Result<String, PkiError> {
     let der = pem_der(pem)?;
-    Ok(hex(&Sha256::digest(&der)))
+    Ok(hex::encode(Sha256::digest(&der)))
 }
 
 /// SHA-256 of a certificate's public key (SubjectPublicKeyInfo), hex: a key's fingerprint,
@@ -111,7 +111,7 @@ pub fn key_fingerprint(cert_pem: &str) -> Result<String, PkiError> {
     let der = pem_der(cert_pem)?;
     let (_, cert) =
         x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Invalid(format!("certificate: {e}")))?;
-    Ok(hex(&Sha256::digest(cert.public_key().raw)))
+    Ok(hex::encode(Sha256::digest(cert.public_key().raw)))
 }
 
 /// A certificate's validity, as seconds since the Unix epoch (not before, not after).
@@ -135,10 +135,6 @@ fn pem_der(pem: &str) -> Result<Vec<u8>, PkiError> {
         .map_err(|e| PkiError::Invalid(format!("not a PEM certificate: {e}")))?
         .1;
     Ok(block.contents)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The cluster CA: a certificate and its private key, both PEM.
@@ -275,7 +271,7 @@ pub fn request_for(key_pem: &str) -> Result<String, PkiError> {
 pub fn request_fingerprint(csr_pem: &str) -> Result<String, PkiError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| PkiError::Invalid(format!("certificate signing request: {e}")))?;
-    Ok(hex(&Sha256::digest(csr.public_key.subject_public_key_info())))
+    Ok(hex::encode(Sha256::digest(csr.public_key.subject_public_key_info())))
 }
 
 /// What a TLS party holds: the CA to trust, its certificate and its key (PEM).
@@ -359,20 +355,33 @@ impl Credentials {
 }
 
 /// Credentials that renew while they are in use: readers take a copy of the current ones.
+/// The generation rises with every change, so that a holder of connections made with older
+/// credentials knows to make new ones.
 #[derive(Debug)]
-pub struct LiveCredentials(std::sync::RwLock<Credentials>);
+pub struct LiveCredentials {
+    current: std::sync::RwLock<Credentials>,
+    generation: std::sync::atomic::AtomicU64,
+}
 
 impl LiveCredentials {
     pub fn new(creds: Credentials) -> std::sync::Arc<LiveCredentials> {
-        std::sync::Arc::new(LiveCredentials(std::sync::RwLock::new(creds)))
+        std::sync::Arc::new(LiveCredentials {
+            current: std::sync::RwLock::new(creds),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     pub fn get(&self) -> Credentials {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set(&self, creds: Credentials) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = creds;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = creds;
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -444,7 +453,7 @@ impl JoinToken {
 
     /// The stored form of the secret.
     pub fn secret_hash(&self) -> String {
-        hex(&Sha256::digest(self.secret.as_bytes()))
+        hex::encode(Sha256::digest(self.secret.as_bytes()))
     }
 }
 

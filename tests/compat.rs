@@ -64,7 +64,7 @@ struct Tally {
 
 struct Cluster {
     _dir: tempfile::TempDir,
-    _server: keel::server::Server,
+    _server: keel::harness::TestReplica,
     client: keel::proto::v1::objects_client::ObjectsClient<tonic::transport::Channel>,
 }
 

@@ -121,9 +121,18 @@ pub fn by_name(name: &str) -> Option<&'static KindInfo> {
 }
 
 pub fn info(kind: Kind) -> &'static KindInfo {
-    // KINDS lists every variant; the test below checks it.
-    KINDS.iter().find(|k| k.kind == kind).unwrap_or(&KINDS[0])
+    &KINDS[kind as usize]
 }
+
+// KINDS lists every kind at its own index, so `info` is an index, never a search with a
+// fallback; a registry out of order fails the build here.
+const _: () = {
+    let mut i = 0;
+    while i < KINDS.len() {
+        assert!(KINDS[i].kind as usize == i, "KINDS must list every Kind in declaration order");
+        i += 1;
+    }
+};
 
 #[cfg(test)]
 mod tests {

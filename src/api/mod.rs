@@ -3,14 +3,16 @@
 
 pub mod apply;
 pub mod defaults;
+pub mod duration;
 mod intstr;
 pub mod json;
 pub mod kinds;
 pub mod manifest;
 pub mod object;
+pub mod pod;
 pub mod quantity;
 pub mod selector;
 pub mod validation;
-pub mod watch_event;
+pub mod wellknown;
 
 pub use intstr::{int_or_string, IntOrString};

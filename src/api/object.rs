@@ -50,6 +50,55 @@ macro_rules! with_status {
     };
 }
 
+/// A kind's own type (`pb::Pod`, `pb::Namespace`, ...) and its arm of the envelope.
+pub trait Resource: Sized {
+    const KIND: Kind;
+    fn into_object(self) -> pb::Object;
+    /// The inner object, when `obj` is of this kind.
+    fn from_object(obj: pb::Object) -> Option<Self>;
+    fn metadata(&self) -> Option<&pb::ObjectMeta>;
+}
+
+macro_rules! resources {
+    ($($arm:ident => $ty:ident),* $(,)?) => {
+        $(impl Resource for pb::$ty {
+            const KIND: Kind = Kind::$arm;
+            fn into_object(self) -> pb::Object {
+                pb::Object { kind: Some(K::$arm(self)) }
+            }
+            fn from_object(obj: pb::Object) -> Option<Self> {
+                match obj.kind {
+                    Some(K::$arm(o)) => Some(o),
+                    _ => None,
+                }
+            }
+            fn metadata(&self) -> Option<&pb::ObjectMeta> {
+                self.metadata.as_ref()
+            }
+        })*
+    };
+}
+
+resources!(
+    Namespace => Namespace,
+    Node => Node,
+    Pod => Pod,
+    Service => Service,
+    Endpoints => Endpoints,
+    ConfigMap => ConfigMap,
+    Secret => Secret,
+    Event => CoreEvent,
+    Lease => Lease,
+    ReplicaSet => ReplicaSet,
+    ReplicationController => ReplicationController,
+    Deployment => Deployment,
+    DaemonSet => DaemonSet,
+    StatefulSet => StatefulSet,
+    ControllerRevision => ControllerRevision,
+    Job => Job,
+    CronJob => CronJob,
+);
+
 pub fn kind(obj: &pb::Object) -> Option<Kind> {
     let k = obj.kind.as_ref()?;
     Some(match k {

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use crate::proto::v1 as pb;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
     Eq(String, String),
@@ -146,6 +148,56 @@ impl FieldSelector {
     }
 }
 
+/// The value of a selectable field of `obj` (empty when the kind has no such field).
+pub fn field_value(obj: &pb::Object, field: &str) -> String {
+    let m = crate::api::object::meta(obj);
+    match field {
+        "metadata.name" => m.map(|m| m.name.clone()).unwrap_or_default(),
+        "metadata.namespace" => m.map(|m| m.namespace.clone()).unwrap_or_default(),
+        "spec.nodeName" => crate::api::object::pod_fields(obj).map(|f| f.0.to_string()).unwrap_or_default(),
+        "status.phase" => crate::api::object::pod_fields(obj).map(|f| f.1.to_string()).unwrap_or_default(),
+        _ => match obj.kind.as_ref() {
+            Some(pb::object::Kind::Event(e)) => {
+                let r = e.involved_object.clone().unwrap_or_default();
+                match field {
+                    "involvedObject.kind" => r.kind,
+                    "involvedObject.name" => r.name,
+                    "involvedObject.namespace" => r.namespace,
+                    "involvedObject.uid" => r.uid,
+                    "reason" => e.reason.clone(),
+                    "type" => e.r#type.clone(),
+                    _ => String::new(),
+                }
+            }
+            _ => String::new(),
+        },
+    }
+}
+
+/// A label selector and a field selector together, over whole objects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectFilter {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl ObjectFilter {
+    pub fn parse(labels: &str, fields: &str) -> Result<ObjectFilter, SelectorError> {
+        Ok(ObjectFilter { labels: LabelSelector::parse(labels)?, fields: FieldSelector::parse(fields)? })
+    }
+
+    /// No selector at all: every object matches.
+    pub fn is_everything(&self) -> bool {
+        self.labels.0.is_empty() && self.fields.0.is_empty()
+    }
+
+    pub fn matches(&self, obj: &pb::Object) -> bool {
+        let empty = Default::default();
+        let labels = crate::api::object::meta(obj).map_or(&empty, |m| &m.labels);
+        self.labels.matches(labels) && self.fields.matches(|f| field_value(obj, f))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +238,25 @@ mod tests {
         assert!(!f.matches(|k| if k == "spec.nodeName" { "n2".into() } else { "Running".into() }));
         let e = FieldSelector::parse("spec.foo=1").unwrap_err();
         assert!(e.to_string().contains("not selectable"));
+    }
+
+    #[test]
+    fn an_object_filter_reads_labels_and_fields_of_the_object() {
+        let pod = pb::Object {
+            kind: Some(pb::object::Kind::Pod(pb::Pod {
+                metadata: Some(pb::ObjectMeta {
+                    name: "p".into(),
+                    namespace: "web".into(),
+                    labels: labels(&[("app", "web")]),
+                    ..Default::default()
+                }),
+                spec: Some(pb::PodSpec { node_name: "n1".into(), ..Default::default() }),
+                ..Default::default()
+            })),
+        };
+        assert!(ObjectFilter::parse("app=web", "spec.nodeName=n1,metadata.namespace=web").unwrap().matches(&pod));
+        assert!(!ObjectFilter::parse("app=web", "spec.nodeName=n2").unwrap().matches(&pod));
+        assert!(ObjectFilter::parse("", "").unwrap().is_everything());
+        assert_eq!(field_value(&pod, "status.phase"), "");
     }
 }

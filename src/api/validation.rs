@@ -1,8 +1,9 @@
 //! Validation as the API server does it, returning every problem with its field path and a
-//! kubectl-style detail ("Required value", "Invalid value: ...").
+//! kubectl-style detail ("Required value", "Invalid value: ..."), with upstream's wording.
 //!
-//! This is the first slice: object names, labels, and the pod template's containers. Kind-
-//! specific rules grow here with the admission chain.
+//! Object names, labels, annotations, the size limits of ConfigMaps, Secrets and stored
+//! objects, and the pod template's containers. Kind-specific rules grow here with the
+//! admission chain.
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -33,6 +34,20 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 
+/// The most data a ConfigMap or Secret may hold, as in Kubernetes.
+pub const MAX_DATA_BYTES: usize = 1 << 20;
+/// The most an object may take once encoded for the store (etcd's default request limit,
+/// which Kubernetes inherits).
+pub const MAX_OBJECT_BYTES: usize = 3 << 19;
+/// The most all of an object's annotations may take.
+pub const MAX_ANNOTATION_BYTES: usize = 256 << 10;
+
+const SUBDOMAIN_HELP: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+const LABEL_HELP: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+const LABEL_VALUE_HELP: &str = "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')";
+const NAME_PART_HELP: &str = "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+const CONFIG_KEY_HELP: &str = "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')";
+
 fn is_label_value(v: &str) -> bool {
     v.is_empty()
         || (v.len() <= 63
@@ -41,12 +56,81 @@ fn is_label_value(v: &str) -> bool {
             && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric())
 }
 
+#[cfg(test)]
 fn is_qualified_name(k: &str) -> bool {
-    let (prefix, name) = match k.rsplit_once('/') {
+    qualified_name_error(k).is_none()
+}
+
+/// Why `k` is not a qualified name (a label or annotation key), in upstream's words.
+fn qualified_name_error(k: &str) -> Option<String> {
+    let (prefix, name) = match k.split_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, k),
     };
-    prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
+    if let Some(p) = prefix {
+        if p.is_empty() {
+            return Some("prefix part must be non-empty".into());
+        }
+        if !is_dns1123_subdomain(p) {
+            return Some(format!("prefix part {SUBDOMAIN_HELP}"));
+        }
+    }
+    if name.is_empty() {
+        return Some("name part must be non-empty".into());
+    }
+    if name.len() > 63 {
+        return Some("name part must be no more than 63 characters".into());
+    }
+    if !is_label_value(name) || name.contains('/') {
+        return Some(NAME_PART_HELP.into());
+    }
+    None
+}
+
+fn is_config_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 253
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        && k != "."
+        && k != ".."
+}
+
+/// Why an object is too large to store, in the words a user sees; None when it fits.
+pub fn size_error(obj: &pb::Object) -> Option<String> {
+    use prost::Message;
+    let len = obj.encoded_len();
+    if len <= MAX_OBJECT_BYTES {
+        return None;
+    }
+    let info = crate::api::object::info(obj)?;
+    let name = crate::api::object::meta(obj).map(|m| m.name.as_str()).unwrap_or_default();
+    Some(format!(
+        "Request entity too large: the {} {name:?} is {len} bytes encoded, more than the {MAX_OBJECT_BYTES} bytes an object may have",
+        info.name
+    ))
+}
+
+/// The keys and total size of a ConfigMap's or Secret's data.
+fn data_map<'a>(
+    entries: impl Iterator<Item = (&'a String, usize)>,
+    field: &str,
+    total: &mut usize,
+    out: &mut Vec<FieldError>,
+) {
+    let mut keys: Vec<(&String, usize)> = entries.collect();
+    keys.sort();
+    for (k, len) in keys {
+        *total += k.len() + len;
+        if !is_config_key(k) {
+            out.push(fe(format!("{field}[{k}]"), format!("Invalid value: {k:?}: {CONFIG_KEY_HELP}")));
+        }
+    }
+}
+
+fn data_size(total: usize, out: &mut Vec<FieldError>) {
+    if total > MAX_DATA_BYTES {
+        out.push(fe("[]", format!("Too long: must have at most {MAX_DATA_BYTES} bytes")));
+    }
 }
 
 fn meta(m: Option<&pb::ObjectMeta>, namespace_kind: bool, out: &mut Vec<FieldError>) {
@@ -59,25 +143,43 @@ fn meta(m: Option<&pb::ObjectMeta>, namespace_kind: bool, out: &mut Vec<FieldErr
             out.push(fe("metadata.name", "Required value: name or generateName is required"));
         }
     } else {
-        let ok = if namespace_kind { is_dns1123_label(&m.name) } else { is_dns1123_subdomain(&m.name) };
-        if !ok {
+        let (ok, max, help) = if namespace_kind {
+            (is_dns1123_label(&m.name), 63, LABEL_HELP)
+        } else {
+            (is_dns1123_subdomain(&m.name), 253, SUBDOMAIN_HELP)
+        };
+        if m.name.len() > max {
             out.push(fe(
                 "metadata.name",
-                format!("Invalid value: {:?}: a lowercase RFC 1123 {} must consist of lower case alphanumeric characters, '-' or '.'", m.name, if namespace_kind { "label" } else { "subdomain" }),
+                format!("Invalid value: {:?}: must be no more than {max} characters", m.name),
             ));
+        } else if !ok {
+            out.push(fe("metadata.name", format!("Invalid value: {:?}: {help}", m.name)));
         }
     }
     let mut keys: Vec<&String> = m.labels.keys().collect();
     keys.sort();
     for k in keys {
-        if !is_qualified_name(k) {
-            out.push(fe(
-                format!("metadata.labels[{k}]"),
-                format!("Invalid value: {k:?}: a valid label key is a qualified name"),
-            ));
-        } else if !is_label_value(&m.labels[k]) {
-            out.push(fe(format!("metadata.labels[{k}]"), format!("Invalid value: {:?}: a valid label value must be 63 characters or less and consist of alphanumerics, '-', '_' or '.'", m.labels[k])));
+        let v = &m.labels[k];
+        if let Some(why) = qualified_name_error(k) {
+            out.push(fe("metadata.labels", format!("Invalid value: {k:?}: {why}")));
+        } else if v.len() > 63 {
+            out.push(fe("metadata.labels", format!("Invalid value: {v:?}: must be no more than 63 characters")));
+        } else if !is_label_value(v) {
+            out.push(fe("metadata.labels", format!("Invalid value: {v:?}: {LABEL_VALUE_HELP}")));
         }
+    }
+    let mut keys: Vec<&String> = m.annotations.keys().collect();
+    keys.sort();
+    let mut total = 0;
+    for k in keys {
+        total += k.len() + m.annotations[k].len();
+        if let Some(why) = qualified_name_error(&k.to_ascii_lowercase()) {
+            out.push(fe("metadata.annotations", format!("Invalid value: {k:?}: {why}")));
+        }
+    }
+    if total > MAX_ANNOTATION_BYTES {
+        out.push(fe("metadata.annotations", format!("Too long: must have at most {MAX_ANNOTATION_BYTES} bytes")));
     }
 }
 
@@ -187,8 +289,26 @@ pub fn validate(obj: &pb::Object) -> Vec<FieldError> {
         }
         K::Service(o) => meta(o.metadata.as_ref(), true, &mut out),
         K::Endpoints(o) => meta(o.metadata.as_ref(), false, &mut out),
-        K::ConfigMap(o) => meta(o.metadata.as_ref(), false, &mut out),
-        K::Secret(o) => meta(o.metadata.as_ref(), false, &mut out),
+        K::ConfigMap(o) => {
+            meta(o.metadata.as_ref(), false, &mut out);
+            let mut total = 0;
+            data_map(o.data.iter().map(|(k, v)| (k, v.len())), "data", &mut total, &mut out);
+            data_map(o.binary_data.iter().map(|(k, v)| (k, v.len())), "binaryData", &mut total, &mut out);
+            for k in o.binary_data.keys().filter(|k| o.data.contains_key(*k)) {
+                out.push(fe(
+                    format!("data[{k}]"),
+                    format!("Invalid value: {k:?}: duplicate of key present in binaryData"),
+                ));
+            }
+            data_size(total, &mut out);
+        }
+        K::Secret(o) => {
+            meta(o.metadata.as_ref(), false, &mut out);
+            let mut total = 0;
+            data_map(o.data.iter().map(|(k, v)| (k, v.len())), "data", &mut total, &mut out);
+            data_map(o.string_data.iter().map(|(k, v)| (k, v.len())), "stringData", &mut total, &mut out);
+            data_size(total, &mut out);
+        }
         K::Event(o) => meta(o.metadata.as_ref(), false, &mut out),
         K::Lease(o) => meta(o.metadata.as_ref(), false, &mut out),
         K::ControllerRevision(o) => meta(o.metadata.as_ref(), false, &mut out),
@@ -239,5 +359,59 @@ mod tests {
         assert!(!is_dns1123_subdomain("a..b"));
         assert!(is_qualified_name("app.kubernetes.io/name"));
         assert!(!is_qualified_name("bad key"));
+        assert!(!is_qualified_name("a/b/c"));
+        assert!(!is_qualified_name(&"x".repeat(64)));
+        assert!(is_config_key("key.name") && is_config_key("KEY_NAME") && !is_config_key("bad key"));
+    }
+
+    fn config_map(data: &[(&str, usize)]) -> pb::Object {
+        pb::Object {
+            kind: Some(pb::object::Kind::ConfigMap(pb::ConfigMap {
+                metadata: Some(pb::ObjectMeta { name: "big".into(), ..Default::default() }),
+                data: data.iter().map(|(k, n)| (k.to_string(), "x".repeat(*n))).collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn config_map_data_is_limited_to_a_mebibyte_and_keys_to_config_keys() {
+        assert!(validate(&config_map(&[("a", 1000), ("b", 1000)])).is_empty());
+        let errs = validate(&config_map(&[("a", 700 << 10), ("b", 400 << 10)]));
+        assert_eq!(errs, vec![fe("[]", "Too long: must have at most 1048576 bytes")]);
+        let errs = validate(&config_map(&[("bad key", 1)]));
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "data[bad key]");
+        assert!(errs[0].detail.contains("a valid config key"), "{errs:?}");
+    }
+
+    #[test]
+    fn an_object_larger_than_the_store_takes_is_named_with_its_size() {
+        assert_eq!(size_error(&config_map(&[("a", 1000)])), None);
+        let e = size_error(&config_map(&[("a", 2 << 20)])).unwrap();
+        assert!(e.starts_with("Request entity too large: the ConfigMap \"big\" is 20971"), "{e}");
+        assert!(e.contains("1572864"), "{e}");
+    }
+
+    #[test]
+    fn names_and_labels_are_refused_with_upstream_messages() {
+        let mut o = config_map(&[]);
+        if let Some(pb::object::Kind::ConfigMap(c)) = o.kind.as_mut() {
+            let m = c.metadata.as_mut().unwrap();
+            m.name = "Bad_Name".into();
+            m.labels.insert("app".into(), "-web".into());
+            m.labels.insert("bad key".into(), "x".into());
+            m.annotations.insert("huge".into(), "x".repeat(300 << 10));
+        }
+        let errs = validate(&o);
+        let text: Vec<String> = errs.iter().map(|e| format!("{}: {}", e.field, e.detail)).collect();
+        assert_eq!(text.len(), 4, "{text:#?}");
+        assert!(
+            text[0].starts_with("metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 subdomain"),
+            "{text:#?}"
+        );
+        assert!(text[1].contains("\"-web\": a valid label must be an empty string"), "{text:#?}");
+        assert!(text[2].contains("\"bad key\": name part must consist of"), "{text:#?}");
+        assert_eq!(text[3], "metadata.annotations: Too long: must have at most 262144 bytes");
     }
 }

@@ -315,11 +315,10 @@ async fn create_namespace(work: &Workload) -> anyhow::Result<()> {
     let object = pb::Object { kind: Some(pb::object::Kind::Namespace(ns)) };
     let mut last = None;
     for attempt in 0..50 {
-        let req = pb::CreateRequest { object: Some(object.clone()) };
-        match work.client(attempt % work.replicas()).create(req).await {
+        match work.client(attempt % work.replicas()).create(object.clone()).await {
             Ok(_) => return Ok(()),
-            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
-            Err(s) => last = Some(s),
+            Err(e) if e.is_already_exists() => return Ok(()),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -330,11 +329,11 @@ async fn create_namespace(work: &Workload) -> anyhow::Result<()> {
 async fn final_state(work: &Workload) -> anyhow::Result<HashMap<String, Final>> {
     let mut last = None;
     for attempt in 0..20 {
-        let req = pb::ListRequest { kind: "ConfigMap".into(), namespace: NAMESPACE.into(), ..Default::default() };
-        match work.client(attempt % work.replicas()).list(req).await {
+        let opts = crate::client::ListOptions::namespace(NAMESPACE);
+        match work.client(attempt % work.replicas()).list_all(crate::api::kinds::Kind::ConfigMap, &opts).await {
             Ok(r) => {
                 let mut out = HashMap::new();
-                for o in r.into_inner().items {
+                for o in r.items {
                     let Some(pb::object::Kind::ConfigMap(cm)) = o.kind else { continue };
                     let meta = cm.metadata.unwrap_or_default();
                     let rv = meta.resource_version.parse().context("final list: resourceVersion")?;
@@ -343,7 +342,7 @@ async fn final_state(work: &Workload) -> anyhow::Result<HashMap<String, Final>> 
                 }
                 return Ok(out);
             }
-            Err(s) => last = Some(s),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

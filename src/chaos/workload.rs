@@ -19,9 +19,9 @@ use rand::{RngExt, SeedableRng};
 use tonic::Code;
 
 use super::history::{Op, Operation, Outcome, Ret, Version};
-use crate::client::{auth_channel, delivery, AuthChannel, ClientAuth, Delivery};
+use crate::api::kinds::Kind;
+use crate::client::{Client, ClientAuth, ClientConfig, ClientError, DeleteOptions, ListOptions, WatchOptions};
 use crate::proto::v1 as pb;
-use crate::proto::v1::objects_client::ObjectsClient;
 
 /// The namespace the suite works in.
 pub const NAMESPACE: &str = "chaos";
@@ -94,7 +94,10 @@ pub struct WatchLog {
 /// Shared state of the running workload.
 pub struct Workload {
     config: WorkloadConfig,
-    clients: Vec<ObjectsClient<AuthChannel>>,
+    /// One attempt per request, each to the replica the driver picks.
+    client: Client,
+    /// The same, with the probes' shorter timeout.
+    probe_client: Client,
     start: Instant,
     next_value: AtomicU64,
     keys_used: Mutex<Vec<String>>,
@@ -112,11 +115,24 @@ impl Workload {
         config: WorkloadConfig,
         start: Instant,
     ) -> anyhow::Result<Workload> {
-        let mut clients = Vec::new();
-        for a in addrs {
-            clients.push(ObjectsClient::new(auth_channel(a, auth, Duration::from_millis(500))?));
-        }
-        Ok(Workload { config, clients, start, next_value: AtomicU64::new(1), keys_used: Mutex::new(Vec::new()) })
+        let make = |timeout| {
+            let c = ClientConfig {
+                request_timeout: timeout,
+                connect_timeout: Duration::from_millis(500),
+                retry_for: Duration::ZERO,
+            };
+            Client::new(addrs, auth.clone(), c)
+        };
+        let client = make(config.request_timeout)?;
+        let probe_client = make(config.probe_timeout)?;
+        Ok(Workload {
+            config,
+            client,
+            probe_client,
+            start,
+            next_value: AtomicU64::new(1),
+            keys_used: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn now(&self) -> u64 {
@@ -124,11 +140,12 @@ impl Workload {
     }
 
     pub fn replicas(&self) -> usize {
-        self.clients.len()
+        self.client.len()
     }
 
-    pub fn client(&self, replica: usize) -> ObjectsClient<AuthChannel> {
-        self.clients[replica].clone()
+    /// The client pinned to `replica`: one attempt, no failover.
+    pub fn client(&self, replica: usize) -> Client {
+        self.client.pinned(replica)
     }
 
     /// Every key any client used, in the order first used.
@@ -154,7 +171,6 @@ impl Workload {
         probe: bool,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Vec<Record> {
-        let timeout = if probe { self.config.probe_timeout } else { self.config.request_timeout };
         let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_mul(31).wrapping_add(id));
         let mut known: HashMap<String, u64> = HashMap::new();
         let mut replica = rng.random_range(0..self.replicas());
@@ -172,7 +188,7 @@ impl Workload {
                 _ => Op::Delete,
             };
             let invoke = self.now();
-            let answer = self.send(replica, &key, op, timeout).await;
+            let answer = self.send(replica, &key, op, probe).await;
             let complete = self.now();
             let (outcome, uid, error) = match answer {
                 Ok((ret, uid)) => (Outcome::Ok(ret), uid, None),
@@ -205,16 +221,6 @@ impl Workload {
         out
     }
 
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        self.request_within(msg, self.config.request_timeout)
-    }
-
-    fn request_within<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.set_timeout(timeout);
-        r
-    }
-
     /// One request. `Ok` is an answer the checker holds the cluster to; `Err` carries the
     /// outcome (failed or unknown) and what went wrong.
     async fn send(
@@ -222,54 +228,44 @@ impl Workload {
         replica: usize,
         key: &str,
         op: Op,
-        timeout: Duration,
+        probe: bool,
     ) -> Result<(Ret, Option<String>), (Outcome, String)> {
-        let mut c = self.client(replica);
-        let object_ref = || pb::ObjectRef { kind: "ConfigMap".into(), namespace: NAMESPACE.into(), name: key.into() };
+        let c = if probe { self.probe_client.pinned(replica) } else { self.client(replica) };
         let result = match op {
             Op::Create { value } => c
-                .create(self.request_within(pb::CreateRequest { object: Some(config_map(key, value, None)) }, timeout))
+                .create(config_map(key, value, None))
                 .await
-                .map(|r| version_of(&r.into_inner()).map(|(v, uid)| (Ret::Created { rv: v.rv }, Some(uid)))),
+                .map(|r| version_of(&r).map(|(v, uid)| (Ret::Created { rv: v.rv }, Some(uid)))),
             Op::Update { expected_rv, value } => c
-                .update(self.request_within(
-                    pb::UpdateRequest { object: Some(config_map(key, value, Some(expected_rv))) },
-                    timeout,
-                ))
+                .update(config_map(key, value, Some(expected_rv)))
                 .await
-                .map(|r| version_of(&r.into_inner()).map(|(v, uid)| (Ret::Updated { rv: v.rv }, Some(uid)))),
-            Op::Delete => c
-                .delete(
-                    self.request_within(pb::DeleteRequest { r#ref: Some(object_ref()), ..Default::default() }, timeout),
-                )
-                .await
-                .map(|r| {
-                    let r = r.into_inner();
-                    let uid = r.object.as_ref().and_then(|o| version_of(o).ok()).map(|(_, uid)| uid);
-                    if r.deleted {
-                        Ok((Ret::Deleted, uid))
-                    } else {
-                        Err("the delete answered without deleting (a finalizer?)".to_string())
-                    }
-                }),
+                .map(|r| version_of(&r).map(|(v, uid)| (Ret::Updated { rv: v.rv }, Some(uid)))),
+            Op::Delete => c.delete(Kind::ConfigMap, NAMESPACE, key, &DeleteOptions::default()).await.map(|r| {
+                let uid = r.object.as_ref().and_then(|o| version_of(o).ok()).map(|(_, uid)| uid);
+                if r.deleted {
+                    Ok((Ret::Deleted, uid))
+                } else {
+                    Err("the delete answered without deleting (a finalizer?)".to_string())
+                }
+            }),
             Op::Get => c
-                .get(self.request_within(pb::GetRequest { r#ref: Some(object_ref()) }, timeout))
+                .get(Kind::ConfigMap, NAMESPACE, key)
                 .await
-                .map(|r| version_of(&r.into_inner()).map(|(v, uid)| (Ret::Got(Some(v)), Some(uid)))),
+                .map(|r| version_of(&r).map(|(v, uid)| (Ret::Got(Some(v)), Some(uid)))),
         };
         match result {
             Ok(Ok(answer)) => Ok(answer),
             // An answer the driver cannot read: the request did something, but what is unknown.
             Ok(Err(why)) => Err((Outcome::Unknown, why)),
-            Err(status) => classify(op, &status),
+            Err(e) => classify(op, &e),
         }
     }
 }
 
-/// What a failed call means for the history.
-fn classify(op: Op, status: &tonic::Status) -> Result<(Ret, Option<String>), (Outcome, String)> {
-    let sent = delivery(status);
-    if sent == Delivery::Answered {
+/// What a failed call means for the history. The client classified the failure already:
+/// a replica's answer, nothing done (no replica could take it), or unknown.
+fn classify(op: Op, e: &ClientError) -> Result<(Ret, Option<String>), (Outcome, String)> {
+    if let ClientError::Status { status, .. } = e {
         match (status.code(), op) {
             (Code::NotFound, Op::Get) => return Ok((Ret::Got(None), None)),
             (Code::NotFound, Op::Update { .. } | Op::Delete) => return Ok((Ret::NotFound, None)),
@@ -278,15 +274,14 @@ fn classify(op: Op, status: &tonic::Status) -> Result<(Ret, Option<String>), (Ou
             _ => {}
         }
     }
-    let why = format!("{:?}: {}", status.code(), status.message());
+    let why = e.to_string();
     // A read that got no answer changed nothing, whatever happened to it.
     if op == Op::Get {
         return Err((Outcome::Fail, why));
     }
-    let outcome = match (sent, status.code()) {
-        (Delivery::NotSent, _) => Outcome::Fail,
-        // Keel's UNAVAILABLE promises the write was never proposed.
-        (Delivery::Answered, Code::Unavailable) => Outcome::Fail,
+    let outcome = match e {
+        // Not sent, or refused with Keel's promise that it was never proposed.
+        ClientError::Unavailable { .. } => Outcome::Fail,
         _ => Outcome::Unknown,
     };
     Err((outcome, why))
@@ -375,14 +370,17 @@ impl Workload {
         log
     }
 
-    async fn list(&self, replica: usize) -> Result<(u64, Vec<Seen>), tonic::Status> {
-        let req = pb::ListRequest { kind: "ConfigMap".into(), namespace: NAMESPACE.into(), ..Default::default() };
-        let r = self.client(replica).list(self.request(req)).await?.into_inner();
-        let rv = r.resource_version.parse().map_err(|_| tonic::Status::internal("bad list resourceVersion"))?;
+    async fn list(&self, replica: usize) -> Result<(u64, Vec<Seen>), String> {
+        let r = self
+            .client(replica)
+            .list(Kind::ConfigMap, &ListOptions::namespace(NAMESPACE))
+            .await
+            .map_err(|e| e.to_string())?;
+        let rv = r.resource_version.parse().map_err(|_| "bad list resourceVersion".to_string())?;
         let mut listed = Vec::new();
         for o in &r.items {
-            let (v, _) = version_of(o).map_err(tonic::Status::internal)?;
-            listed.push(seen_of("LISTED", v.rv, o).map_err(tonic::Status::internal)?);
+            let (v, _) = version_of(o)?;
+            listed.push(seen_of("LISTED", v.rv, o)?);
         }
         Ok((rv, listed))
     }
@@ -394,23 +392,22 @@ impl Workload {
         seg: &mut Segment,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> WatchEnd {
-        let req = pb::WatchObjectsRequest {
-            kind: "ConfigMap".into(),
+        let opts = WatchOptions {
             namespace: NAMESPACE.into(),
             resource_version: seg.to.to_string(),
-            allow_bookmarks: true,
+            bookmarks: true,
             ..Default::default()
         };
-        let mut stream = match self.client(replica).watch(req).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => return end_of(&s),
+        let mut stream = match self.client(replica).watch(Kind::ConfigMap, &opts).await {
+            Ok(s) => s,
+            Err(e) => return end_of(&e),
         };
         loop {
             // Bookmarks come every second; a silent stream is a stuck replica (paused or cut
             // off), so the watcher moves on.
             let next = tokio::select! {
                 _ = stop.changed() => return WatchEnd::Stopped,
-                n = tokio::time::timeout(Duration::from_secs(3), stream.message()) => n,
+                n = tokio::time::timeout(Duration::from_secs(3), stream.next()) => n,
             };
             let ev = match next {
                 Err(_) => return WatchEnd::Resume("no event or bookmark for 3 s".into()),
@@ -437,10 +434,10 @@ impl Workload {
     }
 }
 
-fn end_of(s: &tonic::Status) -> WatchEnd {
-    if s.code() == Code::OutOfRange {
-        WatchEnd::Relist(s.message().to_string())
+fn end_of(e: &ClientError) -> WatchEnd {
+    if e.is_expired() {
+        WatchEnd::Relist(e.message())
     } else {
-        WatchEnd::Resume(s.message().to_string())
+        WatchEnd::Resume(e.message())
     }
 }

@@ -1,63 +1,14 @@
-//! keelctl's cluster commands: join tokens, members, removal, leader transfer, certificates.
+//! keelctl's cluster commands: join tokens, members, status, removal, leader transfer,
+//! certificates, secrets re-sealing, backups and the recovery plan.
 
 use std::time::Duration;
 
-use crate::client::{AuthChannel, ClientAuth};
-use anyhow::{bail, Context as _};
-use tonic::Code;
-
+use super::args::{ClusterCommand, SnapshotCommand, TokenCommand};
+use super::{bail, Context, Result, Session};
+use crate::api::kinds::Kind;
+use crate::client::{Client, ListOptions};
 use crate::proto::v1 as pb;
-use crate::proto::v1::cluster_client::ClusterClient;
-
-/// Cluster API clients for every listed replica; calls go to the first that answers.
-pub struct ClusterApi {
-    clients: Vec<(String, ClusterClient<AuthChannel>)>,
-}
-
-impl ClusterApi {
-    pub fn new(servers: &[String], auth: &ClientAuth) -> anyhow::Result<ClusterApi> {
-        let mut clients = Vec::new();
-        for s in servers {
-            let ch = crate::client::auth_channel(s, auth, Duration::from_secs(2))
-                .with_context(|| format!("invalid server address {s:?}"))?;
-            clients.push((s.clone(), ClusterClient::new(ch)));
-        }
-        Ok(ClusterApi { clients })
-    }
-
-    pub async fn call<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
-    where
-        F: Fn(ClusterClient<AuthChannel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let mut last = None;
-        for (_, c) in &self.clients {
-            match f(c.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown) => last = Some(s),
-                Err(s) => return Err(super::status_error(s)),
-            }
-        }
-        Err(super::status_error(last.unwrap_or_else(|| tonic::Status::unavailable("no replica answered"))))
-    }
-}
-
-/// `24h`, `30m`, `90s`, `7d`, or `0` (never expires).
-pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
-    if s == "0" {
-        return Ok(0);
-    }
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| format!("--ttl {s:?}: expected a number and a unit (s, m, h, d)"))?;
-    let mult = match unit {
-        "s" | "" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => bail!("--ttl {s:?}: unknown unit {other:?} (s, m, h, d)"),
-    };
-    Ok(n * mult)
-}
+use crate::seal::Keyring;
 
 pub fn print_tokens(tokens: &[pb::TokenInfo]) {
     println!("{:<8} {:<7} {:<22} {:<22} DESCRIPTION", "ID", "ROLE", "EXPIRES", "CREATED");
@@ -129,16 +80,18 @@ pub fn print_members(r: &pb::MembersResponse) {
 
 /// The recovery plan from the survivors' own reports (no quorum needed): the most up-to-date
 /// log wins (last term, then last index, then applied index).
-pub fn recovery_plan(survivors: &[(String, Result<pb::StoreStatusResponse, String>)]) -> anyhow::Result<String> {
+pub fn recovery_plan(survivors: &[(String, std::result::Result<pb::StoreStatusResponse, String>)]) -> Result<String> {
     use std::fmt::Write as _;
     let mut out = String::new();
     let up: Vec<(&String, &pb::StoreStatusResponse)> =
         survivors.iter().filter_map(|(a, r)| r.as_ref().ok().map(|s| (a, s))).collect();
+    let w = |e: std::fmt::Error| super::CliError::Message(e.to_string());
     writeln!(
         out,
         "{:<22} {:>3} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9}  MEMBERSHIP (voters)",
         "SURVIVOR", "ID", "STATE", "TERM", "LAST-TERM", "LAST-LOG", "COMMIT", "APPLIED"
-    )?;
+    )
+    .map_err(w)?;
     for (addr, r) in survivors {
         match r {
             Ok(s) => {
@@ -154,24 +107,26 @@ pub fn recovery_plan(survivors: &[(String, Result<pb::StoreStatusResponse, Strin
                     s.committed_index,
                     s.applied_index,
                     voters.join(",")
-                )?;
+                )
+                .map_err(w)?;
             }
-            Err(e) => writeln!(out, "{addr:<22} unreachable: {e}")?,
+            Err(e) => writeln!(out, "{addr:<22} unreachable: {e}").map_err(w)?,
         }
     }
     let Some((addr, best)) = up.iter().max_by_key(|(_, s)| (s.last_log_term, s.last_log_index, s.applied_index)) else {
         bail!("{out}\nno survivor answered: nothing to recover from");
     };
     let voters = best.members.iter().filter(|m| m.voter).count();
-    writeln!(out)?;
+    writeln!(out).map_err(w)?;
     if up.len() * 2 > voters && best.leader_id != 0 {
-        writeln!(out, "A quorum is still up (leader {}): no recovery is needed.", best.leader_id)?;
+        writeln!(out, "A quorum is still up (leader {}): no recovery is needed.", best.leader_id).map_err(w)?;
     }
     writeln!(
         out,
         "Most up-to-date survivor: replica {} at {addr} (last log {}, term {}).",
         best.id, best.last_log_index, best.last_log_term
-    )?;
+    )
+    .map_err(w)?;
     let known_commit = up.iter().map(|(_, s)| s.committed_index).max().unwrap_or(0);
     if known_commit > best.last_log_index {
         writeln!(
@@ -180,13 +135,14 @@ pub fn recovery_plan(survivors: &[(String, Result<pb::StoreStatusResponse, Strin
              them; they will be lost.",
             best.last_log_index + 1,
             known_commit
-        )?;
+        ).map_err(w)?;
     } else {
         writeln!(
             out,
             "No committed entry is missing: every entry a survivor knows to be committed is on replica {}.",
             best.id
-        )?;
+        )
+        .map_err(w)?;
     }
     if best.last_log_index > known_commit {
         writeln!(
@@ -196,26 +152,203 @@ pub fn recovery_plan(survivors: &[(String, Result<pb::StoreStatusResponse, Strin
             known_commit + 1,
             best.last_log_index,
             best.id
-        )?;
+        )
+        .map_err(w)?;
     }
-    writeln!(out)?;
-    writeln!(out, "To recover: stop every survivor, then on replica {} run", best.id)?;
-    writeln!(out, "  keel server --force-new-cluster --data-dir <its data dir> --listen {addr} ...")?;
-    writeln!(out, "and join new replicas to it with a server token. The other survivors are fenced out; wipe their data before they join again.")?;
+    writeln!(out).map_err(w)?;
+    writeln!(out, "To recover: stop every survivor, then on replica {} run", best.id).map_err(w)?;
+    writeln!(out, "  keel server --force-new-cluster --data-dir <its data dir> --listen {addr} ...").map_err(w)?;
+    writeln!(out, "and join new replicas to it with a server token. The other survivors are fenced out; wipe their data before they join again.").map_err(w)?;
     Ok(out)
+}
+
+fn recovery_key(path: &Option<std::path::PathBuf>) -> Result<Option<Keyring>> {
+    let Some(p) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+    Ok(Some(Keyring::parse(&text, &p.display().to_string())?))
+}
+
+/// `keelctl token`.
+pub async fn token(s: &Session, t: TokenCommand) -> Result<()> {
+    let api = &s.client;
+    match t {
+        TokenCommand::Create { role, user, ttl, description } => {
+            let ttl_seconds =
+                crate::api::duration::parse_secs(&ttl).map_err(|e| super::CliError::Message(format!("--ttl: {e}")))?;
+            let r = api.create_token(pb::CreateTokenRequest { role, ttl_seconds, description, user }).await?;
+            println!("{}", r.token);
+        }
+        TokenCommand::List => {
+            let r = api.list_tokens(pb::ListTokensRequest {}).await?;
+            print_tokens(&r.tokens);
+        }
+        TokenCommand::Revoke { id } => {
+            api.revoke_token(pb::RevokeTokenRequest { id: id.clone() }).await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+/// `keelctl cluster`.
+pub async fn run(s: &Session, c: ClusterCommand) -> Result<()> {
+    let api = &s.client;
+    let servers = &s.servers;
+    match c {
+        ClusterCommand::Members => {
+            let r = api.members(pb::MembersRequest {}).await?;
+            print_members(&r);
+        }
+        ClusterCommand::Status => {
+            let r = api.members(pb::MembersRequest {}).await?;
+            let voters = r.members.iter().filter(|m| m.role == "voter").count();
+            let up = r.members.iter().filter(|m| m.role == "voter" && m.status.is_some()).count();
+            let leader = r.members.iter().find(|m| m.id == r.leader_id);
+            match leader {
+                Some(l) => println!("Leader: replica {} ({}, {})", l.id, l.name, l.address),
+                None => println!("Leader: none"),
+            }
+            let health = if up == voters {
+                "healthy"
+            } else if up > voters / 2 {
+                "degraded (quorum held)"
+            } else {
+                "NO QUORUM"
+            };
+            println!("Voters: {up}/{voters} reachable, {health}");
+            print_members(&r);
+        }
+        ClusterCommand::Remove { id } => {
+            let req = match id.strip_prefix("node/") {
+                Some(node) => pb::RemoveMemberRequest { id: 0, node: node.to_string() },
+                None => pb::RemoveMemberRequest {
+                    id: id.parse().with_context(|| format!("{id:?}: expected a replica id or node/NAME"))?,
+                    node: String::new(),
+                },
+            };
+            api.remove_member(req).await?;
+            println!("{id} removed");
+        }
+        ClusterCommand::Snapshot(SnapshotCommand::NewKey { file }) => {
+            if file.exists() {
+                bail!("{} exists; not overwriting a key", file.display());
+            }
+            Keyring::load_or_create(&file)?;
+            println!("recovery key written to {}; keep it apart from the backups", file.display());
+        }
+        ClusterCommand::Snapshot(SnapshotCommand::Verify { file, recovery_key: key }) => {
+            let key = recovery_key(&key)?;
+            match crate::backup::read(&file, key.as_ref()) {
+                Ok((h, _)) => println!(
+                    "{}: OK (cluster {}, revision {}, {} keys, taken {})",
+                    file.display(),
+                    h.cluster_id,
+                    h.revision,
+                    h.keys,
+                    h.created
+                ),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        ClusterCommand::Snapshot(SnapshotCommand::Save { file, recovery_key: key }) => {
+            let key = recovery_key(&key)?;
+            let bytes = api.snapshot().await?;
+            let payload = <pb::BackupPayload as prost::Message>::decode(bytes.as_slice())
+                .context("the server sent a damaged snapshot")?;
+            let h = crate::backup::write(&file, &payload, key.as_ref())?;
+            println!(
+                "Snapshot saved to {}: revision {}, {} keys, sha256 {}{}",
+                file.display(),
+                h.revision,
+                h.keys,
+                h.sha256,
+                if h.sealed_with.is_empty() {
+                    " (NOT sealed: it holds the CA key)".to_string()
+                } else {
+                    ", sealed".to_string()
+                }
+            );
+        }
+        ClusterCommand::Recover { plan: _ } => {
+            let client = Client::new(
+                servers,
+                s.auth.clone(),
+                crate::client::ClientConfig::with_timeout(Duration::from_secs(3)),
+            )?;
+            let mut survivors = Vec::new();
+            for (i, addr) in servers.iter().enumerate() {
+                survivors.push((addr.clone(), client.status_of(i).await.map_err(|e| e.to_string())));
+            }
+            print!("{}", recovery_plan(&survivors)?);
+        }
+        ClusterCommand::ReencryptSecrets => {
+            let r = api.reencrypt_secrets(pb::ReencryptSecretsRequest {}).await?;
+            println!("{} secrets re-sealed with {}, {} already were", r.resealed, r.active_key, r.unchanged);
+        }
+        ClusterCommand::TransferLeader { id } => {
+            let r = api.transfer_leader(pb::TransferLeaderRequest { id }).await?;
+            println!("replica {} leads", r.leader_id);
+        }
+        ClusterCommand::Certs => {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            println!("{:<24} {:<22} LEFT", "CERTIFICATE", "EXPIRES");
+            let row = |subject: &str, not_after: &str, left: i64| {
+                let days = left / 86_400;
+                let warn = if left < 30 * 86_400 { "  <- renew soon" } else { "" };
+                println!("{subject:<24} {not_after:<22} {days}d{warn}");
+            };
+            let mut seen = std::collections::BTreeSet::new();
+            // Every member reports its own certificate; ask each at its address.
+            let mut addrs: Vec<String> = servers.to_vec();
+            if let Ok(m) = api.members(pb::MembersRequest {}).await {
+                addrs = m.members.into_iter().map(|m| m.address).collect();
+            }
+            let self_auth = s.auth.clone();
+            for s in &addrs {
+                let one = Client::new(
+                    std::slice::from_ref(s),
+                    crate::client::ClientAuth::clone(&self_auth),
+                    Default::default(),
+                )?;
+                match one.certificates(pb::CertificatesRequest {}).await {
+                    Ok(r) => {
+                        for cert in r.certificates {
+                            if seen.insert(cert.subject.clone()) {
+                                row(&cert.subject, &cert.not_after, cert.seconds_left);
+                            }
+                        }
+                    }
+                    Err(e) => println!("{s:<24} unreachable: {e}"),
+                }
+            }
+            // Nodes report their certificate's end on their Node object.
+            let nodes = api.list_all(Kind::Node, &ListOptions::default()).await;
+            if let Ok(list) = nodes {
+                for n in &list.items {
+                    let Some(m) = crate::api::object::meta(n) else { continue };
+                    let Some(end) = m.annotations.get(crate::api::wellknown::CERT_EXPIRES_ANNOTATION) else { continue };
+                    let left = humantime::parse_rfc3339(end)
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs() as i64 - now);
+                    row(&format!("node {}", m.name), end, left);
+                }
+            }
+            if let crate::client::ClientAuth::Certificate(mine) = &s.auth {
+                let end = crate::pki::not_after(&mine.cert_pem)?;
+                let who = mine.identity().map_or_else(|| "this user".to_string(), |i| i.to_string());
+                let ts =
+                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(end.max(0) as u64));
+                row(&format!("{who} (you)"), &ts.to_string(), end - now);
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn ttls_parse_with_units() {
-        assert_eq!(super::parse_ttl("24h").unwrap(), 86_400);
-        assert_eq!(super::parse_ttl("90s").unwrap(), 90);
-        assert_eq!(super::parse_ttl("0").unwrap(), 0);
-        assert!(super::parse_ttl("1y").is_err());
-        assert!(super::parse_ttl("h").is_err());
-    }
-
     #[test]
     fn the_plan_picks_the_most_up_to_date_log_and_names_lost_entries() {
         use crate::proto::v1 as pb;

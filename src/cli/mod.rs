@@ -1,67 +1,192 @@
-//! keelctl's object commands: apply, create, get, delete. They read manifests at the edge
-//! and speak only the gRPC Objects API, failing over between replicas.
+//! keelctl, kubectl's counterpart: commands that read Kubernetes-style YAML at the edge and
+//! speak only the cluster's gRPC APIs through `client`. The keelctl binary parses the
+//! command line (`args`) and calls [`run`].
+//!
+//! - `objects`: apply, create, get, delete, describe;
+//! - `modify`: label, annotate, scale, edit (read, change, compare-and-swap);
+//! - `print` and `jsonpath`: every `-o` format;
+//! - `cluster`, `kv`, `config_cmd`: cluster administration, raw keys, contexts.
 
+pub mod args;
 pub mod cluster;
-pub mod commands;
-pub mod config;
+pub mod config_cmd;
+pub mod describe;
+pub mod jsonpath;
+pub mod kv;
+pub mod modify;
+pub mod objects;
 pub mod print;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use crate::client::{AuthChannel, ClientAuth};
-use anyhow::{bail, Context};
-use tonic::Code;
 
 use crate::api::{kinds, manifest, object};
+use crate::client::config::{self, ConfigError};
+use crate::client::{Client, ClientAuth, ClientConfig, ClientError};
 use crate::proto::v1 as pb;
-use crate::proto::v1::objects_client::ObjectsClient;
+use args::{Cli, Command};
 
-/// Objects API clients for every replica; calls go to the first that answers.
-pub struct Api {
-    clients: Vec<(String, ObjectsClient<AuthChannel>)>,
+/// What a keelctl command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
+    #[error("{0}")]
+    Message(String),
 }
 
-fn retryable(s: &tonic::Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown)
+pub type Result<T> = std::result::Result<T, CliError>;
+
+/// Returns early with a message, as `anyhow::bail!` would.
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err($crate::cli::CliError::Message(format!($($t)*)))
+    };
+}
+pub(crate) use bail;
+
+/// Adds what was being done to an error.
+pub trait Context<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T>;
+    fn with_context<S: std::fmt::Display>(self, what: impl FnOnce() -> S) -> Result<T>;
 }
 
-impl Api {
-    pub fn new(servers: &[String], auth: &ClientAuth) -> anyhow::Result<Api> {
-        let mut clients = Vec::new();
-        for s in servers {
-            let ch = crate::client::auth_channel(s, auth, Duration::from_secs(2))
-                .with_context(|| format!("invalid server address {s:?}"))?;
-            clients.push((s.clone(), ObjectsClient::new(ch)));
-        }
-        if clients.is_empty() {
-            bail!("no server given (--server or KEEL_SERVER)");
-        }
-        Ok(Api { clients })
+impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|e| CliError::Message(format!("{what}: {e}")))
     }
 
-    /// Runs `f` against each replica in turn while the failure means "try another one".
-    /// Only calls that are safe to repeat go through here.
-    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
-    where
-        F: Fn(ObjectsClient<AuthChannel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let mut last = None;
-        for (_, c) in &self.clients {
-            match f(c.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if retryable(&s) => last = Some(s),
-                Err(s) => return Err(s),
-            }
+    fn with_context<S: std::fmt::Display>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| CliError::Message(format!("{}: {e}", what())))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.ok_or_else(|| CliError::Message(what.to_string()))
+    }
+
+    fn with_context<S: std::fmt::Display>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.ok_or_else(|| CliError::Message(what().to_string()))
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> CliError {
+        CliError::Message(e.to_string())
+    }
+}
+
+/// The message kubectl would print for an error.
+pub fn describe_error(e: &CliError) -> String {
+    match e {
+        CliError::Client(ClientError::Status { status, .. }) => {
+            format!("Error from server ({:?}): {}", status.code(), status.message())
         }
-        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no replica answered")))
+        CliError::Client(ClientError::Unavailable { addr, last, .. }) => {
+            format!("error: the server is unavailable: {addr}: {}", last.message())
+        }
+        CliError::Client(e @ ClientError::Indeterminate { .. }) => format!("error: {e}"),
+        other => format!("error: {other}"),
+    }
+}
+
+/// The cluster a command talks to, from the configuration file and the flags.
+pub struct Session {
+    pub client: Client,
+    pub auth: ClientAuth,
+    pub servers: Vec<String>,
+    pub namespace: String,
+}
+
+impl Session {
+    fn open(cli: &Cli) -> Result<Session> {
+        let path = config::read_path();
+        let cfg = config::Config::load(&path)?;
+        let ctx = match cfg.selected(cli.context.as_deref())? {
+            Some(c) => c.clone(),
+            None => bail!(
+                "no context: {} has no current-context; point KEELCONFIG at the admin configuration that `keel server` wrote (by default {})",
+                path.display(),
+                config::ADMIN_CONFIG
+            ),
+        };
+        let auth = ctx.auth()?;
+        let servers = match &cli.server {
+            Some(s) => s.clone(),
+            None if !ctx.servers.is_empty() => ctx.servers.clone(),
+            None => vec![config::DEFAULT_SERVER.to_string()],
+        };
+        let namespace = cli
+            .namespace
+            .clone()
+            .or_else(|| Some(ctx.namespace.clone()).filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| "default".to_string());
+        let client = Client::new(&servers, auth.clone(), ClientConfig::default())?;
+        Ok(Session { client, auth, servers, namespace })
+    }
+
+    /// The namespace a command about `info` works in ("" for cluster-scoped kinds).
+    pub fn namespace_for(&self, info: &kinds::KindInfo) -> String {
+        if info.namespaced {
+            self.namespace.clone()
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Runs one keelctl command; returns the process's exit code.
+pub async fn run(cli: Cli) -> std::process::ExitCode {
+    match dispatch(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message only: a user error is not a crash, so no backtrace.
+            eprintln!("{}", describe_error(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Config(c) = cli.command {
+        return config_cmd::run(c);
+    }
+    let s = Session::open(&cli)?;
+    match cli.command {
+        Command::Config(_) => Ok(()),
+        Command::Token(t) => cluster::token(&s, t).await,
+        Command::Cluster(c) => cluster::run(&s, c).await,
+        Command::Apply(a) => objects::apply(&s, a).await,
+        Command::Create(a) => objects::create(&s, a).await,
+        Command::Get(g) => objects::get(&s, g).await,
+        Command::Delete(d) => objects::delete(&s, d).await,
+        Command::Describe(d) => objects::describe(&s, d).await,
+        Command::Label(m) => modify::label_or_annotate(&s, m, false).await,
+        Command::Annotate(m) => modify::label_or_annotate(&s, m, true).await,
+        Command::Scale(a) => modify::scale(&s, a).await,
+        Command::Edit(a) => modify::edit(&s, a).await,
+        Command::ApiResources => {
+            objects::api_resources();
+            Ok(())
+        }
+        Command::Version => {
+            println!("keelctl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Status => kv::status(&s).await,
+        Command::Kv(k) => kv::run(&s, k).await,
     }
 }
 
 /// Files named by `-f`: files, directories (with `recursive`, their subdirectories) or `-`.
-pub fn manifest_files(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+pub fn manifest_files(paths: &[PathBuf], recursive: bool) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("read {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -92,7 +217,7 @@ pub fn manifest_files(paths: &[PathBuf], recursive: bool) -> anyhow::Result<Vec<
 }
 
 /// Reads and parses every document; any error stops before anything is sent.
-pub fn read_manifests(files: &[PathBuf]) -> anyhow::Result<Vec<pb::Object>> {
+pub fn read_manifests(files: &[PathBuf]) -> Result<Vec<pb::Object>> {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for f in files {
@@ -116,24 +241,6 @@ pub fn read_manifests(files: &[PathBuf]) -> anyhow::Result<Vec<pb::Object>> {
     Ok(objects)
 }
 
-fn set_namespace(obj: &mut pb::Object, namespace: &str) -> anyhow::Result<()> {
-    let info = object::info(obj).context("object without a kind")?;
-    if let Some(m) = object::meta_mut(obj) {
-        if info.namespaced {
-            if m.namespace.is_empty() {
-                m.namespace = namespace.to_string();
-            } else if m.namespace != namespace && namespace != "default" {
-                bail!(
-                    "the namespace from the provided object {:?} does not match the namespace {namespace:?}; you must pass '--namespace={}' to perform this operation",
-                    m.namespace,
-                    m.namespace
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
 /// `kind/name` as kubectl prints it (`deployment.apps/web`).
 pub fn display_name(obj: &pb::Object) -> String {
     let info = object::info(obj);
@@ -147,72 +254,16 @@ pub fn display_name(obj: &pb::Object) -> String {
     }
 }
 
-/// Applies manifests through the server's three-way merge, one object per transaction, or
-/// (with `atomic`) all of them in one. Prints one line per object, as kubectl does; with one
-/// object per transaction, a failure does not stop the others.
-pub async fn apply(
-    api: &Api,
-    objects: Vec<pb::Object>,
-    namespace: &str,
-    atomic: bool,
-    dry_run: bool,
-) -> anyhow::Result<()> {
-    let mut objects = objects;
-    for obj in &mut objects {
-        set_namespace(obj, namespace)?;
-    }
-    let suffix = if dry_run { " (server dry run)" } else { "" };
-    let send = |objects: Vec<pb::Object>| {
-        // Applying the same manifests twice ends in the same state, so it is safe to retry.
-        api.call(move |mut c| {
-            let objects = objects.clone();
-            async move { c.apply(pb::ApplyRequest { objects, dry_run }).await }
-        })
-    };
-    let print = |r: pb::ApplyResponse| {
-        for res in r.results {
-            if let Some(o) = res.object {
-                println!("{} {}{suffix}", display_name(&o), res.action);
-            }
-        }
-    };
-    if atomic {
-        let n = objects.len();
-        print(send(objects).await.map_err(status_error).context(format!("none of the {n} objects was applied"))?);
-        return Ok(());
-    }
-    let mut failed = Vec::new();
-    for obj in objects {
-        match send(vec![obj]).await {
-            Ok(r) => print(r),
-            Err(s) => failed.push(status_error(s).to_string()),
-        }
-    }
-    if !failed.is_empty() {
-        bail!("{}", failed.join("\n"));
-    }
-    Ok(())
-}
-
-/// Creates one object (a create is retried on another replica only if the first was
-/// unreachable).
-pub async fn create(api: &Api, obj: pb::Object) -> anyhow::Result<pb::Object> {
-    api.call(|mut c| {
-        let o = obj.clone();
-        async move { c.create(pb::CreateRequest { object: Some(o) }).await }
-    })
-    .await
-    .map_err(status_error)
-}
-
-/// Turns an API status into the message kubectl would print.
-pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    match s.code() {
-        Code::Unavailable => anyhow::anyhow!("the server is unavailable: {}", s.message()),
-        _ => anyhow::anyhow!("Error from server ({:?}): {}", s.code(), s.message()),
-    }
-}
-
-pub fn resolve_kind(kind: &str) -> anyhow::Result<&'static kinds::KindInfo> {
+pub fn resolve_kind(kind: &str) -> Result<&'static kinds::KindInfo> {
     kinds::by_name(kind).with_context(|| format!("the server doesn't have a resource type {kind:?}"))
+}
+
+/// `deploy/web` or `deploy web`.
+pub fn split_ref(kind: &str, name: Option<&str>) -> Result<(String, String)> {
+    match (kind.split_once('/'), name) {
+        (Some((k, n)), None) => Ok((k.to_string(), n.to_string())),
+        (None, Some(n)) => Ok((kind.to_string(), n.to_string())),
+        (Some(_), Some(_)) => bail!("there is no need to specify a resource type as a separate argument when passing arguments in resource/name form"),
+        (None, None) => bail!("a name is required: KIND NAME or KIND/NAME"),
+    }
 }

@@ -1,9 +1,15 @@
-//! Control loops. Each is an ordinary client of the Objects API: it reads and writes only
-//! through gRPC, so it can run on any replica or in a process of its own.
-//!
-//! For now the only loop is the namespace controller, which every replica runs: its work is
-//! idempotent (deletes that find nothing, a release that compares resourceVersion), so
-//! replicas racing each other cost a few conflicts and nothing else. The controller-manager
-//! issue moves loops under a Lease so that one replica runs each.
+//! Control loops. Each is an ordinary client of the API: it reads through shared informers
+//! and writes through `client`, so it can run on any replica or in a process of its own.
+//! The controller manager (`runtime::manager`) runs them on the replica that holds its Lease.
 
 pub mod namespace;
+pub mod runtime;
+
+use crate::client::Client;
+
+/// The controller manager with every built-in controller registered.
+pub fn manager(client: Client, config: runtime::ManagerConfig) -> runtime::ControllerManager {
+    let mut m = runtime::ControllerManager::new(client, config);
+    m.register(namespace::NamespaceController::default());
+    m
+}

@@ -2,112 +2,87 @@
 //! the namespace (removes the `kubernetes` spec finalizer) so that the API server deletes it.
 //!
 //! Objects in the namespace that hold finalizers of their own keep it Terminating until they
-//! go, as in Kubernetes.
+//! go, as in Kubernetes. It reads namespaces from the shared informer and the content with
+//! lists, and writes only through the API.
 
 use std::time::Duration;
 
-use tonic::transport::Channel;
-use tonic::{Code, Status};
-
-use crate::api::kinds::{self, KINDS};
+use crate::api::kinds::{Kind, KINDS};
+use crate::api::object;
+use crate::api::wellknown::NAMESPACE_FINALIZER;
+use crate::client::{DeleteOptions, ListOptions};
 use crate::proto::v1 as pb;
-use crate::proto::v1::objects_client::ObjectsClient;
-use crate::server::objects::NAMESPACE_FINALIZER;
 
-/// How often a Terminating namespace is looked at again while content remains.
-const RETRY: Duration = Duration::from_millis(500);
-/// A full re-list even when no watch event came.
-const RESYNC: Duration = Duration::from_secs(30);
+use super::runtime::{Action, Context, Controller, ReconcileError};
 
-/// Runs until the task is dropped, against the replica at `addr`, as the replica itself
-/// (its credentials renew; the client reconnects with the current ones after an error).
-pub async fn run(addr: std::net::SocketAddr, creds: std::sync::Arc<crate::pki::LiveCredentials>) {
-    let connect =
-        || crate::client::endpoint(&addr.to_string(), &creds.get()).map(|e| ObjectsClient::new(e.connect_lazy()));
-    let Ok(mut client) = connect() else { return };
-    loop {
-        match sweep(&mut client).await {
-            Ok((rv, busy)) => wait_for_change(&mut client, rv, if busy { RETRY } else { RESYNC }).await,
-            Err(s) => {
-                tracing::debug!(error = %s, "namespace controller: list failed; retrying");
-                tokio::time::sleep(RETRY).await;
-                if let Ok(c) = connect() {
-                    client = c;
-                }
-            }
-        }
+pub struct NamespaceController {
+    /// How soon a Terminating namespace is looked at again while content remains.
+    pub retry: Duration,
+}
+
+impl Default for NamespaceController {
+    fn default() -> NamespaceController {
+        NamespaceController { retry: Duration::from_secs(1) }
     }
 }
 
-/// Finalizes every Terminating namespace once. Returns the list's resourceVersion and
-/// whether some namespace is still waiting for its content to go.
-async fn sweep(c: &mut ObjectsClient<Channel>) -> Result<(String, bool), Status> {
-    let list = c.list(pb::ListRequest { kind: "Namespace".into(), ..Default::default() }).await?.into_inner();
-    let mut busy = false;
-    for obj in list.items {
-        let Some(pb::object::Kind::Namespace(ns)) = obj.kind else { continue };
-        let m = ns.metadata.clone().unwrap_or_default();
+impl Controller for NamespaceController {
+    fn name(&self) -> &'static str {
+        "namespace"
+    }
+
+    fn primary(&self) -> Kind {
+        Kind::Namespace
+    }
+
+    async fn reconcile(&self, key: &str, ctx: &Context) -> Result<Action, ReconcileError> {
+        let Some(obj) = ctx.informers.informer(Kind::Namespace).get(key) else { return Ok(Action::Done) };
+        let Some(pb::object::Kind::Namespace(ns)) = obj.kind.clone() else { return Ok(Action::Done) };
+        let terminating = ns.metadata.as_ref().is_some_and(|m| !m.deletion_timestamp.is_empty());
         let held = ns.spec.as_ref().is_some_and(|s| s.finalizers.iter().any(|f| f == NAMESPACE_FINALIZER));
-        if m.deletion_timestamp.is_empty() || !held {
-            continue;
+        if !terminating || !held {
+            return Ok(Action::Done);
         }
-        match finalize(c, ns).await {
-            Ok(done) => busy |= !done,
-            Err(s) => {
-                tracing::debug!(namespace = m.name, error = %s, "namespace controller: will retry");
-                busy = true;
-            }
+        let remaining = delete_content(ctx, key).await?;
+        if remaining > 0 {
+            return Ok(Action::RequeueAfter(self.retry));
         }
+        release(ctx, ns).await
     }
-    Ok((list.resource_version, busy))
 }
 
-/// Deletes what is left in the namespace; releases it once nothing is. True when released.
-async fn finalize(c: &mut ObjectsClient<Channel>, mut ns: pb::Namespace) -> Result<bool, Status> {
-    let name = ns.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+/// Deletes what is left in `namespace`; returns how many objects are still there (being
+/// deleted, or held by their own finalizers).
+async fn delete_content(ctx: &Context, namespace: &str) -> Result<usize, ReconcileError> {
     let mut remaining = 0;
     for info in KINDS.iter().filter(|k| k.namespaced) {
-        let req = pb::ListRequest { kind: info.name.into(), namespace: name.clone(), ..Default::default() };
-        for item in c.list(req).await?.into_inner().items {
+        let items = ctx.client.list_all(info.kind, &ListOptions::namespace(namespace)).await?.items;
+        for item in items {
             remaining += 1;
-            let m = crate::api::object::meta(&item).cloned().unwrap_or_default();
+            let m = object::meta(&item).cloned().unwrap_or_default();
             if !m.deletion_timestamp.is_empty() {
                 continue;
             }
-            let r = pb::ObjectRef { kind: info.name.into(), namespace: name.clone(), name: m.name.clone() };
-            match c.delete(pb::DeleteRequest { r#ref: Some(r), ..Default::default() }).await {
+            match ctx.client.delete(info.kind, namespace, &m.name, &DeleteOptions::default()).await {
                 Ok(_) => {}
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(s),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
-    if remaining > 0 {
-        return Ok(false);
-    }
+    Ok(remaining)
+}
+
+/// Removes the finalizer, compared on the revision the cache saw: if the namespace changed
+/// since, the update is a conflict and the next reconcile decides on the new state.
+async fn release(ctx: &Context, mut ns: pb::Namespace) -> Result<Action, ReconcileError> {
     if let Some(spec) = ns.spec.as_mut() {
         spec.finalizers.retain(|f| f != NAMESPACE_FINALIZER);
     }
-    let obj = pb::Object { kind: Some(pb::object::Kind::Namespace(ns)) };
-    match c.update(pb::UpdateRequest { object: Some(obj) }).await {
-        Ok(_) => Ok(true),
-        // Another replica released it first, or it changed: look again next sweep.
-        Err(s) if matches!(s.code(), Code::NotFound | Code::Aborted) => Ok(false),
-        Err(s) => Err(s),
+    match ctx.client.update(pb::Object { kind: Some(pb::object::Kind::Namespace(ns)) }).await {
+        Ok(_) => Ok(Action::Done),
+        // Gone already: nothing left to do.
+        Err(e) if e.is_not_found() => Ok(Action::Done),
+        Err(e) => Err(e.into()),
     }
-}
-
-/// Waits for a namespace event after `rv`, or `limit`, whichever comes first.
-async fn wait_for_change(c: &mut ObjectsClient<Channel>, rv: String, limit: Duration) {
-    let kind = kinds::info(kinds::Kind::Namespace).name.to_string();
-    let req = pb::WatchObjectsRequest { kind, resource_version: rv, ..Default::default() };
-    let wait = async {
-        match c.watch(req).await {
-            Ok(s) => {
-                let _ = s.into_inner().message().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    let _ = tokio::time::timeout(limit, wait).await;
 }

@@ -10,15 +10,12 @@
 //!   to it refers to (volumes, env, envFrom, projected sources, imagePullSecrets);
 //! - it may read every other kind.
 
-use serde_json::Value;
 use tonic::Status;
 
-use crate::api::json;
 use crate::api::kinds::{Kind, KindInfo};
+use crate::api::wellknown::NODE_LEASE_NAMESPACE;
 use crate::pki::Identity;
 use crate::proto::v1 as pb;
-
-pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
@@ -65,46 +62,6 @@ pub fn forbidden(who: &Identity, verb: Verb, info: &KindInfo, namespace: &str, n
     ))
 }
 
-/// The node a stored pod is bound to.
-pub fn pod_node(obj: &pb::Object) -> Option<&str> {
-    match obj.kind.as_ref()? {
-        pb::object::Kind::Pod(p) => p.spec.as_ref().map(|s| s.node_name.as_str()).filter(|n| !n.is_empty()),
-        _ => None,
-    }
-}
-
-/// The Secrets and ConfigMaps a pod refers to, by name.
-pub fn pod_references(pod: &pb::Object) -> (Vec<String>, Vec<String>) {
-    fn walk(v: &Value, parent: &str, secrets: &mut Vec<String>, maps: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                let name = m.get("name").and_then(Value::as_str).map(str::to_string);
-                match parent {
-                    "secret" | "secretRef" | "secretKeyRef" => secrets.extend(name),
-                    "configMap" | "configMapRef" | "configMapKeyRef" => maps.extend(name),
-                    "imagePullSecrets" => secrets.extend(name),
-                    _ => {}
-                }
-                if let Some(s) = m.get("secretName").and_then(Value::as_str) {
-                    secrets.push(s.to_string());
-                }
-                for (k, child) in m {
-                    walk(child, k, secrets, maps);
-                }
-            }
-            Value::Array(items) => items.iter().for_each(|i| walk(i, parent, secrets, maps)),
-            _ => {}
-        }
-    }
-    let mut secrets = Vec::new();
-    let mut maps = Vec::new();
-    let v = json::to_value(pod);
-    if let Some(spec) = v.get("spec") {
-        walk(spec, "spec", &mut secrets, &mut maps);
-    }
-    (secrets, maps)
-}
-
 /// A node's write, decided on the object as stored (`current`) and as sent (`new`).
 pub fn node_may_write(
     node: &str,
@@ -124,7 +81,9 @@ pub fn node_may_write(
         }
         (Kind::Lease, _) => Err("a node may only write its own Lease in kube-node-lease"),
         (Kind::Event, Verb::Create | Verb::Update) => Ok(()),
-        (Kind::Pod, Verb::UpdateStatus | Verb::Delete) if current.and_then(pod_node) == Some(node) => Ok(()),
+        (Kind::Pod, Verb::UpdateStatus | Verb::Delete) if current.and_then(crate::api::pod::node_of) == Some(node) => {
+            Ok(())
+        }
         (Kind::Pod, _) => Err("a node may only update the status of, or delete, pods bound to it"),
         _ => Err("a node may not write this kind"),
     }

@@ -1,125 +1,27 @@
 //! The `keel.v1.Cluster` service: join by token, promotion to voter, join tokens,
 //! membership and status.
 //!
-//! Cluster state lives in the store under `/keel/`, next to the objects:
-//!
-//! ```text
-//! /keel/cluster-id             the cluster's id
-//! /keel/pki/ca                 the CA certificate and key (JSON)
-//! /keel/tokens/<id>            a join token: role, SHA-256 of its secret, expiry (JSON)
-//! /keel/replicas/<name>        a replica's id and key fingerprint (JSON)
-//! /keel/nodes/<name>           a node's key fingerprint (JSON)
-//! /keel/next-replica-id        the next replica id to hand out
-//! ```
+//! Cluster state lives in the store under `/keel/`, next to the objects (see
+//! `cluster_state` for every key and its record).
 //!
 //! A name is bound to a key: a replica or node that joins again under its name with the
 //! same key gets its identity back; another key is refused with the command that removes
 //! the old registration.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::auth::{caller, unauthenticated};
+use super::cluster_state::{
+    self as state, cert_lifetime, read, read_record, rfc3339, unix_now, CaRecord, Registration, TokenRecord,
+    CLUSTER_ID, JOIN_TOKENS, NEXT_REPLICA_ID, REPLICAS, USER_TOKENS,
+};
 use super::status::from_store;
 use crate::pki::{self, Ca, Credentials, Identity, JoinToken, TokenRole};
 use crate::proto::v1 as pb;
 use crate::store::{delete_op, exists, mod_equals, prefix_request, put_op, Member, Store};
-
-pub const CLUSTER_ID_KEY: &str = "/keel/cluster-id";
-pub const CA_KEY: &str = "/keel/pki/ca";
-pub const TOKENS: &str = "/keel/tokens/";
-pub const USER_TOKENS: &str = "/keel/user-tokens/";
-pub const REPLICAS: &str = "/keel/replicas/";
-pub const NODES: &str = "/keel/nodes/";
-pub const NEXT_REPLICA_ID: &str = "/keel/next-replica-id";
-/// Seconds that replica and node certificates are valid for (set by --cluster-init).
-pub const CERT_LIFETIME_KEY: &str = "/keel/cert-lifetime";
-
-/// The cluster's certificate lifetime for replicas and nodes, if the store answers.
-pub async fn stored_cert_lifetime(store: &Store) -> Option<Duration> {
-    let kv = read(store, CERT_LIFETIME_KEY).await.ok()??;
-    String::from_utf8_lossy(&kv.value).parse().map(Duration::from_secs).ok()
-}
-
-/// The cluster's certificate lifetime for replicas and nodes (a year unless set).
-pub async fn cert_lifetime(store: &Store) -> Duration {
-    stored_cert_lifetime(store).await.unwrap_or(JOIN_CERT_LIFETIME)
-}
-
-/// Lifetime of certificates signed at join.
-pub const JOIN_CERT_LIFETIME: Duration = super::bootstrap::CERT_LIFETIME;
-
-#[derive(Serialize, Deserialize)]
-struct StoredCa {
-    cert_pem: String,
-    key_pem: String,
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-pub(crate) struct StoredToken {
-    pub(crate) role: String,
-    pub(crate) secret_sha256: String,
-    /// Unix seconds; 0 never expires.
-    pub(crate) expires: i64,
-    created: String,
-    #[serde(default)]
-    description: String,
-    /// User tokens: whom the token authenticates.
-    #[serde(default)]
-    pub(crate) user: String,
-}
-
-impl StoredToken {
-    /// What is kept of a token issued now: its role, a hash of its secret, and when it
-    /// expires (`ttl_seconds` 0: never).
-    fn issued(t: &JoinToken, role: &str, ttl_seconds: u64, description: String, user: String) -> StoredToken {
-        StoredToken {
-            role: role.to_string(),
-            secret_sha256: t.secret_hash(),
-            expires: if ttl_seconds == 0 { 0 } else { unix_now() + ttl_seconds as i64 },
-            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            description,
-            user,
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-struct Registration {
-    /// Replicas only.
-    #[serde(default)]
-    id: u64,
-    fingerprint: String,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-fn rfc3339(unix: i64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64)).to_string()
-}
-
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-async fn read(store: &Store, key: &str) -> Result<Option<pb::KeyValue>, Status> {
-    let r = store.range(pb::RangeRequest { key: key.into(), ..Default::default() }).await.map_err(from_store)?;
-    Ok(r.kvs.into_iter().next())
-}
-
-async fn read_json<T: for<'de> Deserialize<'de>>(store: &Store, key: &str) -> Result<Option<(T, i64)>, Status> {
-    match read(store, key).await? {
-        None => Ok(None),
-        Some(kv) => serde_json::from_slice(&kv.value)
-            .map(|v| Some((v, kv.mod_revision)))
-            .map_err(|e| Status::internal(format!("{key} is damaged: {e}"))),
-    }
-}
 
 /// Writes a new cluster's state (id, CA, the first replica's registration, a server and an
 /// agent token) into the store of its first replica. Returns the two tokens.
@@ -137,19 +39,19 @@ pub async fn initialize(
     let agent = JoinToken::generate(&ca_hash, TokenRole::Agent);
     let fingerprint = pki::key_fingerprint(&creds.cert_pem).map_err(|e| Status::internal(e.to_string()))?;
     let token = |t: &JoinToken, what: &str| {
-        StoredToken::issued(t, &t.role.to_string(), 0, format!("created by --cluster-init ({what})"), String::new())
+        TokenRecord::issued(t, &t.role.to_string(), 0, format!("created by --cluster-init ({what})"), String::new())
     };
     let txn = pb::TxnRequest {
         // Only once: a cluster that has an id keeps it.
-        compare: vec![mod_equals(CLUSTER_ID_KEY, 0)],
+        compare: vec![mod_equals(CLUSTER_ID, 0)],
         success: vec![
-            put_op(CLUSTER_ID_KEY, cluster_id.as_bytes().to_vec()),
-            put_op(CA_KEY, json(&StoredCa { cert_pem: ca.cert_pem.clone(), key_pem: ca.key_pem.clone() })),
-            put_op(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })),
+            put_op(CLUSTER_ID, cluster_id.as_bytes().to_vec()),
+            put_op(state::CA, state::encode(&CaRecord::of(ca))),
+            put_op(&state::replica_key(name), state::encode(&Registration { id, fingerprint })),
             put_op(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()),
-            put_op(CERT_LIFETIME_KEY, cert_lifetime.as_secs().to_string().into_bytes()),
-            put_op(&format!("{TOKENS}{}", server.id), json(&token(&server, "servers"))),
-            put_op(&format!("{TOKENS}{}", agent.id), json(&token(&agent, "agents"))),
+            put_op(state::CERT_LIFETIME, cert_lifetime.as_secs().to_string().into_bytes()),
+            put_op(&state::join_token_key(&server.id), state::encode(&token(&server, "servers"))),
+            put_op(&state::join_token_key(&agent.id), state::encode(&token(&agent, "agents"))),
         ],
         failure: vec![],
     };
@@ -166,13 +68,6 @@ pub async fn initialize(
             Err(e) => return Err(from_store(e)),
         }
     }
-}
-
-/// The CA a backup holds.
-pub fn backup_ca(payload: &pb::BackupPayload) -> Option<Ca> {
-    let kv = payload.data.as_ref()?.kvs.iter().find(|kv| kv.key == CA_KEY.as_bytes())?;
-    let ca: StoredCa = serde_json::from_slice(&kv.value).ok()?;
-    Some(Ca { cert_pem: ca.cert_pem, key_pem: ca.key_pem })
 }
 
 /// Writes a backup's keys into the store of a new cluster's first replica, which becomes the
@@ -199,7 +94,7 @@ pub async fn load_backup(
             })),
         })
         .collect();
-    ops.push(put_op(&format!("{REPLICAS}{name}"), json(&Registration { id, fingerprint })));
+    ops.push(put_op(&state::replica_key(name), state::encode(&Registration { id, fingerprint })));
     ops.push(put_op(NEXT_REPLICA_ID, (id + 1).to_string().into_bytes()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for batch in ops.chunks(256) {
@@ -222,7 +117,7 @@ pub struct ClusterService {
     store: Store,
     /// This replica's own credentials (they renew), to ask other replicas for their status.
     creds: std::sync::Arc<pki::LiveCredentials>,
-    keys: std::sync::Arc<super::secrets::Keyring>,
+    keys: std::sync::Arc<crate::seal::Keyring>,
     /// One membership change at a time from this replica.
     membership: tokio::sync::Mutex<()>,
 }
@@ -231,16 +126,16 @@ impl ClusterService {
     pub fn new(
         store: Store,
         creds: std::sync::Arc<pki::LiveCredentials>,
-        keys: std::sync::Arc<super::secrets::Keyring>,
+        keys: std::sync::Arc<crate::seal::Keyring>,
     ) -> ClusterService {
         ClusterService { store, creds, keys, membership: tokio::sync::Mutex::new(()) }
     }
 
     async fn ca(&self) -> Result<Ca, Status> {
-        let (ca, _) = read_json::<StoredCa>(&self.store, CA_KEY).await?.ok_or_else(|| {
+        let (ca, _) = read_record::<CaRecord>(&self.store, state::CA).await?.ok_or_else(|| {
             Status::failed_precondition("this cluster has no CA in its store (it was not started with --cluster-init)")
         })?;
-        Ok(Ca { cert_pem: ca.cert_pem, key_pem: ca.key_pem })
+        Ok(ca.into_ca())
     }
 
     /// Checks a join token; returns its role.
@@ -251,18 +146,14 @@ impl ClusterService {
                 "the join token belongs to another cluster: its CA hash does not match this cluster's CA",
             ));
         }
-        let key = format!("{TOKENS}{}", token.id);
-        let (stored, _) = read_json::<StoredToken>(&self.store, &key).await?.ok_or_else(|| {
+        let key = state::join_token_key(&token.id);
+        let (stored, _) = read_record::<TokenRecord>(&self.store, &key).await?.ok_or_else(|| {
             Status::unauthenticated(format!("join token {:?} is not valid: it does not exist or was revoked", token.id))
         })?;
-        let given = token.secret_hash();
-        // Compare all bytes, so the time taken does not say how much matched.
-        let same = given.len() == stored.secret_sha256.len()
-            && given.bytes().zip(stored.secret_sha256.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if !same {
+        if !stored.secret_matches(&token.secret_hash()) {
             return Err(Status::unauthenticated(format!("join token {:?}: wrong secret", token.id)));
         }
-        if stored.expires != 0 && unix_now() >= stored.expires {
+        if stored.expired() {
             return Err(Status::unauthenticated(format!(
                 "join token {:?} expired at {}; create a new one with `keelctl token create --role {}`",
                 token.id,
@@ -286,9 +177,9 @@ impl ClusterService {
 
     /// Binds `name` to `fingerprint` and returns its replica id (the old one on a rejoin).
     async fn register_replica(&self, name: &str, fingerprint: &str) -> Result<u64, Status> {
-        let key = format!("{REPLICAS}{name}");
+        let key = state::replica_key(name);
         for _ in 0..10 {
-            let existing = read_json::<Registration>(&self.store, &key).await?;
+            let existing = read_record::<Registration>(&self.store, &key).await?;
             let (_, members) = self.members();
             let (id, mut compare, mut ops) = match existing {
                 Some((reg, _)) if reg.fingerprint == fingerprint => return Ok(reg.id),
@@ -315,7 +206,7 @@ impl ClusterService {
                     )
                 }
             };
-            ops.push(put_op(&key, json(&Registration { id, fingerprint: fingerprint.to_string() })));
+            ops.push(put_op(&key, state::encode(&Registration { id, fingerprint: fingerprint.to_string() })));
             compare.retain(|c| !c.key.is_empty());
             let r = self.store.txn(pb::TxnRequest { compare, success: ops, failure: vec![] }, true).await;
             if r.map_err(from_store)?.succeeded {
@@ -326,8 +217,8 @@ impl ClusterService {
     }
 
     async fn register_node(&self, name: &str, fingerprint: &str) -> Result<(), Status> {
-        let key = format!("{NODES}{name}");
-        let rev = match read_json::<Registration>(&self.store, &key).await? {
+        let key = state::node_key(name);
+        let rev = match read_record::<Registration>(&self.store, &key).await? {
             Some((reg, _)) if reg.fingerprint == fingerprint => return Ok(()),
             Some(_) => {
                 return Err(Status::already_exists(format!(
@@ -339,7 +230,7 @@ impl ClusterService {
         };
         let txn = pb::TxnRequest {
             compare: vec![mod_equals(&key, rev)],
-            success: vec![put_op(&key, json(&Registration { id: 0, fingerprint: fingerprint.to_string() }))],
+            success: vec![put_op(&key, state::encode(&Registration { id: 0, fingerprint: fingerprint.to_string() }))],
             failure: vec![],
         };
         if self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -380,10 +271,10 @@ impl ClusterService {
     }
 
     /// Stores a newly issued token under `key`, which must be free (ids are random).
-    async fn store_new_token(&self, key: &str, stored: &StoredToken) -> Result<(), Status> {
+    async fn store_new_token(&self, key: &str, stored: &TokenRecord) -> Result<(), Status> {
         let txn = pb::TxnRequest {
             compare: vec![mod_equals(key, 0)],
-            success: vec![put_op(key, json(stored))],
+            success: vec![put_op(key, state::encode(stored))],
             failure: vec![],
         };
         if !self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -404,8 +295,8 @@ impl ClusterService {
             return Err(Status::invalid_argument(format!("user {:?}: a lowercase RFC 1123 name is required", r.user)));
         }
         let t = JoinToken::generate("", TokenRole::Agent);
-        let stored = StoredToken::issued(&t, "user", r.ttl_seconds, r.description, r.user);
-        self.store_new_token(&format!("{USER_TOKENS}{}", t.id), &stored).await?;
+        let stored = TokenRecord::issued(&t, "user", r.ttl_seconds, r.description, r.user);
+        self.store_new_token(&state::user_token_key(&t.id), &stored).await?;
         Ok(pb::CreateTokenResponse { token: format!("{}.{}", t.id, t.secret), info: Some(token_info(&t.id, &stored)) })
     }
 
@@ -420,7 +311,7 @@ impl ClusterService {
     }
 }
 
-fn token_info(id: &str, t: &StoredToken) -> pb::TokenInfo {
+fn token_info(id: &str, t: &TokenRecord) -> pb::TokenInfo {
     pb::TokenInfo {
         id: id.to_string(),
         role: t.role.clone(),
@@ -450,7 +341,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             return Err(Status::permission_denied("an agent token cannot join a server; use a server token"));
         }
         let fingerprint = pki::request_fingerprint(&r.csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let cluster_id = read(&self.store, CLUSTER_ID_KEY)
+        let cluster_id = read(&self.store, CLUSTER_ID)
             .await?
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
             .unwrap_or_default();
@@ -546,8 +437,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         let role: TokenRole = r.role.parse().map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
         let ca = self.ca().await?;
         let token = JoinToken::generate(&ca.hash().map_err(|e| Status::internal(e.to_string()))?, role);
-        let stored = StoredToken::issued(&token, &role.to_string(), r.ttl_seconds, r.description, String::new());
-        self.store_new_token(&format!("{TOKENS}{}", token.id), &stored).await?;
+        let stored = TokenRecord::issued(&token, &role.to_string(), r.ttl_seconds, r.description, String::new());
+        self.store_new_token(&state::join_token_key(&token.id), &stored).await?;
         Ok(Response::new(pb::CreateTokenResponse {
             token: token.to_string(),
             info: Some(token_info(&token.id, &stored)),
@@ -559,15 +450,15 @@ impl pb::cluster_server::Cluster for ClusterService {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         Self::admin_caller(&request)?;
-        let r = self.store.range(prefix_request(TOKENS)).await.map_err(from_store)?;
+        let r = self.store.range(prefix_request(JOIN_TOKENS)).await.map_err(from_store)?;
         let users = self.store.range(prefix_request(USER_TOKENS)).await.map_err(from_store)?;
         let tokens = r
             .kvs
             .iter()
-            .map(|kv| (TOKENS.len(), kv))
+            .map(|kv| (JOIN_TOKENS.len(), kv))
             .chain(users.kvs.iter().map(|kv| (USER_TOKENS.len(), kv)))
             .filter_map(|(n, kv)| {
-                let t: StoredToken = serde_json::from_slice(&kv.value).ok()?;
+                let t: TokenRecord = serde_json::from_slice(&kv.value).ok()?;
                 Some(token_info(&String::from_utf8_lossy(&kv.key[n..]), &t))
             })
             .collect();
@@ -580,7 +471,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         Self::admin_caller(&request)?;
         let id = request.into_inner().id;
-        for prefix in [TOKENS, USER_TOKENS] {
+        for prefix in [JOIN_TOKENS, USER_TOKENS] {
             if self.delete_if_present(&format!("{prefix}{id}")).await? {
                 return Ok(Response::new(pb::RevokeTokenResponse {}));
             }
@@ -629,7 +520,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         Self::admin_caller(&request)?;
         let r = request.into_inner();
         if !r.node.is_empty() {
-            let key = format!("{NODES}{}", r.node);
+            let key = state::node_key(&r.node);
             let node_key = format!("/registry/nodes/{}", r.node);
             let txn = pb::TxnRequest {
                 compare: vec![exists(&key)],
@@ -664,7 +555,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         if let Some(name) = self.name_of(id).await? {
             let del = pb::TxnRequest {
                 compare: vec![],
-                success: vec![delete_op(&format!("{REPLICAS}{name}"))],
+                success: vec![delete_op(&state::replica_key(&name))],
                 failure: vec![],
             };
             self.store.txn(del, true).await.map_err(from_store)?;
@@ -724,7 +615,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         let (mut resealed, mut unchanged) = (0, 0);
         let r = self.store.range(prefix_request(SECRETS)).await.map_err(from_store)?;
         for kv in r.kvs {
-            if super::secrets::Keyring::sealed_with(&kv.value) == Some(active.as_str()) {
+            if crate::seal::Keyring::sealed_with(&kv.value) == Some(active.as_str()) {
                 unchanged += 1;
                 continue;
             }
@@ -737,7 +628,10 @@ impl pb::cluster_server::Cluster for ClusterService {
             // active key already.
             let txn = pb::TxnRequest {
                 compare: vec![mod_equals(&key, kv.mod_revision)],
-                success: vec![put_op(&key, self.keys.seal(&plain))],
+                success: vec![put_op(
+                    &key,
+                    self.keys.seal(&plain).map_err(|e| Status::internal(format!("re-seal {key}: {e}")))?,
+                )],
                 failure: vec![],
             };
             if self.store.txn(txn, true).await.map_err(from_store)?.succeeded {
@@ -772,8 +666,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         let csr = request.into_inner().csr_pem;
         // The same key as registered: a renewal never changes who the node is.
         let fingerprint = pki::request_fingerprint(&csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let key = format!("{NODES}{name}");
-        match read_json::<Registration>(&self.store, &key).await? {
+        let key = state::node_key(name);
+        match read_record::<Registration>(&self.store, &key).await? {
             Some((reg, _)) if reg.fingerprint == fingerprint => {}
             Some(_) => {
                 return Err(Status::permission_denied(

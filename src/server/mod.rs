@@ -1,5 +1,7 @@
 //! A control-plane replica: the store plus the gRPC services every replica serves
-//! (replication, the internal KV API, store administration, health and reflection).
+//! (replication, the internal KV API, store administration, the Objects and Cluster APIs,
+//! health and reflection), behind TLS, authentication and the in-flight limits. What runs
+//! beside the services (the controller manager, backups, membership) is assembled by `run`.
 
 pub mod admin;
 pub mod auth;
@@ -7,13 +9,15 @@ pub mod authz;
 pub mod backup;
 pub mod bootstrap;
 pub mod cluster;
+pub mod cluster_state;
 pub mod join;
 pub mod kv;
 pub mod learners;
+pub mod limits;
 pub mod metrics;
 pub mod objects;
 pub mod renew;
-pub mod secrets;
+pub mod run;
 pub mod status;
 pub mod tls;
 
@@ -45,35 +49,67 @@ pub enum ServerError {
     Secrets(crate::pki::PkiError),
 }
 
+/// How a replica serves: limits and timeouts of its ports.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// How long the leader keeps a learner it does not hear from.
+    pub learner_timeout: std::time::Duration,
+    /// Requests a replica works on at once; more are refused (RESOURCE_EXHAUSTED).
+    pub max_requests_inflight: usize,
+    /// Of those, how many one caller may hold.
+    pub max_requests_inflight_per_caller: usize,
+    /// Watches one caller may hold open on a replica.
+    pub max_watches_per_caller: usize,
+    /// The longest a request (not a watch) may take.
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> ServeConfig {
+        ServeConfig {
+            learner_timeout: std::time::Duration::from_secs(60),
+            max_requests_inflight: 400,
+            max_requests_inflight_per_caller: 200,
+            max_watches_per_caller: 1000,
+            request_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// A running replica.
 pub struct Server {
     pub store: Store,
     pub addr: SocketAddr,
+    /// The address others reach this replica at.
+    pub advertise: String,
     /// This replica's credentials as they renew.
     pub creds: Arc<crate::pki::LiveCredentials>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Creates the default namespaces; it retries until the cluster has a leader.
     bootstrap: tokio::task::JoinHandle<()>,
-    /// The control loops this replica runs (see `controllers`).
+    /// What every replica runs beside its services: the TLS acceptor, the bearer-token
+    /// cache, the learner reaper and certificate renewal.
     loops: Vec<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-/// How long the leader keeps a learner it does not hear from (KEEL_LEARNER_TIMEOUT, e.g.
-/// "90s"; 60 s by default).
-fn learner_timeout() -> std::time::Duration {
-    std::env::var("KEEL_LEARNER_TIMEOUT")
-        .ok()
-        .and_then(|v| crate::cli::cluster::parse_ttl(&v).ok())
-        .filter(|s| *s > 0)
-        .map_or(std::time::Duration::from_secs(60), std::time::Duration::from_secs)
 }
 
 impl Server {
     /// Opens the store, binds `listen` and serves. With `initial_cluster`, a replica whose
     /// store is empty initializes a new cluster with those voters.
     pub async fn start(
+        config: StoreConfig,
+        listen: SocketAddr,
+        initial_cluster: Option<BTreeMap<u64, Member>>,
+        faults: Arc<Faults>,
+        creds: &Credentials,
+    ) -> Result<Server, ServerError> {
+        Server::start_with(config, ServeConfig::default(), listen, initial_cluster, faults, creds).await
+    }
+
+    /// As [`Server::start`], with the serving limits given.
+    pub async fn start_with(
         mut config: StoreConfig,
+        serve: ServeConfig,
         listen: SocketAddr,
         initial_cluster: Option<BTreeMap<u64, Member>>,
         faults: Arc<Faults>,
@@ -88,7 +124,7 @@ impl Server {
         // Every replica of a cluster must hold the same keys: joiners receive them, and a
         // cluster provisioned by hand gets the same file on every replica.
         let keys = Arc::new(
-            secrets::Keyring::load_or_create(&config.data_dir.join("secrets.key")).map_err(ServerError::Secrets)?,
+            crate::seal::Keyring::load_or_create(&config.data_dir.join("secrets.key")).map_err(ServerError::Secrets)?,
         );
         let listener =
             TcpListener::bind(listen).await.map_err(|source| ServerError::Listen { addr: listen, source })?;
@@ -113,13 +149,21 @@ impl Server {
         use tonic::service::interceptor::InterceptedService as Auth;
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .timeout(serve.request_timeout)
+            .layer(limits::InflightLayer::new(serve.max_requests_inflight, serve.max_requests_inflight_per_caller))
             .add_service(Auth::new(store.raft_service(), require(Allow::Replicas, t())))
             .add_service(Auth::new(
                 pb::kv_server::KvServer::new(kv::KvService::new(store.clone())),
                 require(Allow::ReplicasAndAdmins, t()),
             ))
             .add_service(Auth::new(
-                pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(store.clone(), keys.clone())),
+                pb::objects_server::ObjectsServer::new(objects::ObjectsService::new(
+                    store.clone(),
+                    keys.clone(),
+                    limits::WatchBudget::new(serve.max_watches_per_caller),
+                ))
+                .max_decoding_message_size(crate::client::MAX_MESSAGE)
+                .max_encoding_message_size(crate::client::MAX_MESSAGE),
                 require(Allow::Anyone, t()),
             ))
             .add_service(Auth::new(
@@ -146,12 +190,11 @@ impl Server {
         let bootstrap = tokio::spawn(objects::ensure_default_namespaces(store.clone(), keys.clone()));
         let loops = vec![
             acceptor,
-            tokio::spawn(crate::controllers::namespace::run(addr, live.clone())),
             tokio::spawn(tokens.clone().refresh(store.clone())),
-            tokio::spawn(learners::reap(store.clone(), learner_timeout())),
-            tokio::spawn(renew::run(store.clone(), live.clone(), resolver, data_dir, advertise, addr)),
+            tokio::spawn(learners::reap(store.clone(), serve.learner_timeout)),
+            tokio::spawn(renew::run(store.clone(), live.clone(), resolver, data_dir, advertise.clone(), addr)),
         ];
-        Ok(Server { store, addr, creds: live, task, bootstrap, loops, stop: Some(stop_tx) })
+        Ok(Server { store, addr, advertise, creds: live, task, bootstrap, loops, stop: Some(stop_tx) })
     }
 
     /// Stops serving and shuts the store down.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::bootstrap;
+use super::bootstrap::DataDir;
 use super::tls::Resolver;
 use crate::pki::{self, LiveCredentials};
 use crate::store::Store;
@@ -31,7 +31,7 @@ pub async fn run(
         let Ok((not_before, not_after)) = pki::validity_of(&creds.cert_pem) else { return };
         // The cluster's setting; without a quorum to read it, the lifetime this certificate
         // was issued with (less the minute of clock slack in front).
-        let lifetime = match super::cluster::stored_cert_lifetime(&store).await {
+        let lifetime = match super::cluster_state::stored_cert_lifetime(&store).await {
             Some(d) => d.as_secs() as i64,
             None => (not_after - not_before - 60).max(1),
         };
@@ -82,23 +82,21 @@ async fn warning_event(
     creds: &pki::Credentials,
     who: &str,
     message: &str,
-) -> Result<(), tonic::Status> {
+) -> Result<(), crate::client::ClientError> {
     use crate::proto::v1 as pb;
-    let ch = crate::client::endpoint(&addr.to_string(), creds)
-        .map_err(|e| tonic::Status::internal(e.to_string()))?
-        .connect_lazy();
+    let client = crate::client::Client::with_certificate(&[addr.to_string()], Duration::from_secs(10), creds)?;
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let name = who.replace(' ', "-");
     let event = pb::CoreEvent {
         metadata: Some(pb::ObjectMeta {
             generate_name: format!("{name}.cert-"),
-            namespace: "kube-system".into(),
+            namespace: crate::api::wellknown::SYSTEM_NAMESPACE.into(),
             ..Default::default()
         }),
         involved_object: Some(pb::ObjectReference {
             kind: "Replica".into(),
             name,
-            namespace: "kube-system".into(),
+            namespace: crate::api::wellknown::SYSTEM_NAMESPACE.into(),
             ..Default::default()
         }),
         reason: "CertificateExpiring".into(),
@@ -110,8 +108,7 @@ async fn warning_event(
         count: 1,
         ..Default::default()
     };
-    let obj = pb::Object { kind: Some(pb::object::Kind::Event(event)) };
-    pb::objects_client::ObjectsClient::new(ch).create(pb::CreateRequest { object: Some(obj) }).await.map(|_| ())
+    client.create(pb::Object { kind: Some(pb::object::Kind::Event(event)) }).await.map(|_| ())
 }
 
 fn renew(
@@ -120,11 +117,12 @@ fn renew(
     advertise: &str,
     lifetime: i64,
 ) -> Result<pki::Credentials, String> {
-    let ca = bootstrap::load_ca(data_dir).ok_or("this replica holds no CA key (tls/ca.key)")?;
+    let dir = DataDir::new(data_dir);
+    let ca = dir.load_ca().ok_or("this replica holds no CA key (tls/ca.key)")?;
     let identity = creds.identity().ok_or("the certificate names no identity")?;
     let next = ca
         .renew(creds, &identity, Duration::from_secs(lifetime.max(1) as u64), &[advertise.to_string()])
         .map_err(|e| e.to_string())?;
-    pki::write_private(&bootstrap::tls_dir(data_dir).join("tls.crt"), &next.cert_pem).map_err(|e| e.to_string())?;
+    pki::write_private(&dir.tls().join("tls.crt"), &next.cert_pem).map_err(|e| e.to_string())?;
     Ok(next)
 }

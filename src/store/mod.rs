@@ -164,13 +164,12 @@ impl StoreConfig {
     }
 }
 
-/// A request marked as forwarded once (the receiver never forwards it again).
 /// A forwarded write that failed (transactions and membership changes alike): the leader's
 /// answer, or `Indeterminate` when the connection failed after the request may have reached
 /// it, since the leader's own status is its word and a lost connection is not.
 fn forwarded_write_error(addr: String, status: tonic::Status) -> StoreError {
-    match crate::client::delivery(&status) {
-        crate::client::Delivery::Lost => {
+    match crate::grpc::delivery(&status) {
+        crate::grpc::Delivery::Lost => {
             StoreError::Indeterminate(format!("the connection to the leader at {addr} failed: {status}"))
         }
         _ => StoreError::Forwarded { addr, status },

@@ -70,17 +70,7 @@ impl KeyRange {
     }
 }
 
-/// The smallest key greater than every key that starts with `prefix` (`[0]` if none exists).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+pub use crate::grpc::prefix_end;
 
 fn user_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);

@@ -126,7 +126,8 @@ async fn bootstrapped(first: &Replica) -> Credentials {
 
 /// The admin credentials `--cluster-init` wrote.
 fn admin(first: &Replica) -> Credentials {
-    let cfg = keel::cli::config::Config::load(&keel::server::bootstrap::admin_config_path(&first.data)).unwrap();
+    let cfg =
+        keel::client::config::Config::load(&keel::server::bootstrap::DataDir::new(&first.data).admin_config()).unwrap();
     cfg.selected(None).unwrap().unwrap().credentials().unwrap()
 }
 
@@ -225,7 +226,7 @@ async fn three_replicas_bootstrap_by_token_join_concurrently_and_survive_a_move(
     let _ = log_before;
 
     // The admin configuration drives keelctl against the joined cluster.
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     let out = Command::new(env!("CARGO_BIN_EXE_keelctl"))
         .args(["--server", &format!("{},{},{}", r1.addr, r2.addr, new_addr), "cluster", "members"])
         .env("KEELCONFIG", &cfg)
@@ -350,7 +351,7 @@ async fn a_rotated_secrets_key_reseals_every_secret() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let addr = r1.addr.clone();
     r1.restart(d, &addr);
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     let text = wait_for("re-encryption", Duration::from_secs(30), || async {
         let out = Command::new(env!("CARGO_BIN_EXE_keelctl"))
             .args(["--server", &addr, "cluster", "reencrypt-secrets"])
@@ -394,7 +395,7 @@ async fn a_sealed_backup_restores_into_a_new_cluster_at_a_new_address() {
     let d = dir.path();
     let r1 = Replica::init(d, "r1");
     let creds = bootstrapped(&r1).await;
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     let old_token = r1.token("token");
     let manifests = d.join("app.yaml");
     std::fs::write(
@@ -491,7 +492,7 @@ async fn after_losing_quorum_the_survivor_recovers_with_its_data_and_fences_the_
     let d = dir.path();
     let mut r1 = Replica::init(d, "r1");
     let creds = bootstrapped(&r1).await;
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     let token = r1.token("token");
     let mut r2 = Replica::join(d, "r2", &r1.addr, &token);
     let r3 = Replica::join(d, "r3", &r1.addr, &token);
@@ -682,13 +683,13 @@ async fn the_leader_takes_verified_snapshots_on_schedule_and_keeps_the_newest() 
     .await;
     let files: Vec<PathBuf> = std::fs::read_dir(&snaps).unwrap().flatten().map(|e| e.path()).collect();
     assert_eq!(files.len(), 2, "retention keeps the newest two: {files:?}");
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     for f in &files {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o077, 0, "a snapshot holds the CA key");
         let (ok, out) = keelctl(&cfg, &["cluster", "snapshot", "verify", &f.display().to_string()]);
         assert!(ok && out.contains(": OK"), "{out}");
-        let (_, payload) = keel::server::backup::read(f, None).unwrap();
+        let (_, payload) = keel::backup::read(f, None).unwrap();
         assert!(payload.data.unwrap().kvs.iter().any(|kv| kv.key.ends_with(b"/in-the-snapshot")));
     }
 }
@@ -737,7 +738,7 @@ async fn users_authenticate_with_a_bearer_token_until_it_is_revoked_or_expires()
     let d = dir.path();
     let r1 = Replica::init(d, "r1");
     let creds = bootstrapped(&r1).await;
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     let (ok, token) = keelctl(&cfg, &["token", "create", "--role", "user", "--user", "alice", "--ttl", "1h"]);
     assert!(ok, "{token}");
     let token = token.trim().to_string();
@@ -796,13 +797,15 @@ async fn a_learner_that_never_answers_does_not_stay_in_the_membership() {
     let d = dir.path();
     let addr = port();
     let data = d.join("r1");
-    let a = args(&format!("server --cluster-init --name r1 --listen {addr} --data-dir {}", data.display()));
+    let a = args(&format!(
+        "server --cluster-init --name r1 --listen {addr} --data-dir {} --learner-timeout 2s",
+        data.display()
+    ));
     let log = d.join("r1.log");
     let out = std::fs::File::create(&log).unwrap();
     let proc = Proc {
         child: Command::new(KEEL)
             .args(&a)
-            .env("KEEL_LEARNER_TIMEOUT", "2s")
             .env_remove("RUST_BACKTRACE")
             .stdout(out.try_clone().unwrap())
             .stderr(out)

@@ -75,7 +75,7 @@ async fn agents_join_once_and_a_node_touches_only_what_is_its_own() {
         let _ = c;
     }
     // keelctl cluster certs lists the nodes' certificates too.
-    let cfg = keel::server::bootstrap::admin_config_path(&r1.data);
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
     let (ok, certs) = super::keelctl(&cfg, &["cluster", "certs"]);
     assert!(ok && certs.contains("node n1") && certs.contains("replica 1") && certs.contains("ca "), "{certs}");
     // The token is needed only once: a restart runs on the node certificate.

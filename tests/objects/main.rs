@@ -6,7 +6,6 @@ use std::time::Duration;
 use keel::api::manifest;
 use keel::proto::v1 as pb;
 use keel::proto::v1::objects_client::ObjectsClient;
-use keel::server::Server;
 use prost::Message;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -16,7 +15,7 @@ mod python;
 
 struct Api {
     _dir: tempfile::TempDir,
-    _server: Server,
+    _server: keel::harness::TestReplica,
     client: ObjectsClient<Channel>,
     addr: String,
     admin: keel::pki::Credentials,
@@ -30,8 +29,8 @@ async fn start() -> Api {
     let (server, addr, pki) = keel::harness::single_replica(&dir.path().join("node1")).await.unwrap();
     let admin = pki.admin.clone();
     let ch = keel::client::endpoint(&addr, &admin).unwrap().connect().await.unwrap();
-    keel::server::bootstrap::write_admin_config(dir.path(), &addr, &admin).unwrap();
-    let config = keel::server::bootstrap::admin_config_path(dir.path());
+    keel::server::bootstrap::DataDir::new(dir.path()).write_admin_config(&addr, &admin).unwrap();
+    let config = keel::server::bootstrap::DataDir::new(dir.path()).admin_config();
     Api { _dir: dir, _server: server, client: ObjectsClient::new(ch), addr, admin, pki, config }
 }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel::client::KvClient;
+use keel::client::Client;
 use keel::harness::{free_port, TestPki};
 use keel::pki::Credentials;
 use keel::proto::v1 as pb;
@@ -67,8 +67,8 @@ impl TestCluster {
         idx.iter().map(|i| self.addrs[*i].to_string()).collect()
     }
 
-    fn client(&self, idx: &[usize]) -> KvClient {
-        KvClient::new(&self.addr_strings(idx), Duration::from_secs(3), &self.pki.admin).unwrap()
+    fn client(&self, idx: &[usize]) -> Client {
+        Client::with_certificate(&self.addr_strings(idx), Duration::from_secs(3), &self.pki.admin).unwrap()
     }
 
     /// Waits for a leader among the running, connected replicas and returns its index.
@@ -169,7 +169,7 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     let mut acked = BTreeSet::new();
     for i in 0..50 {
         let k = format!("a/{i:03}");
-        client.put(k.clone(), "v").await.unwrap();
+        client.kv_put(k.clone(), "v").await.unwrap();
         acked.insert(k);
     }
     let old = c.leader().await;
@@ -180,7 +180,7 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     let client = c.client(&survivors);
     for i in 50..100 {
         let k = format!("a/{i:03}");
-        client.put(k.clone(), "v").await.unwrap();
+        client.kv_put(k.clone(), "v").await.unwrap();
         acked.insert(k);
     }
     // A linearizable read on either survivor sees every acknowledged write.
@@ -251,7 +251,7 @@ async fn a_partitioned_old_leader_cannot_commit_or_serve_linearizable_reads() {
     let c = TestCluster::start(3, |_| {}).await;
     let old = c.leader().await;
     let rest = others(3, old);
-    c.client(&[0, 1, 2]).put("p/before", "1").await.unwrap();
+    c.client(&[0, 1, 2]).kv_put("p/before", "1").await.unwrap();
     c.faults.isolate(old as u64 + 1, &ids(&rest));
 
     // A write through the isolated leader fails; it never reports success.
@@ -264,7 +264,7 @@ async fn a_partitioned_old_leader_cannot_commit_or_serve_linearizable_reads() {
     // The majority elects a new leader and keeps committing.
     let new = c.leader_among(&rest).await;
     assert_ne!(new, old);
-    c.client(&rest).put("p/after", "2").await.unwrap();
+    c.client(&rest).kv_put("p/after", "2").await.unwrap();
 
     c.faults.heal();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -298,7 +298,7 @@ async fn a_follower_restarted_after_a_log_purge_catches_up_by_snapshot() {
     let client = c.client(&live);
     let value = "x".repeat(200);
     for i in 0..300 {
-        client.put(format!("s/{i:04}"), value.clone()).await.unwrap();
+        client.kv_put(format!("s/{i:04}"), value.clone()).await.unwrap();
     }
     let leader_status = c.server(c.leader_among(&live).await).store.status();
     assert!(
@@ -329,7 +329,7 @@ async fn a_watcher_that_reconnects_from_its_last_revision_sees_every_event_once_
     let fallback = others(3, leader)[1];
     let mut stream = c
         .client(&[watched])
-        .watch(pb::WatchRequest { key: b"w/".to_vec(), range_end: prefix_end(b"w/"), ..Default::default() })
+        .kv_watch(pb::WatchRequest { key: b"w/".to_vec(), range_end: prefix_end(b"w/"), ..Default::default() })
         .await
         .unwrap();
     let created = stream.message().await.unwrap().unwrap();
@@ -339,7 +339,7 @@ async fn a_watcher_that_reconnects_from_its_last_revision_sees_every_event_once_
         let client = c.client(&[leader]);
         tokio::spawn(async move {
             for i in 0..200 {
-                client.put(format!("w/{i:03}"), "v").await.unwrap();
+                client.kv_put(format!("w/{i:03}"), "v").await.unwrap();
                 if i % 10 == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -360,7 +360,7 @@ async fn a_watcher_that_reconnects_from_its_last_revision_sees_every_event_once_
     let last = seen.last().unwrap().0;
     let mut stream = c
         .client(&[fallback])
-        .watch(pb::WatchRequest {
+        .kv_watch(pb::WatchRequest {
             key: b"w/".to_vec(),
             range_end: prefix_end(b"w/"),
             start_revision: last + 1,
@@ -389,10 +389,10 @@ async fn watch_from_a_compacted_revision_gets_a_distinct_error_with_the_current_
     let c = TestCluster::start(1, |cfg| cfg.watch.history_events = 10).await;
     let client = c.client(&[0]);
     for i in 0..30 {
-        client.put(format!("c/{i}"), "v").await.unwrap();
+        client.kv_put(format!("c/{i}"), "v").await.unwrap();
     }
     let mut stream = client
-        .watch(pb::WatchRequest {
+        .kv_watch(pb::WatchRequest {
             key: b"c/".to_vec(),
             range_end: prefix_end(b"c/"),
             start_revision: 1,
@@ -428,7 +428,7 @@ async fn a_learner_is_added_promoted_and_a_member_removed() {
     let mut c = TestCluster::start(3, |_| {}).await;
     let client = c.client(&[0, 1, 2]);
     for i in 0..20 {
-        client.put(format!("m/{i}"), "v").await.unwrap();
+        client.kv_put(format!("m/{i}"), "v").await.unwrap();
     }
     // A fourth replica starts empty and is added as a learner through a follower.
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
@@ -466,7 +466,7 @@ async fn a_learner_is_added_promoted_and_a_member_removed() {
     // The cluster still commits without the removed replica.
     c.stop(via).await;
     let live: Vec<usize> = (0..4).filter(|i| *i != via).collect();
-    c.client(&live).put("m/after", "v").await.unwrap();
+    c.client(&live).kv_put("m/after", "v").await.unwrap();
     let counts: HashMap<usize, usize> = {
         let mut m = HashMap::new();
         for &i in &live {

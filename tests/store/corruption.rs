@@ -25,7 +25,7 @@ async fn replica_with_writes_and(
     c.wait_leader(Duration::from_secs(20)).await.unwrap();
     let client = c.client(Duration::from_secs(5));
     for i in 0..n {
-        client.put(format!("c/{i:03}"), "v").await.unwrap();
+        client.kv_put(format!("c/{i:03}"), "v").await.unwrap();
     }
     c.kill(0).unwrap();
     c.keep();
@@ -136,7 +136,8 @@ async fn a_torn_unacknowledged_tail_is_truncated_and_every_acknowledged_write_su
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let client = keel::client::KvClient::new(&[format!("127.0.0.1:{port}")], Duration::from_secs(2), &admin).unwrap();
+    let client =
+        keel::client::Client::with_certificate(&[format!("127.0.0.1:{port}")], Duration::from_secs(2), &admin).unwrap();
     let mut got = None;
     for _ in 0..100 {
         if let Ok(r) = client

@@ -65,7 +65,7 @@ async fn twenty_kill_9_cycles_under_write_load_lose_no_acknowledged_write() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("d/{cycle:02}/{w}/{n:05}");
                     n += 1;
-                    if client.put(key.clone(), "payload").await.is_ok() {
+                    if client.kv_put(key.clone(), "payload").await.is_ok() {
                         acked.lock().unwrap().push(key);
                     }
                 }
@@ -130,7 +130,7 @@ async fn a_leader_restarted_at_once_wins_a_new_term_before_it_serves() {
     let mut c = ProcCluster::start(exe, &dir.path().join("cluster"), 3, &[]).unwrap();
     let leader = c.wait_leader(Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}\n{}", log_tails(&c)));
     let client = c.client(Duration::from_secs(5));
-    client.put("k", "v").await.unwrap();
+    client.kv_put("k", "v").await.unwrap();
     let before = client.status_of(leader).await.unwrap().term;
     c.kill(leader).unwrap();
     c.spawn(leader).unwrap();

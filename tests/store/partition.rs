@@ -4,16 +4,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel::client::KvClient;
+use keel::client::Client;
 use keel::harness::ProcCluster;
 use keel::proto::v1 as pb;
 use tokio::time::Instant;
 
-fn client(c: &ProcCluster, i: usize) -> KvClient {
-    KvClient::new(&[c.nodes[i].addr.clone()], Duration::from_secs(2), &c.pki.admin).unwrap()
+fn client(c: &ProcCluster, i: usize) -> Client {
+    Client::with_certificate(&[c.nodes[i].addr.clone()], Duration::from_secs(2), &c.pki.admin).unwrap()
 }
 
-async fn get(c: &KvClient, key: &str) -> Option<Vec<u8>> {
+async fn get(c: &Client, key: &str) -> Option<Vec<u8>> {
     let r = c.range(pb::RangeRequest { key: key.as_bytes().to_vec(), ..Default::default() }).await;
     let r = r.unwrap_or_else(|e| panic!("read {key}: {e}"));
     r.kvs.into_iter().next().map(|kv| kv.value)
@@ -23,7 +23,7 @@ async fn get(c: &KvClient, key: &str) -> Option<Vec<u8>> {
 /// `within`.
 async fn put_until_accepted(c: &ProcCluster, i: usize, within: Duration, what: &str) {
     let deadline = Instant::now() + within;
-    while client(c, i).put("after", "1").await.is_err() {
+    while client(c, i).kv_put("after", "1").await.is_err() {
         assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -35,11 +35,11 @@ async fn a_leader_isolated_by_the_network_loses_its_quorum_and_the_majority_goes
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
     let (c, net) = ProcCluster::start_behind_proxies(exe, dir.path(), 3, &[]).await.unwrap();
     let leader = c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
-    client(&c, leader).put("before", "1").await.unwrap();
+    client(&c, leader).kv_put("before", "1").await.unwrap();
 
     net.isolate(leader, 3);
     // The old leader cannot commit: its write fails or stays unanswered, never succeeds.
-    let zombie = client(&c, leader).put("zombie", "1").await;
+    let zombie = client(&c, leader).kv_put("zombie", "1").await;
     assert!(zombie.is_err(), "an isolated leader acknowledged a write");
     // The other two elect a leader and take writes.
     let other = (leader + 1) % 3;
@@ -65,7 +65,7 @@ async fn a_leader_that_can_send_but_not_receive_is_replaced() {
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
     let (c, net) = ProcCluster::start_behind_proxies(exe, dir.path(), 3, &[]).await.unwrap();
     let leader = c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
-    client(&c, leader).put("before", "1").await.unwrap();
+    client(&c, leader).kv_put("before", "1").await.unwrap();
 
     for f in (0..3).filter(|f| *f != leader) {
         net.drop_replies(leader, f);
@@ -101,14 +101,15 @@ async fn a_leader_left_alone_takes_back_the_first_follower_that_returns() {
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
     let mut c = keel::harness::ProcCluster::start(exe, dir.path(), 3, &[]).unwrap();
     let leader = c.wait_caught_up(Duration::from_secs(30)).await.unwrap();
-    client(&c, leader).put("before", "1").await.unwrap();
+    client(&c, leader).kv_put("before", "1").await.unwrap();
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     for f in &followers {
         c.kill(*f).unwrap();
     }
     // The leader appends this and cannot commit it: its log is now longer than theirs.
-    let alone = KvClient::new(&[c.nodes[leader].addr.clone()], Duration::from_millis(500), &c.pki.admin).unwrap();
-    assert!(alone.put("uncommitted", "1").await.is_err(), "a leader alone acknowledged a write");
+    let alone =
+        Client::with_certificate(&[c.nodes[leader].addr.clone()], Duration::from_millis(500), &c.pki.admin).unwrap();
+    assert!(alone.kv_put("uncommitted", "1").await.is_err(), "a leader alone acknowledged a write");
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     c.spawn(followers[0]).unwrap();

@@ -84,9 +84,9 @@ struct Lease {
     /// (term, leader id) of the leadership being tracked.
     term: (u64, u64),
     /// Per voter: the first append sent to it since its last answer.
-    waiting: HashMap<u64, std::time::Instant>,
+    waiting: HashMap<u64, tokio::time::Instant>,
     /// Per voter: the last probe sent while the quorum was lost.
-    probed: HashMap<u64, std::time::Instant>,
+    probed: HashMap<u64, tokio::time::Instant>,
     others: Vec<u64>,
     window: Option<Duration>,
 }
@@ -115,7 +115,7 @@ pub struct Peers {
     connect_timeout: Duration,
     tls: Mutex<Option<ClientTlsConfig>>,
     /// When each peer last answered an append-entries (meaningful on the leader).
-    contacts: Mutex<HashMap<u64, std::time::Instant>>,
+    contacts: Mutex<HashMap<u64, tokio::time::Instant>>,
     /// The leader's check of its own quorum; see [`Peers::may_append`].
     lease: Mutex<Lease>,
     /// Sent with every Raft message; peers of another epoch refuse it.
@@ -186,7 +186,7 @@ impl Peers {
     }
 
     fn contacted(&self, id: u64) {
-        self.contacts.lock().unwrap_or_else(|p| p.into_inner()).insert(id, std::time::Instant::now());
+        self.contacts.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tokio::time::Instant::now());
         self.lease.lock().unwrap_or_else(|p| p.into_inner()).waiting.remove(&id);
     }
 
@@ -214,7 +214,7 @@ impl Peers {
     /// probe per window to each voter.
     fn may_append(&self, term: (u64, u64), to: u64) -> Result<(), QuorumLost> {
         let mut l = self.lease.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         if l.term != term {
             l.term = term;
             l.waiting.clear();
@@ -404,5 +404,35 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             vote_granted: r.vote_granted,
             last_log_id: codec::opt_log_id_from_pb(&r.last_log_id).map_err(bad_reply)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check-quorum runs on tokio's clock, so a paused-time test drives it without waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_no_quorum_answers_stops_sending_but_probes_once_a_window() {
+        let peers = Peers::new(1, Faults::new(), Duration::from_millis(100), None, String::new());
+        let window = Duration::from_millis(300);
+        peers.set_quorum_check(vec![1, 2, 3], Some(window));
+        let term = (1, 1);
+        assert!(peers.may_append(term, 2).is_ok());
+        assert!(peers.may_append(term, 3).is_ok());
+        // Nobody answers for a whole window: the quorum is lost.
+        tokio::time::advance(Duration::from_millis(301)).await;
+        assert!(peers.may_append(term, 2).is_ok(), "one probe per window");
+        assert!(peers.may_append(term, 2).is_err(), "then nothing more");
+        // Follower 2 answers: with this leader it is a majority again.
+        peers.contacted(2);
+        assert!(peers.may_append(term, 2).is_ok());
+        assert!(peers.may_append(term, 3).is_ok());
+        assert_eq!(peers.last_contact(2), Some(Duration::ZERO), "measured on the paused clock");
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(peers.last_contact(2), Some(Duration::from_millis(50)));
+        // A new term starts a fresh lease.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert!(peers.may_append((2, 1), 3).is_ok());
     }
 }

@@ -331,7 +331,7 @@ pub fn state_checksum(kvs: &[pb::KeyValue]) -> String {
         h.update((value.len() as u64).to_be_bytes());
         h.update(&value);
     }
-    crate::pki::hex(&h.finalize())
+    hex::encode(h.finalize())
 }
 
 /// Installs snapshot data into a fresh in-memory state machine, exactly as a replica would,
@@ -353,7 +353,7 @@ pub fn verify_snapshot(data: &pb::SnapshotData) -> Result<String, StoreError> {
         h.update((v.len() as u64).to_be_bytes());
         h.update(&v);
     }
-    Ok(crate::pki::hex(&h.finalize()))
+    Ok(hex::encode(h.finalize()))
 }
 
 fn store_err(subject: ErrorSubject<u64>, verb: ErrorVerb) -> impl Fn(StoreError) -> StorageError {

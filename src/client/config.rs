@@ -1,6 +1,6 @@
-//! keelctl's configuration file: named contexts, each a list of replica addresses and a
-//! default namespace, and which one is current (kubectl's kubeconfig, reduced to what Keel
-//! needs).
+//! The client configuration file (keelctl's and any tool's): named contexts, each a list of
+//! replica addresses, credentials and a default namespace, and which one is current
+//! (kubectl's kubeconfig, reduced to what Keel needs). The server writes one for the admin.
 //!
 //! The file is `$KEELCONFIG`, else `~/.keel/config`. It is YAML:
 //!
@@ -14,8 +14,29 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a keelctl configuration: {why}")]
+    Parse { path: String, why: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Io { path: path.display().to_string(), source }
+}
+
+macro_rules! bail {
+    ($($t:tt)*) => { return Err(ConfigError::Invalid(format!($($t)*))) };
+}
 
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7001";
 
@@ -56,7 +77,7 @@ pub struct Context {
 
 impl Context {
     /// How this context authenticates: its certificate, else its bearer token.
-    pub fn auth(&self) -> anyhow::Result<crate::client::ClientAuth> {
+    pub fn auth(&self) -> Result<crate::client::ClientAuth, ConfigError> {
         if self.client_certificate_data.is_empty() && !self.token.is_empty() {
             if self.certificate_authority_data.is_empty() {
                 bail!(
@@ -73,7 +94,7 @@ impl Context {
     }
 
     /// The TLS credentials of this context.
-    pub fn credentials(&self) -> anyhow::Result<crate::pki::Credentials> {
+    pub fn credentials(&self) -> Result<crate::pki::Credentials, ConfigError> {
         if self.certificate_authority_data.is_empty()
             || self.client_certificate_data.is_empty()
             || self.client_key_data.is_empty()
@@ -116,27 +137,32 @@ pub fn read_path() -> PathBuf {
 
 impl Config {
     /// Reads the file; a missing file is an empty configuration.
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+            Err(e) => return Err(io(path)(e)),
         };
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        serde_saphyr::from_str(&text).with_context(|| format!("{}: not a keelctl configuration", path.display()))
+        serde_saphyr::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), why: e.to_string() })
     }
 
     /// Writes the file whole (through a temporary file, so a crash leaves the old one).
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
-        let text = serde_saphyr::to_string(self).context("encode configuration")?;
+        let text = self.to_yaml()?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))
+    }
+
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        serde_saphyr::to_string(self).map_err(|e| ConfigError::Invalid(format!("encode configuration: {e}")))
     }
 
     pub fn context(&self, name: &str) -> Option<&Context> {
@@ -144,7 +170,7 @@ impl Config {
     }
 
     /// The context in force: the one named, else the current one, else none.
-    pub fn selected(&self, name: Option<&str>) -> anyhow::Result<Option<&Context>> {
+    pub fn selected(&self, name: Option<&str>) -> Result<Option<&Context>, ConfigError> {
         match name {
             Some(n) => match self.context(n) {
                 Some(c) => Ok(Some(c)),
@@ -179,7 +205,7 @@ impl Config {
         }
     }
 
-    pub fn use_context(&mut self, name: &str) -> anyhow::Result<()> {
+    pub fn use_context(&mut self, name: &str) -> Result<(), ConfigError> {
         if self.context(name).is_none() {
             bail!("no context exists with the name: {name:?}");
         }
@@ -187,7 +213,7 @@ impl Config {
         Ok(())
     }
 
-    pub fn delete_context(&mut self, name: &str) -> anyhow::Result<()> {
+    pub fn delete_context(&mut self, name: &str) -> Result<(), ConfigError> {
         let before = self.contexts.len();
         self.contexts.retain(|c| c.name != name);
         if self.contexts.len() == before {

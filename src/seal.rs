@@ -1,5 +1,6 @@
-//! Secrets at rest: Secret objects are sealed with AES-256-GCM before they reach the store,
-//! so neither the Raft log, the snapshots nor sled's files hold a Secret in the clear.
+//! Sealing with AES-256-GCM keys from a key file: Secrets at rest (so neither the Raft log,
+//! the snapshots nor sled's files hold a Secret in the clear) and sealed backups. Knows
+//! nothing of the store or the cluster: it turns bytes into sealed bytes and back.
 //!
 //! Keys live in a file on each replica (`<data-dir>/secrets.key`), one per line as
 //! `<name>:<base64 of 32 bytes>`; the first line is the key that seals, every line can open.
@@ -16,6 +17,12 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use crate::pki::{write_private, PkiError};
 
 pub const PREFIX: &str = "k8s:enc:aesgcm:v1:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("{len} bytes are more than AES-GCM can seal with one nonce")]
+    TooLarge { len: usize },
+}
 
 pub struct Keyring {
     keys: Vec<(String, LessSafeKey)>,
@@ -88,19 +95,19 @@ impl Keyring {
         &self.keys[0].0
     }
 
-    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+    /// Seals `plain` with the active key. It fails only for inputs larger than GCM allows
+    /// (64 GiB), and then says so rather than handing back something that is not sealed.
+    pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, SealError> {
         let (name, key) = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce[..]);
         let mut data = plain.to_vec();
-        // Sealing only fails for inputs larger than GCM allows (64 GiB).
-        if key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut data).is_err() {
-            return Vec::new();
-        }
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut data)
+            .map_err(|_| SealError::TooLarge { len: plain.len() })?;
         let mut out = format!("{PREFIX}{name}:").into_bytes();
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&data);
-        out
+        Ok(out)
     }
 
     /// Whether a stored value is sealed, and with which key.
@@ -141,7 +148,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secrets.key");
         let ring = Keyring::load_or_create(&path).unwrap();
-        let sealed = ring.seal(b"hunter2");
+        let sealed = ring.seal(b"hunter2").unwrap();
         assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
         assert_eq!(Keyring::sealed_with(&sealed), Some("key1"));
         assert_eq!(&*ring.open(&sealed).unwrap(), b"hunter2");
@@ -155,7 +162,7 @@ mod tests {
         let rotated = Keyring::load_or_create(&path).unwrap();
         assert_eq!(rotated.active(), "key2");
         assert_eq!(&*rotated.open(&sealed).unwrap(), b"hunter2", "old keys still open");
-        assert!(ring.open(&rotated.seal(b"x")).unwrap_err().contains("key2"));
+        assert!(ring.open(&rotated.seal(b"x").unwrap()).unwrap_err().contains("key2"));
         assert!(Keyring::parse("k:short\n", "f").is_err());
     }
 }
