@@ -128,6 +128,14 @@ impl TestReplica {
 /// under `data_dir`, returned once it serves the default namespaces, with its CA (whose
 /// `admin` credentials call it). Its controller manager runs beside it.
 pub async fn single_replica(data_dir: &Path) -> Result<(TestReplica, String, TestPki), HarnessError> {
+    single_replica_with(data_dir, crate::server::ServeConfig::default()).await
+}
+
+/// As [`single_replica`], serving with the limits of `serve`.
+pub async fn single_replica_with(
+    data_dir: &Path,
+    serve: crate::server::ServeConfig,
+) -> Result<(TestReplica, String, TestPki), HarnessError> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let listen = addr.parse().map_err(|e| HarnessError::Timeout(format!("bad address {addr}: {e}")))?;
     let pki = TestPki::new()?;
@@ -135,9 +143,10 @@ pub async fn single_replica(data_dir: &Path) -> Result<(TestReplica, String, Tes
     config.cache_bytes = 16 << 20;
     let members = [(1, crate::store::Member { addr: addr.clone(), name: "replica-1".into() })].into();
     let creds = pki.replica(1, &addr)?;
-    let server = crate::server::Server::start(config, listen, Some(members), crate::store::Faults::new(), &creds)
-        .await
-        .map_err(|e| HarnessError::Timeout(format!("replica failed to start: {e}")))?;
+    let server =
+        crate::server::Server::start_with(config, serve, listen, Some(members), crate::store::Faults::new(), &creds)
+            .await
+            .map_err(|e| HarnessError::Timeout(format!("replica failed to start: {e}")))?;
     wait_default_namespaces(&addr, Duration::from_secs(10), &pki.admin).await?;
     let replica = TestReplica::new(server);
     tokio::time::timeout(Duration::from_secs(10), replica.controllers_ready())
@@ -298,6 +307,8 @@ impl ProcCluster {
             .arg("server")
             .arg("--id")
             .arg(n.id.to_string())
+            .arg("--name")
+            .arg(format!("r{}", n.id))
             .arg("--listen")
             .arg(&n.addr)
             .arg("--data-dir")

@@ -120,6 +120,7 @@ impl Workload {
                 request_timeout: timeout,
                 connect_timeout: Duration::from_millis(500),
                 retry_for: Duration::ZERO,
+                local_address: None,
             };
             Client::new(addrs, auth.clone(), c)
         };

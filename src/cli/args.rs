@@ -3,6 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::api::duration::parse(s).map_err(|e| e.to_string())
+}
+
 #[derive(Parser)]
 #[command(name = "keelctl", version, about = "Keel command-line client")]
 pub struct Cli {
@@ -16,6 +20,9 @@ pub struct Cli {
     /// Namespace. Default: the context's namespace, else "default".
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// How long to wait for one answer from a replica (e.g. 10s, 500ms).
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
     #[command(subcommand)]
     pub command: Command,
 }

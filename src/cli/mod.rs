@@ -92,6 +92,7 @@ pub fn describe_error(e: &CliError) -> String {
             format!("error: the server is unavailable: {addr}: {}", last.message())
         }
         CliError::Client(e @ ClientError::Indeterminate { .. }) => format!("error: {e}"),
+        CliError::Message(m) if m.starts_with("Error from server") => m.clone(),
         other => format!("error: {other}"),
     }
 }
@@ -127,7 +128,7 @@ impl Session {
             .clone()
             .or_else(|| Some(ctx.namespace.clone()).filter(|n| !n.is_empty()))
             .unwrap_or_else(|| "default".to_string());
-        let client = Client::new(&servers, auth.clone(), ClientConfig::default())?;
+        let client = Client::new(&servers, auth.clone(), ClientConfig::with_timeout(cli.request_timeout))?;
         Ok(Session { client, auth, servers, namespace })
     }
 

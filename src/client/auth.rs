@@ -3,12 +3,10 @@
 //! cluster CA. Every Keel port speaks TLS.
 
 use std::sync::Arc;
-use std::time::Duration;
-
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-use super::ClientError;
+use super::{ClientConfig, ClientError};
 use crate::pki::{Credentials, LiveCredentials};
 
 /// How a client authenticates.
@@ -69,7 +67,7 @@ pub fn endpoint(addr: &str, creds: &Credentials) -> Result<Endpoint, tonic::tran
 }
 
 /// A lazily connected, authenticated channel to the replica at `addr`.
-pub fn auth_channel(addr: &str, auth: &ClientAuth, connect_timeout: Duration) -> Result<AuthChannel, ClientError> {
+pub fn auth_channel(addr: &str, auth: &ClientAuth, config: &ClientConfig) -> Result<AuthChannel, ClientError> {
     let bad = |source| ClientError::BadAddress { addr: addr.to_string(), source };
     let (endpoint, header) = match auth {
         ClientAuth::Certificate(c) => (endpoint(addr, c).map_err(bad)?, None),
@@ -82,6 +80,10 @@ pub fn auth_channel(addr: &str, auth: &ClientAuth, connect_timeout: Duration) ->
             (e, Some(v))
         }
     };
-    let ch = endpoint.connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy();
+    let ch = endpoint
+        .connect_timeout(config.connect_timeout)
+        .local_address(config.local_address)
+        .tcp_nodelay(true)
+        .connect_lazy();
     Ok(tonic::service::interceptor::InterceptedService::new(ch, AuthHeader(header)))
 }

@@ -24,6 +24,8 @@ pub struct ClientConfig {
     /// yet (no leader, too busy). Replicas that cannot be reached at all end the call after
     /// one round: nothing will change by asking them again at once.
     pub retry_for: Duration,
+    /// The local address connections leave from (None: the kernel's choice).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientConfig {
@@ -32,6 +34,7 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             retry_for: Duration::from_secs(5),
+            local_address: None,
         }
     }
 }
@@ -70,6 +73,13 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// The status of an attempt that got no answer in time. Whether its request left this
+/// process cannot be told, so it carries its cause as a source: the policy counts it as lost.
+fn no_answer(addr: &str, limit: Duration) -> Status {
+    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer from {addr} within {limit:?}"));
+    Status::from_error(Box::new(e))
+}
+
 impl Client {
     /// A client of the replicas at `addrs` (host:port); connections are made on first use.
     pub fn new(addrs: &[String], auth: ClientAuth, config: ClientConfig) -> Result<Client, ClientError> {
@@ -80,7 +90,7 @@ impl Client {
         let mut replicas = Vec::new();
         for a in addrs {
             let addr = bare_addr(a).to_string();
-            let channel = auth_channel(&addr, &auth, config.connect_timeout)?;
+            let channel = auth_channel(&addr, &auth, &config)?;
             replicas.push(Replica { addr, channel: Mutex::new((generation, channel)) });
         }
         Ok(Client { shared: Arc::new(Shared { replicas, preferred: AtomicUsize::new(0), auth, config }), only: None })
@@ -143,7 +153,7 @@ impl Client {
         let generation = self.shared.auth.generation();
         let mut slot = r.channel.lock().unwrap_or_else(|p| p.into_inner());
         if slot.0 != generation {
-            *slot = (generation, auth_channel(&r.addr, &self.shared.auth, self.shared.config.connect_timeout)?);
+            *slot = (generation, auth_channel(&r.addr, &self.shared.auth, &self.shared.config)?);
         }
         Ok(slot.1.clone())
     }
@@ -174,7 +184,13 @@ impl Client {
             let mut pushback = Duration::ZERO;
             for i in self.order() {
                 let addr = &self.shared.replicas[i].addr;
-                let result = f(self.channel(i)?).await;
+                // tonic bounds neither a TLS handshake that never finishes (a frozen replica
+                // accepts connections) nor waiting for a connection at all: bound the attempt.
+                let limit = self.shared.config.request_timeout + self.shared.config.connect_timeout;
+                let result = match tokio::time::timeout(limit, f(self.channel(i)?)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(no_answer(addr, limit)),
+                };
                 tried += 1;
                 let status = match result {
                     Ok(r) => {

@@ -63,6 +63,12 @@ pub struct WatchStream {
     inner: tonic::Streaming<pb::WatchEvent>,
 }
 
+impl std::fmt::Debug for WatchStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStream").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
 impl WatchStream {
     /// The next event; `Ok(None)` when the replica ended the stream.
     pub async fn next(&mut self) -> Result<Option<pb::WatchEvent>, ClientError> {
@@ -245,15 +251,22 @@ impl Client {
     }
 }
 
-/// Refuses, before sending, an object the server would refuse for its size, with the
-/// server's own message (so a huge object never meets a transport limit first).
+/// Refuses, before sending, an object so large that no replica would even read the request
+/// (well past every object limit, which the server reports with the object's own error), so
+/// that a user never sees a transport error instead.
 fn check_size(obj: &pb::Object) -> Result<(), ClientError> {
-    match crate::api::validation::size_error(obj) {
-        None => Ok(()),
-        Some(message) => {
-            Err(ClientError::Status { addr: String::new(), status: tonic::Status::invalid_argument(message) })
-        }
+    use prost::Message;
+    let len = obj.encoded_len();
+    if len <= super::MAX_MESSAGE / 2 {
+        return Ok(());
     }
+    let info = object::info(obj).map_or("object", |i| i.name);
+    let (_, name) = namespaced_name(obj);
+    let message = format!(
+        "Request entity too large: the {info} {name:?} is {len} bytes encoded; an object may have at most {} bytes",
+        crate::api::validation::MAX_OBJECT_BYTES
+    );
+    Err(ClientError::Status { addr: String::new(), status: tonic::Status::invalid_argument(message) })
 }
 
 /// The namespace and name of an object, for messages and keys.

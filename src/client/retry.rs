@@ -142,4 +142,13 @@ mod tests {
         assert_eq!(decide(Write, &Status::unknown("maybe")), Indeterminate);
         assert_eq!(decide(Read, &Status::unknown("maybe")), Retry);
     }
+
+    #[test]
+    fn an_attempt_that_timed_out_on_the_client_counts_as_lost() {
+        let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
+        let s = Status::from_error(Box::new(e));
+        assert_eq!(delivery(&s), Delivery::Lost);
+        assert_eq!(decide(Write, &s), Indeterminate);
+        assert_eq!(decide(Read, &s), Retry);
+    }
 }

@@ -28,6 +28,7 @@ pub async fn ensure_member(store: Store, creds: Credentials, advertise: String, 
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(1),
             retry_for: Duration::ZERO,
+            local_address: None,
         };
         let mut done = false;
         if let Ok(client) = Client::new(&targets, ClientAuth::Certificate(creds.clone()), config) {

@@ -1,5 +1,8 @@
-//! Prometheus metrics over HTTPS (`keel server --metrics-listen`): Raft and store state, and
-//! certificate expiry (alert on `keel_certificate_expiry_seconds < 30 * 86400`).
+//! Prometheus metrics over HTTPS (`keel server --metrics-listen`): Raft and store state,
+//! certificate expiry (alert on `keel_certificate_expiry_seconds < 30 * 86400`), and what the
+//! process's loops record through the `metrics` facade (per controller: `workqueue_depth`,
+//! `workqueue_adds_total`, `workqueue_retries_total`, `keel_controller_reconcile_seconds`,
+//! `keel_controller_reconcile_errors_total`; refused requests).
 //!
 //! Like every Keel port it speaks TLS with the replica's certificate and wants a client
 //! certificate from the cluster CA (configure the scraper with one, e.g. an admin's).
@@ -9,7 +12,24 @@ use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// The process-wide recorder that loops (controllers, the in-flight limit) record into,
+/// installed once per process; None if something else installed one first.
+pub fn global() -> Option<&'static PrometheusHandle> {
+    static GLOBAL: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    GLOBAL
+        .get_or_init(|| {
+            let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full("keel_controller_reconcile_seconds".into()), &buckets)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|_| handle)
+        })
+        .as_ref()
+}
 
 use crate::pki::{self, LiveCredentials};
 use crate::store::Store;
@@ -32,7 +52,11 @@ pub fn render(recorder: &PrometheusRecorder, store: &Store, creds: &pki::Credent
             }
         }
     });
-    recorder.handle().render()
+    let mut text = recorder.handle().render();
+    if let Some(g) = global() {
+        text.push_str(&g.render());
+    }
+    text
 }
 
 /// Serves `/metrics` on `listen` until the task is aborted.

@@ -110,6 +110,8 @@ pub fn start_controllers(server: &Server, name: &str, peers: &[String], config: 
 
 /// Runs a replica until SIGINT or SIGTERM.
 pub async fn run(o: ServerOptions) -> Result<(), RunError> {
+    // Before any loop records a metric.
+    super::metrics::global();
     let b = &o.bootstrap;
     if b.id == Some(0) {
         return Err(RunError::Setup("--id: replica id 0 is reserved".into()));

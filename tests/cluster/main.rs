@@ -882,6 +882,88 @@ async fn metrics_are_served_over_tls_to_certified_scrapers_with_certificate_expi
     {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
+    // The controller manager's loops, per controller: deleting a namespace runs one.
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
+    let ns = d.join("ns.yaml");
+    std::fs::write(&ns, "apiVersion: v1\nkind: Namespace\nmetadata: {name: gone}\n").unwrap();
+    for a in [vec!["create", "-f", ns.to_str().unwrap()], vec!["delete", "namespace", "gone"]] {
+        let (ok, out) = keelctl(&cfg, &a);
+        assert!(ok, "{a:?}: {out}");
+    }
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = scrape(&metrics, &creds.ca_pem, Some(&creds)).await;
+        if text.contains("keel_controller_reconcile_seconds_count{controller=\"namespace\"} ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for want in [
+        "workqueue_depth{name=\"namespace\"}",
+        "workqueue_adds_total{name=\"namespace\"}",
+        "workqueue_retries_total{name=\"namespace\"}",
+        "keel_controller_reconcile_errors_total{controller=\"namespace\"}",
+        "keel_controller_reconcile_seconds_bucket{controller=\"namespace\",le=\"0.005\"}",
+        "keel_controller_reconcile_seconds_count{controller=\"namespace\"}",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    let adds = text
+        .lines()
+        .find(|l| l.starts_with("workqueue_adds_total{name=\"namespace\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(adds >= 4.0, "the default namespaces and the deleted one were queued: {adds}");
     let anonymous = scrape(&metrics, &creds.ca_pem, None).await;
     assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+}
+
+/// A systemd unit runs the same command line at every boot: `--cluster-init` on a data
+/// directory that holds the cluster already is ignored (with a log line), while flags that
+/// contradict the data (another name, another cluster's token) are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_command_line_restarts_an_initialized_replica_and_conflicting_flags_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r1 = Replica::init(d, "r1");
+    let creds = bootstrapped(&r1).await;
+    let cfg = keel::server::bootstrap::DataDir::new(&r1.data).admin_config();
+    let manifest = d.join("cm.yaml");
+    std::fs::write(&manifest, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: kept}\ndata: {k: v}\n").unwrap();
+    let (ok, out) = keelctl(&cfg, &["create", "-f", manifest.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let same = format!("server --cluster-init --name r1 --listen {} --data-dir {}", r1.addr, r1.data.display());
+    r1.proc = None;
+
+    // The same command line again: it serves the same cluster, with its data.
+    let again = Proc::spawn(d, "r1-again", &args(&same));
+    wait_for("the restarted replica serves", Duration::from_secs(30), || async {
+        let (ok, out) = keelctl(&cfg, &["get", "cm", "kept", "-o", "name"]);
+        (ok && out.trim() == "configmap/kept").then_some(())
+    })
+    .await;
+    assert!(again.output().contains("--cluster-init is ignored"), "{}", again.output());
+    assert_eq!(admin(&r1), creds, "no new CA or admin credential");
+    drop(again);
+
+    // Another name for the same data: refused, and it says which name the data has.
+    let renamed = same.replace("--name r1", "--name r9");
+    let (ok, out) = Proc::spawn(d, "r1-renamed", &args(&renamed)).exit(Duration::from_secs(20)).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("belongs to replica \"r1\""), "{out}");
+
+    // Another cluster's token: refused before anything is sent.
+    let r2 = Replica::init(d, "r2");
+    bootstrapped(&r2).await;
+    let foreign = format!(
+        "server --name r1 --listen {} --data-dir {} --server {} --token {}",
+        r1.addr,
+        r1.data.display(),
+        r2.addr,
+        r2.token("token")
+    );
+    let (ok, out) = Proc::spawn(d, "r1-foreign", &args(&foreign)).exit(Duration::from_secs(20)).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("--token is for another cluster"), "{out}");
 }

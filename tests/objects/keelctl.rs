@@ -258,3 +258,82 @@ async fn secret_string_data_is_stored_as_data_and_reapplies_unchanged() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["metadata"]["resourceVersion"], rv, "re-applying wrote nothing");
 }
+
+/// Scripts parse keelctl's output: a list prints as one `List` document in json and yaml,
+/// and jsonpath, custom-columns and --show-labels follow kubectl's syntax.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_output_is_one_document_and_jsonpath_and_custom_columns_work() {
+    let api = super::start().await;
+    let cfg = api.config.clone();
+    let run = move |args: Vec<String>, stdin: Option<String>| {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            keelctl(&cfg, &a, stdin.as_deref())
+        })
+    };
+    let maps = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, labels: {app: web, tier: fe}}\ndata: {k: v}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\ndata: {k: v, k2: v2}\n";
+    let (ok, _, err) = run(vec!["apply".into(), "-f".into(), "-".into()], Some(maps.into())).await.unwrap();
+    assert!(ok, "{err}");
+    let get = |extra: &[&str]| {
+        let mut a: Vec<String> = vec!["get".into(), "cm".into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run(a, None)
+    };
+    let (ok, out, err) = get(&["-o", "json"]).await.unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document, as json.load takes it");
+    assert_eq!((v["apiVersion"].as_str(), v["kind"].as_str()), (Some("v1"), Some("List")));
+    let names: Vec<&str> =
+        v["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let (_, out, _) = get(&["-o", "yaml"]).await.unwrap();
+    let y: serde_json::Value = serde_saphyr::from_str(&out).expect("one YAML document");
+    assert_eq!(y["kind"], "List");
+    assert_eq!(y["items"][1]["data"]["k2"], "v2");
+    let (_, out, _) = get(&["-o", "jsonpath={.items[*].metadata.name}"]).await.unwrap();
+    assert_eq!(out, "a b");
+    let (_, out, _) = get(&["-o", "jsonpath={range .items[*]}{.metadata.name}={.data.k}{\"\\n\"}{end}"]).await.unwrap();
+    assert_eq!(out, "a=v\nb=v\n");
+    let (_, out, _) = get(&["a", "-o", "jsonpath={.metadata.labels.app}"]).await.unwrap();
+    assert_eq!(out, "web", "a named get is the object itself");
+    let (_, out, _) = get(&["-o", "custom-columns=NAME:.metadata.name,APP:.metadata.labels.app"]).await.unwrap();
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows, [vec!["NAME", "APP"], vec!["a", "web"], vec!["b", "<none>"]]);
+    let (_, out, _) = get(&["--show-labels"]).await.unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].trim_end().ends_with("LABELS"), "{out}");
+    assert!(lines[1].trim_end().ends_with("app=web,tier=fe"), "{out}");
+    assert!(lines[2].trim_end().ends_with("<none>"), "{out}");
+    let (ok, _, err) = get(&["-o", "jsonpath={.items[*"]).await.unwrap();
+    assert!(!ok && err.contains("error parsing jsonpath"), "{err}");
+    let (ok, _, err) = get(&["-o", "xml"]).await.unwrap();
+    assert!(!ok && err.contains("allowed formats are"), "{err}");
+}
+
+/// A create sent to a replica that takes the connection and never answers: keelctl says the
+/// result is unknown and how to find out, and does not send it to another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_create_is_reported_unknown_and_not_resent() {
+    let api = super::start().await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let servers = format!("{},{}", silent.local_addr().unwrap(), api.addr);
+    let cfg = api.config.display().to_string();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        let args = ["--server", servers.as_str(), "--request-timeout", "500ms", "create", "-f", "-"];
+        keelctl_env(
+            &args,
+            Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: maybe}\ndata: {k: v}\n"),
+            &[("KEELCONFIG", cfg.as_str())],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{out}");
+    assert!(err.contains("the result is unknown") && err.contains("check with get"), "{err}");
+    let mut c = api.client.clone();
+    let r = keel::proto::v1::ObjectRef { kind: "ConfigMap".into(), namespace: "default".into(), name: "maybe".into() };
+    let e = c.get(keel::proto::v1::GetRequest { r#ref: Some(r) }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "the live replica never got it");
+    drop(silent);
+}

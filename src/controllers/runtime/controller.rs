@@ -80,6 +80,11 @@ impl Default for RunConfig {
 /// them to sync, then works the queue with `config.workers` workers.
 pub async fn run<C: Controller>(controller: Arc<C>, ctx: Context, config: RunConfig, mut stop: watch::Receiver<bool>) {
     let name = controller.name();
+    // Every series exists from the start, at zero, so that dashboards and alerts see it.
+    metrics::gauge!("workqueue_depth", "name" => name).set(0.0);
+    metrics::counter!("workqueue_adds_total", "name" => name).increment(0);
+    metrics::counter!("workqueue_retries_total", "name" => name).increment(0);
+    metrics::counter!("keel_controller_reconcile_errors_total", "controller" => name).increment(0);
     let queue = WorkQueue::new(name, config.limits.clone());
     let primary = ctx.informers.informer(controller.primary());
     {

@@ -91,6 +91,8 @@ struct Observed {
     holder: String,
     renew_time: String,
     at: Instant,
+    /// The lease duration the record states.
+    duration: Duration,
 }
 
 /// One candidate for one Lease.
@@ -134,8 +136,13 @@ impl LeaderElector {
                     Attempt::HeldByOther(_) => {}
                     Attempt::Failed(e) => tracing::debug!(lease = self.config.name, error = e, "lease not acquired"),
                 }
+                // Poll every retry period, but be there when the Lease seen expires.
+                let mut wake = Instant::now() + jittered(self.config.retry_period);
+                if let Some(o) = &self.observed {
+                    wake = wake.min((o.at + o.duration).max(Instant::now()) + Duration::from_millis(1));
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(jittered(self.config.retry_period)) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
             };
@@ -227,12 +234,12 @@ impl LeaderElector {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
         // Expiry by this candidate's clock: how long the record has not changed.
+        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(seconds).max(1) as u64);
         let changed = self.observed.as_ref().is_none_or(|o| o.holder != holder || o.renew_time != spec.renew_time);
         if changed {
-            self.observed =
-                Some(Observed { holder: holder.clone(), renew_time: spec.renew_time.clone(), at: Instant::now() });
+            let (holder, renew_time) = (holder.clone(), spec.renew_time.clone());
+            self.observed = Some(Observed { holder, renew_time, at: Instant::now(), duration });
         }
-        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(seconds).max(1) as u64);
         let expired = self.observed.as_ref().is_some_and(|o| o.at.elapsed() >= duration);
         let mine = holder == self.config.identity;
         if !holder.is_empty() && !mine && !expired {
