@@ -345,7 +345,7 @@ impl Credentials {
     /// joiner has none yet; every call but Join then requires one (see `server::auth`).
     pub fn server_tls(&self) -> ServerTlsConfig {
         // The chain ends with the CA, so that a joiner can read it and check it against the
-        // hash its token pins (see `server::join`).
+        // hash its token pins (see `client::join`).
         let chain = format!("{}\n{}", self.cert_pem.trim_end(), self.ca_pem);
         ServerTlsConfig::new()
             .identity(TlsIdentity::from_pem(chain, &self.key_pem))
