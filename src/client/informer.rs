@@ -632,3 +632,96 @@ impl InformerFactory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{ClientAuth, ClientConfig};
+
+    /// An informer that is never started: the tests feed it watch events directly.
+    fn informer() -> Informer {
+        let creds = crate::pki::Credentials { ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() };
+        let auth = ClientAuth::Bearer { ca_pem: creds.ca_pem, token: "t".into() };
+        let client = Client::new(&["127.0.0.1:1".into()], auth, ClientConfig::default()).unwrap();
+        Informer::new(client, Kind::Pod, InformerOptions::default())
+    }
+
+    fn pod(ns: &str, name: &str, node: &str, owner: &str, rv: i64) -> pb::Object {
+        pb::Object {
+            kind: Some(pb::object::Kind::Pod(pb::Pod {
+                metadata: Some(pb::ObjectMeta {
+                    name: name.into(),
+                    namespace: ns.into(),
+                    resource_version: rv.to_string(),
+                    owner_references: vec![pb::OwnerReference { uid: owner.into(), ..Default::default() }],
+                    ..Default::default()
+                }),
+                spec: Some(pb::PodSpec { node_name: node.into(), ..Default::default() }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn names(objs: Vec<Arc<pb::Object>>) -> Vec<String> {
+        let mut n: Vec<String> = objs.iter().map(|o| key_of(o)).collect();
+        n.sort();
+        n
+    }
+
+    #[tokio::test]
+    async fn indexes_follow_adds_moves_and_deletes_and_stale_events_are_dropped() {
+        let inf = informer();
+        inf.index_by_node();
+        inf.index_by_owner();
+        inf.add_index(
+            "first-letter",
+            Arc::new(|o: &pb::Object| vec![key_of(o).split('/').nth(1).unwrap()[..1].to_string()]),
+        );
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let s = seen.clone();
+        inf.add_handler(Arc::new(move |e: &Event| {
+            let kind = match e {
+                Event::Added(_) => "added",
+                Event::Updated { .. } => "updated",
+                Event::Deleted(_) => "deleted",
+            };
+            s.lock().unwrap().push(format!("{kind} {} {}", key_of(e.object()), revision_of(e.object())));
+        }));
+        apply(&inf.inner, "ADDED", pod("a", "web-1", "n1", "rs1", 10));
+        apply(&inf.inner, "ADDED", pod("a", "web-2", "n2", "rs1", 11));
+        apply(&inf.inner, "ADDED", pod("b", "db-1", "n1", "rs2", 12));
+        assert_eq!(names(inf.by_index(BY_NODE, "n1")), ["a/web-1", "b/db-1"]);
+        assert_eq!(names(inf.by_index(BY_OWNER, "rs1")), ["a/web-1", "a/web-2"]);
+        assert_eq!(names(inf.by_index(BY_NAMESPACE, "a")), ["a/web-1", "a/web-2"]);
+        assert_eq!(names(inf.by_index("first-letter", "d")), ["b/db-1"]);
+        // A move changes the index; an older version of it afterwards is dropped.
+        apply(&inf.inner, "MODIFIED", pod("a", "web-1", "n2", "rs1", 13));
+        apply(&inf.inner, "MODIFIED", pod("a", "web-1", "n1", "rs1", 12));
+        assert_eq!(names(inf.by_index(BY_NODE, "n1")), ["b/db-1"]);
+        assert_eq!(names(inf.by_index(BY_NODE, "n2")), ["a/web-1", "a/web-2"]);
+        assert_eq!(inf.stats().stale, 1);
+        apply(&inf.inner, "DELETED", pod("a", "web-2", "n2", "rs1", 14));
+        assert_eq!(names(inf.by_index(BY_NODE, "n2")), ["a/web-1"]);
+        assert!(inf.by_index(BY_OWNER, "rs2").len() == 1 && inf.get_by_name("a", "web-2").is_none());
+        // A handler added late hears of every cached object first, then of changes.
+        let late: Arc<Mutex<Vec<String>>> = Arc::default();
+        let l = late.clone();
+        inf.add_handler(Arc::new(move |e: &Event| l.lock().unwrap().push(key_of(e.object()))));
+        let mut replayed = late.lock().unwrap().clone();
+        replayed.sort();
+        assert_eq!(replayed, ["a/web-1", "b/db-1"]);
+        apply(&inf.inner, "ADDED", pod("c", "x", "n3", "rs3", 15));
+        assert_eq!(late.lock().unwrap().last().map(String::as_str), Some("c/x"));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "added a/web-1 10",
+                "added a/web-2 11",
+                "added b/db-1 12",
+                "updated a/web-1 13",
+                "deleted a/web-2 11",
+                "added c/x 15"
+            ]
+        );
+    }
+}

@@ -19,6 +19,7 @@ use super::cluster_state::{
     CLUSTER_ID, JOIN_TOKENS, NEXT_REPLICA_ID, REPLICAS, USER_TOKENS,
 };
 use super::status::from_store;
+use crate::client::{Client, ClientAuth, ClientConfig, ClientError};
 use crate::pki::{self, Ca, Credentials, Identity, JoinToken, TokenRole};
 use crate::proto::v1 as pb;
 use crate::store::{delete_op, exists, mod_equals, prefix_request, put_op, Member, Store};
@@ -256,18 +257,20 @@ impl ClusterService {
         }
     }
 
+    /// A client of the replica at `addr`, as this replica.
+    fn peer(&self, addr: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let config = ClientConfig {
+            request_timeout: timeout,
+            connect_timeout: Duration::from_millis(500),
+            retry_for: Duration::ZERO,
+            local_address: None,
+        };
+        Client::new(&[addr.to_string()], ClientAuth::Live(self.creds.clone()), config)
+    }
+
     async fn status_of(&self, addr: &str) -> Result<pb::StoreStatusResponse, String> {
-        let ch = crate::client::endpoint(addr, &self.creds.get())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_millis(500))
-            .connect_lazy();
-        let mut req = Request::new(pb::StoreStatusRequest {});
-        req.set_timeout(Duration::from_secs(2));
-        pb::store_admin_client::StoreAdminClient::new(ch)
-            .status(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
+        let client = self.peer(addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        client.status_of(0).await.map_err(|e| e.message())
     }
 
     /// Stores a newly issued token under `key`, which must be free (ids are random).
@@ -587,13 +590,12 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .and_then(|m| m.node)
                 .map(|n| n.addr)
                 .ok_or_else(|| Status::not_found(format!("replica {id} has no address")))?;
-            let ch = crate::client::endpoint(&addr, &self.creds.get())
-                .map_err(|e| Status::internal(e.to_string()))?
-                .connect_timeout(Duration::from_millis(500))
-                .connect_lazy();
-            let mut req = Request::new(pb::TransferLeaderRequest { id });
-            req.set_timeout(Duration::from_secs(10));
-            return pb::cluster_client::ClusterClient::new(ch).transfer_leader(req).await;
+            let client = self.peer(&addr, Duration::from_secs(10)).map_err(|e| Status::internal(e.to_string()))?;
+            return match client.transfer_leader(pb::TransferLeaderRequest { id }).await {
+                Ok(r) => Ok(Response::new(r)),
+                Err(ClientError::Status { status, .. }) => Err(status),
+                Err(e) => Err(Status::new(e.code().unwrap_or(tonic::Code::Unavailable), e.to_string())),
+            };
         }
         let leader = self.store.campaign(Duration::from_secs(5)).await.map_err(from_store)?;
         if leader != id {

@@ -8,6 +8,7 @@ use keel::harness::ProcCluster;
 use tokio::time::Instant;
 
 mod client;
+mod controller;
 mod events;
 mod informer;
 mod leader;

@@ -77,11 +77,16 @@ fn last_log_index(kv: &SledKv) -> u64 {
     u64::from_be_bytes(k.try_into().unwrap())
 }
 
+/// The name a data directory's replica was started with (a restart must keep it).
+fn name_of(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("name")).map(|n| n.trim().to_string()).unwrap_or_else(|_| "r1".into())
+}
+
 /// Runs `keel server` on the data dir until it exits or `wait` passes.
 fn start(data_dir: &Path, wait: Duration) -> Option<Output> {
     let port = keel::harness::free_port().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["server", "--name", &name_of(data_dir), "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(data_dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -131,7 +136,7 @@ async fn a_torn_unacknowledged_tail_is_truncated_and_every_acknowledged_write_su
     let exe = Path::new(env!("CARGO_BIN_EXE_keel"));
     let port = keel::harness::free_port().unwrap();
     let mut child = Command::new(exe)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["server", "--name", &name_of(&data), "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(&data)
         .stderr(std::process::Stdio::piped())
         .spawn()
