@@ -8,14 +8,16 @@ use crate::proto::v1::kv_client::KvClient;
 use super::retry::CallKind;
 use super::{AuthChannel, Client, ClientError};
 
-macro_rules! cluster_call {
-    ($(#[$doc:meta])* $name:ident, $kind:expr, $req:ty => $resp:ty) => {
+/// A unary call of the generated client `$api` as a method of `Client`, with the retry
+/// policy of `$kind`.
+macro_rules! unary {
+    ($api:ident, $(#[$doc:meta])* $name:ident, $kind:expr, $req:ty => $resp:ty) => {
         $(#[$doc])*
         pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
             let (r, _) = self
                 .call($kind, |ch| {
                     let req = self.request(req.clone());
-                    async move { ClusterClient::new(ch).$name(req).await }
+                    async move { $api::new(ch).$name(req).await }
                 })
                 .await?;
             Ok(r)
@@ -23,19 +25,12 @@ macro_rules! cluster_call {
     };
 }
 
+macro_rules! cluster_call {
+    ($($t:tt)*) => { unary!(ClusterClient, $($t)*); };
+}
+
 macro_rules! kv_call {
-    ($(#[$doc:meta])* $name:ident, $kind:expr, $req:ty => $resp:ty) => {
-        $(#[$doc])*
-        pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
-            let (r, _) = self
-                .call($kind, |ch| {
-                    let req = self.request(req.clone());
-                    async move { KvClient::new(ch).$name(req).await }
-                })
-                .await?;
-            Ok(r)
-        }
-    };
+    ($($t:tt)*) => { unary!(KvClient, $($t)*); };
 }
 
 impl Client {
