@@ -194,6 +194,16 @@ pub fn spec_changed(a: &pb::Object, b: &pb::Object) -> bool {
     strip(a) != strip(b)
 }
 
+/// Whether a deleted object may go now: its finalizers (and a namespace's spec finalizers)
+/// are all gone.
+pub fn releasable(obj: &pb::Object) -> bool {
+    let spec_held = match obj.kind.as_ref() {
+        Some(pb::object::Kind::Namespace(n)) => n.spec.as_ref().is_some_and(|s| !s.finalizers.is_empty()),
+        _ => false,
+    };
+    meta(obj).is_some_and(|m| m.finalizers.is_empty()) && !spec_held
+}
+
 pub fn has_status(obj: &pb::Object) -> bool {
     obj.kind.as_ref().is_some_and(|k| with_status!(k, _o => true, _ => false))
 }

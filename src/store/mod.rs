@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::proto::v1 as pb;
 pub use kv::{Kv, KvError, MemKv, SledKv, Space};
 pub use raft::codec::{member_from_pb, member_to_pb};
-pub use raft::network::Faults;
+pub use raft::faults::Faults;
 use raft::network::{Network, Peers};
 use raft::state_machine::{Shared, StateMachine};
 pub use raft::Member;

@@ -2,12 +2,10 @@
 //! limits for a new or changed object, and authorization of the caller (nodes are held to
 //! their own objects, see `authz`). Decisions only: nothing here writes.
 
-use std::time::SystemTime;
-
 use prost::Message;
 use tonic::Status;
 
-use super::storage::{decode, prefix, resource_name};
+use super::codec::{decode, now, prefix};
 use super::ObjectsService;
 use crate::api::kinds::{self, KindInfo};
 use crate::api::wellknown::NAMESPACE_FINALIZER;
@@ -17,20 +15,6 @@ use crate::proto::v1 as pb;
 use crate::server::authz::{self, Verb};
 use crate::server::status::from_store;
 use crate::store::prefix_request;
-
-/// Whether a deleted object may go now: its finalizers (and a namespace's spec finalizers)
-/// are all gone.
-pub(super) fn releasable(obj: &pb::Object) -> bool {
-    let spec_held = match obj.kind.as_ref() {
-        Some(pb::object::Kind::Namespace(n)) => n.spec.as_ref().is_some_and(|s| !s.finalizers.is_empty()),
-        _ => false,
-    };
-    object::meta(obj).is_some_and(|m| m.finalizers.is_empty()) && !spec_held
-}
-
-pub(super) fn now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
 
 pub(super) fn invalid(info: &KindInfo, name: &str, errors: Vec<validation::FieldError>) -> Status {
     let summary = errors.iter().map(|e| format!("{}: {}", e.field, e.detail)).collect::<Vec<_>>().join(", ");
@@ -195,15 +179,4 @@ impl ObjectsService {
         }
         Ok(next)
     }
-}
-
-/// Names the object a status is about, when a request carries several.
-pub(super) fn about(s: Status, index: usize, obj: &pb::Object, many: bool) -> Status {
-    if !many {
-        return s;
-    }
-    let info = object::info(obj);
-    let name = object::meta(obj).map(|m| m.name.as_str()).unwrap_or_default();
-    let what = info.map(|i| format!("{}/{name}", resource_name(i))).unwrap_or_default();
-    Status::with_details(s.code(), format!("objects[{index}] ({what}): {}", s.message()), s.details().to_vec().into())
 }

@@ -6,10 +6,11 @@
 //! mod_revision and is never stored inside the value.
 //!
 //! The parts, by job: the handlers here (they only unpack requests and name the caller),
-//! `admission` (metadata, defaults, validation, authorization), `storage` (keys, the stored
-//! form, the read-decide-compare loops) and `watch` (store watches as watch events).
+//! `admission` (metadata, defaults, validation, authorization), `codec` (keys, names, the
+//! stored form), `storage` (the read-decide-compare loops) and `watch` (store watches as watch events).
 
 mod admission;
+mod codec;
 mod storage;
 mod watch;
 
@@ -26,7 +27,7 @@ use crate::api::wellknown::DEFAULT_NAMESPACES;
 use crate::proto::v1 as pb;
 use crate::seal::Keyring;
 use crate::store::Store;
-use storage::{decode, key, lookup_kind, not_found};
+use codec::{decode, key, lookup_kind, not_found};
 
 pub struct ObjectsService {
     store: Store,

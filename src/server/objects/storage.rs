@@ -9,10 +9,9 @@
 
 use std::collections::HashSet;
 
-use prost::Message;
 use tonic::Status;
 
-use super::admission::{about, now, releasable};
+use super::codec::{conflict, decode, encode, key, lookup_kind, not_found, now, prefix, resource_name};
 use super::ObjectsService;
 use crate::api::kinds::{self, KindInfo};
 use crate::api::selector::ObjectFilter;
@@ -24,67 +23,6 @@ use crate::seal::Keyring;
 use crate::server::authz::Verb;
 use crate::server::status::from_store;
 use crate::store::{delete_op, mod_equals, prefix_end, put_op};
-
-/// `deployments.apps` or `pods`, as Kubernetes names a resource in its messages.
-pub(super) fn resource_name(info: &KindInfo) -> String {
-    match info.api_version.split_once('/') {
-        Some((group, _)) => format!("{}.{group}", info.resource),
-        None => info.resource.to_string(),
-    }
-}
-
-pub(super) fn key(info: &KindInfo, namespace: &str, name: &str) -> String {
-    if info.namespaced {
-        format!("/registry/{}/{namespace}/{name}", info.resource)
-    } else {
-        format!("/registry/{}/{name}", info.resource)
-    }
-}
-
-pub(super) fn prefix(info: &KindInfo, namespace: &str) -> String {
-    if info.namespaced && !namespace.is_empty() {
-        format!("/registry/{}/{namespace}/", info.resource)
-    } else {
-        format!("/registry/{}/", info.resource)
-    }
-}
-
-pub(super) fn lookup_kind(kind: &str) -> Result<&'static KindInfo, Status> {
-    kinds::by_name(kind).ok_or_else(|| Status::not_found(format!("the server doesn't have a resource type {kind:?}")))
-}
-
-pub(super) fn decode(kv: &pb::KeyValue, keys: &Keyring) -> Result<pb::Object, Status> {
-    let plain = keys.open(&kv.value).map_err(|e| {
-        Status::internal(format!("stored object at {} cannot be decrypted: {e}", String::from_utf8_lossy(&kv.key)))
-    })?;
-    let mut obj = pb::Object::decode(&*plain).map_err(|e| {
-        Status::internal(format!("stored object at {} is damaged: {e}", String::from_utf8_lossy(&kv.key)))
-    })?;
-    if let Some(m) = object::meta_mut(&mut obj) {
-        m.resource_version = kv.mod_revision.to_string();
-    }
-    object::set_type_meta(&mut obj);
-    Ok(obj)
-}
-
-/// The stored form: protobuf, sealed for Secrets (see `secrets`).
-pub(super) fn encode(obj: &pb::Object, keys: &Keyring) -> Result<Vec<u8>, Status> {
-    // The revision is the store's, never part of the value; copy only to drop one.
-    let bytes = if object::meta(obj).is_some_and(|m| !m.resource_version.is_empty()) {
-        let mut stored = obj.clone();
-        if let Some(m) = object::meta_mut(&mut stored) {
-            m.resource_version.clear();
-        }
-        stored.encode_to_vec()
-    } else {
-        obj.encode_to_vec()
-    };
-    if object::kind(obj) == Some(kinds::Kind::Secret) {
-        keys.seal(&bytes).map_err(|e| Status::invalid_argument(format!("the Secret cannot be sealed: {e}")))
-    } else {
-        Ok(bytes)
-    }
-}
 
 /// How often an update or delete re-reads after losing a race to another writer.
 pub(super) const MAX_RETRIES: usize = 16;
@@ -120,17 +58,6 @@ impl Reads {
             false
         })
     }
-}
-
-pub(super) fn conflict(info: &KindInfo, name: &str) -> Status {
-    Status::aborted(format!(
-        "Operation cannot be fulfilled on {} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
-        resource_name(info)
-    ))
-}
-
-pub(super) fn not_found(info: &KindInfo, name: &str) -> Status {
-    Status::not_found(format!("{} {name:?} not found", resource_name(info)))
 }
 
 impl ObjectsService {
@@ -434,7 +361,7 @@ pub(super) struct Planned {
 /// The write that stores `next`: a put, or the delete of an object whose deletion was
 /// requested and whose last finalizer just went.
 pub(super) fn write_op(k: &str, next: &pb::Object, keys: &Keyring) -> Result<pb::RequestOp, Status> {
-    let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty()) && releasable(next);
+    let finished = object::meta(next).is_some_and(|m| !m.deletion_timestamp.is_empty()) && object::releasable(next);
     if finished {
         Ok(delete_op(k))
     } else {
@@ -543,7 +470,7 @@ impl ObjectsService {
                     }
                 }
             }
-            let holds = !releasable(&obj);
+            let holds = !object::releasable(&obj);
             if holds {
                 if let Some(m) = object::meta_mut(&mut obj) {
                     if m.deletion_timestamp.is_empty() {
@@ -570,4 +497,15 @@ impl ObjectsService {
         }
         Err(conflict(info, &reference.name))
     }
+}
+
+/// Names the object a status is about, when a request carries several.
+pub(super) fn about(s: Status, index: usize, obj: &pb::Object, many: bool) -> Status {
+    if !many {
+        return s;
+    }
+    let info = object::info(obj);
+    let name = object::meta(obj).map(|m| m.name.as_str()).unwrap_or_default();
+    let what = info.map(|i| format!("{}/{name}", resource_name(i))).unwrap_or_default();
+    Status::with_details(s.code(), format!("objects[{index}] ({what}): {}", s.message()), s.details().to_vec().into())
 }

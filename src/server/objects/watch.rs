@@ -11,7 +11,7 @@ use futures::Stream;
 use prost::Message;
 use tonic::Status;
 
-use super::storage::{decode, lookup_kind, prefix};
+use super::codec::{decode, lookup_kind, prefix};
 use super::ObjectsService;
 use crate::api::object;
 use crate::api::selector::ObjectFilter;

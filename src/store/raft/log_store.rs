@@ -19,7 +19,7 @@ use openraft::{ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, Vote
 use prost::Message;
 
 use super::codec::{self, Entry};
-use super::network::Faults;
+use super::faults::Faults;
 use super::{storage_err, StorageError, TypeConfig};
 use crate::proto::v1 as pb;
 use crate::store::kv::{Batch, Kv, Space};

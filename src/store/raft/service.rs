@@ -8,7 +8,7 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapsho
 use tonic::{Request, Response, Status};
 
 use super::codec::{self, CodecError};
-use super::network::Faults;
+use super::faults::Faults;
 use super::Raft;
 use crate::proto::v1 as pb;
 
