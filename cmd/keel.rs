@@ -35,7 +35,7 @@ enum Command {
     #[command(subcommand)]
     SecretsKey(SecretsKeyCommand),
     /// Run a node agent: join with a token once, register the Node, keep its Lease.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run a benchmark against real processes on loopback.
     #[command(subcommand)]
     Bench(keel::bench::BenchCommand),
@@ -68,16 +68,57 @@ struct AgentArgs {
     /// The address other nodes reach this one at.
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
+    /// The container runtime: `containerd` (the real one) or `fake` (nothing runs: a hollow
+    /// node for scale tests).
+    #[arg(long, default_value = "containerd", value_parser = ["containerd", "fake"])]
+    runtime: String,
+    /// An existing containerd's socket; without it the agent starts and manages its own.
+    #[arg(long, env = "KEEL_CONTAINERD_SOCKET")]
+    containerd_socket: Option<PathBuf>,
+    /// Runtime state of the managed containerd (its socket, its tasks).
+    #[arg(long, default_value = "/run/keel-agent")]
+    run_dir: PathBuf,
+    /// Image tarballs (OCI or docker-archive) imported at start and whenever one appears:
+    /// how images reach a node that cannot reach a registry.
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
+    /// The pod network of the whole cluster; routed nowhere outside the nodes.
+    #[arg(long, default_value = "10.42.0.0/16")]
+    cluster_cidr: String,
+    /// The Service address range; routed nowhere outside the nodes.
+    #[arg(long, default_value = "10.43.0.0/16")]
+    service_cidr: String,
+    /// Where the CNI plugins are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    cni_bin_dir: PathBuf,
+    /// The pods' bridge on this node.
+    #[arg(long, default_value = "keel0")]
+    bridge: String,
+    /// Run the pod network in this network namespace instead of the agent's own (a node
+    /// simulated in a namespace).
+    #[arg(long)]
+    node_netns: Option<PathBuf>,
+    /// The first wait before a crashed container restarts; it doubles up to five minutes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    restart_backoff: std::time::Duration,
 }
 
 async fn agent(a: AgentArgs) -> anyhow::Result<()> {
-    let cfg = keel::agent::AgentConfig {
-        name: a.name.unwrap_or_else(hostname),
-        data_dir: a.data_dir,
-        servers: vec![a.server],
-        token: a.token,
-        node_ip: a.node_ip,
+    let mut cfg = keel::agent::AgentConfig::new(&a.name.unwrap_or_else(hostname), &a.data_dir, vec![a.server]);
+    cfg.token = a.token;
+    cfg.node_ip = a.node_ip;
+    cfg.run_dir = a.run_dir;
+    cfg.runtime = match a.runtime.as_str() {
+        "fake" => keel::agent::RuntimeKind::Fake,
+        _ => keel::agent::RuntimeKind::Containerd { socket: a.containerd_socket },
     };
+    cfg.images_dir = a.images_dir;
+    cfg.cluster_cidr = a.cluster_cidr;
+    cfg.service_cidr = a.service_cidr;
+    cfg.cni_bin_dir = a.cni_bin_dir;
+    cfg.bridge = a.bridge;
+    cfg.node_netns = a.node_netns;
+    cfg.restart_backoff = a.restart_backoff;
     Ok(keel::agent::run(cfg).await?)
 }
 
@@ -195,6 +236,12 @@ struct ServerArgs {
     /// How often candidates try to acquire or renew.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     leader_elect_retry_period: Duration,
+    /// The pod network of the cluster; each Node gets a block of it as its podCIDR.
+    #[arg(long, default_value = "10.42.0.0/16")]
+    cluster_cidr: String,
+    /// The prefix length of each Node's block of the cluster CIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -282,6 +329,8 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         lease_duration: a.leader_elect_lease_duration,
         renew_deadline: a.leader_elect_renew_deadline,
         retry_period: a.leader_elect_retry_period,
+        cluster_cidr: a.cluster_cidr,
+        node_cidr_mask_size: a.node_cidr_mask_size,
     };
     Ok(keel::server::run::run(options).await?)
 }
@@ -314,7 +363,7 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Server(a) => server(*a).await,
-            Command::Agent(a) => agent(a).await,
+            Command::Agent(a) => agent(*a).await,
             Command::SecretsKey(SecretsKeyCommand::Rotate { data_dir }) => {
                 let path = keel::server::bootstrap::DataDir::new(&data_dir).secrets_key();
                 let name = keel::seal::Keyring::rotate(&path)?;

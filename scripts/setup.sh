@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Installs what Keel needs on Debian 12, as root: protoc for the build, etcd for the store
-# benchmark's peer, procps for kill(1) in the process harness, strace for the test that
-# checks a flush reaches the device. Idempotent.
+# Installs what Keel needs on Debian 12, as root: protoc for the build; containerd, runc, the
+# CNI plugins, iproute2, iptables (the portmap plugin) and nftables for the node agent;
+# busybox-static for the test images; etcd for the store benchmark's peer; procps for kill(1)
+# in the process harness; strace for the test that checks a flush reaches the device.
+# Idempotent.
 set -euo pipefail
 need=()
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v kill >/dev/null || need+=(procps)
 command -v strace >/dev/null || need+=(strace)
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v nft >/dev/null || need+=(nftables)
+# A static busybox (the dynamic one of the `busybox` package cannot run in an image).
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

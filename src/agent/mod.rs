@@ -1,21 +1,23 @@
-//! The node agent (`keel agent`): joins with a token once, then authenticates with the node
-//! certificate it got; registers its Node, keeps its Lease renewed and reports Ready. It
-//! reaches the cluster only through `client`.
+//! The node agent (`keel agent`), Keel's kubelet: it joins with a token once, then
+//! authenticates with the node certificate it got; keeps its Node and Lease alive (`node`);
+//! runs the pods bound to it (`pods`) through a container runtime (`runtime`: containerd, or
+//! a fake for hollow nodes) and the pod network (`network`: CNI plugins, pinned namespaces).
+//! It reaches the cluster only through `client`.
 
-use std::path::PathBuf;
+pub mod network;
+pub mod node;
+pub mod pods;
+pub mod runtime;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use crate::api::kinds::Kind;
-use crate::api::wellknown::{CERT_EXPIRES_ANNOTATION as CERT_EXPIRES, NODE_LEASE_NAMESPACE};
+use crate::client::informer::{InformerFactory, InformerOptions};
 use crate::client::{Client, ClientAuth, ClientConfig, ClientError};
 use crate::pki::{self, Credentials, Identity, LiveCredentials, TokenRole};
-use crate::proto::v1 as pb;
 
-/// How long a node's Lease lasts without renewal.
-pub const LEASE_SECONDS: i32 = 40;
-/// How often the Lease is renewed (and every sixth time, the Node's status reported).
-pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+pub use node::Agent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -23,6 +25,10 @@ pub enum AgentError {
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     #[error("join through {seed}: {source}")]
     Join {
         seed: String,
@@ -33,19 +39,60 @@ pub enum AgentError {
     Setup(String),
 }
 
+/// Which container runtime runs the pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// containerd at this socket, or (None) one the agent starts and manages itself.
+    Containerd { socket: Option<PathBuf> },
+    /// Nothing runs: a hollow node for scale tests.
+    Fake,
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: String,
     pub data_dir: PathBuf,
+    /// Runtime state (the managed containerd's socket and state).
+    pub run_dir: PathBuf,
     /// Replica addresses (host:port); the first one is used to join, all of them after.
     pub servers: Vec<String>,
     pub token: Option<String>,
     /// The address other nodes reach this one at.
     pub node_ip: String,
+    pub runtime: RuntimeKind,
+    /// Image tarballs imported at start and whenever new ones appear.
+    pub images_dir: Option<PathBuf>,
+    pub cluster_cidr: String,
+    pub service_cidr: String,
+    pub cni_bin_dir: PathBuf,
+    pub bridge: String,
+    /// Run the CNI plugins and node routes in this network namespace rather than the
+    /// agent's own (a test's node namespace).
+    pub node_netns: Option<PathBuf>,
+    /// The first wait before a crashed container restarts (doubling up to five minutes).
+    pub restart_backoff: Duration,
 }
 
-fn now() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+impl AgentConfig {
+    /// Defaults for node `name` with its data in `data_dir`.
+    pub fn new(name: &str, data_dir: &Path, servers: Vec<String>) -> AgentConfig {
+        AgentConfig {
+            name: name.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            run_dir: PathBuf::from("/run/keel-agent"),
+            servers,
+            token: None,
+            node_ip: "127.0.0.1".into(),
+            runtime: RuntimeKind::Containerd { socket: None },
+            images_dir: None,
+            cluster_cidr: "10.42.0.0/16".into(),
+            service_cidr: "10.43.0.0/16".into(),
+            cni_bin_dir: PathBuf::from("/usr/lib/cni"),
+            bridge: "keel0".into(),
+            node_netns: None,
+            restart_backoff: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The node's credentials: from its data directory while the certificate is valid, else by
@@ -89,186 +136,142 @@ pub async fn credentials(cfg: &AgentConfig) -> Result<Credentials, AgentError> {
     Ok(creds)
 }
 
-pub struct Agent {
-    cfg: AgentConfig,
-    creds: Arc<LiveCredentials>,
-    client: Client,
+/// Imports every tarball in `dir` not imported before (by name, size and modification
+/// time); returns how many were.
+async fn import_images(rt: &dyn runtime::Runtime, dir: &Path, seen: &mut std::collections::HashSet<String>) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "tar") {
+            continue;
+        }
+        let stamp =
+            e.metadata().map(|m| format!("{}:{}:{:?}", path.display(), m.len(), m.modified().ok())).unwrap_or_default();
+        if !seen.insert(stamp) {
+            continue;
+        }
+        match rt.import(&path).await {
+            Ok(images) => {
+                n += 1;
+                for i in images {
+                    tracing::info!(image = i.name, from = %path.display(), "image imported");
+                }
+            }
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "image not imported"),
+        }
+    }
+    n
 }
 
-impl Agent {
-    pub fn new(cfg: AgentConfig, creds: &Credentials) -> Result<Agent, AgentError> {
-        let live = LiveCredentials::new(creds.clone());
-        let config = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::default() };
-        let client = Client::new(&cfg.servers, ClientAuth::Live(live.clone()), config)?;
-        Ok(Agent { cfg, creds: live, client })
-    }
+/// Resolves once `stop` says true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
 
-    /// Renews the node certificate, for the same key, once a third of its life is left;
-    /// later calls use the new one. True when it renewed.
-    pub async fn renew_if_due(&mut self) -> Result<bool, AgentError> {
-        let creds = self.creds.get();
-        let (not_before, not_after) = pki::validity_of(&creds.cert_pem)?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let lifetime = (not_after - not_before - 60).max(1);
-        if not_after - now > lifetime / 3 {
-            return Ok(false);
-        }
-        let csr = pki::request_for(&creds.key_pem)?;
-        let r = self.client.renew_certificate(pb::RenewCertificateRequest { csr_pem: csr }).await?;
-        let next = Credentials { ca_pem: r.ca_pem, cert_pem: r.certificate_pem, key_pem: creds.key_pem.clone() };
-        next.save(&self.cfg.data_dir.join("tls"))?;
-        // The client makes its connections again with the new certificate.
-        self.creds.set(next);
-        tracing::info!("node certificate renewed");
-        Ok(true)
-    }
+/// A running agent: its loops and what it started.
+pub struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+    managed: Option<runtime::managed::Managed>,
+    pub runtime: Arc<dyn runtime::Runtime>,
+    pub network: Option<network::NodeNetwork>,
+}
 
-    /// Creates the Node if it does not exist, then reports it Ready.
-    pub async fn register(&mut self) -> Result<pb::Object, ClientError> {
-        let current = match self.client.get_opt(Kind::Node, "", &self.cfg.name).await? {
-            Some(n) => n,
-            None => {
-                let labels = [
-                    ("kubernetes.io/hostname".to_string(), self.cfg.name.clone()),
-                    ("kubernetes.io/os".to_string(), "linux".to_string()),
-                    ("kubernetes.io/arch".to_string(), std::env::consts::ARCH.replace("x86_64", "amd64")),
-                ]
-                .into();
-                let node = pb::Node {
-                    metadata: Some(pb::ObjectMeta { name: self.cfg.name.clone(), labels, ..Default::default() }),
-                    ..Default::default()
-                };
-                let obj = pb::Object { kind: Some(pb::object::Kind::Node(node)) };
-                match self.client.create(obj).await {
-                    Ok(o) => o,
-                    // Created meanwhile (by an earlier attempt of this agent whose answer was
-                    // lost): read it.
-                    Err(e) if e.is_already_exists() || e.is_indeterminate() => {
-                        self.client.get(Kind::Node, "", &self.cfg.name).await?
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        self.report_ready(current).await
-    }
-
-    async fn report_ready(&mut self, mut obj: pb::Object) -> Result<pb::Object, ClientError> {
-        // The node certificate's end, for `keelctl cluster certs`.
-        let end = pki::validity_of(&self.creds.get().cert_pem).map(|v| v.1).unwrap_or(0);
-        let stamp = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(end.max(0) as u64))
-            .to_string();
-        if crate::api::object::meta(&obj).and_then(|m| m.annotations.get(CERT_EXPIRES)) != Some(&stamp) {
-            let mut annotated = obj.clone();
-            if let Some(m) = crate::api::object::meta_mut(&mut annotated) {
-                m.annotations.insert(CERT_EXPIRES.to_string(), stamp);
-            }
-            obj = self.client.update(annotated).await?;
-        }
-        if let Some(pb::object::Kind::Node(n)) = obj.kind.as_mut() {
-            let status = n.status.get_or_insert_with(Default::default);
-            let t = now();
-            let was_ready = status.conditions.iter().any(|c| c.r#type == "Ready" && c.status == "True");
-            let transition = status
-                .conditions
-                .iter()
-                .find(|c| c.r#type == "Ready")
-                .filter(|_| was_ready)
-                .map_or(t.clone(), |c| c.last_transition_time.clone());
-            status.conditions.retain(|c| c.r#type != "Ready");
-            status.conditions.push(pb::NodeCondition {
-                r#type: "Ready".into(),
-                status: "True".into(),
-                last_heartbeat_time: t,
-                last_transition_time: transition,
-                reason: "KeelAgentReady".into(),
-                message: "keel agent is posting ready status".into(),
-            });
-            status.addresses = vec![
-                pb::NodeAddress { r#type: "InternalIP".into(), address: self.cfg.node_ip.clone() },
-                pb::NodeAddress { r#type: "Hostname".into(), address: self.cfg.name.clone() },
-            ];
-            let info = status.node_info.get_or_insert_with(Default::default);
-            info.kubelet_version = format!("keel-{}", env!("CARGO_PKG_VERSION"));
-            info.operating_system = "linux".into();
-            info.architecture = std::env::consts::ARCH.replace("x86_64", "amd64");
-            info.kernel_version =
-                std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into();
-        }
-        self.client.update_status(obj).await
-    }
-
-    /// Creates or renews this node's Lease in kube-node-lease.
-    pub async fn renew_lease(&mut self) -> Result<(), ClientError> {
-        let spec = |acquire: String| pb::LeaseSpec {
-            holder_identity: Some(self.cfg.name.clone()),
-            lease_duration_seconds: Some(LEASE_SECONDS),
-            acquire_time: acquire,
-            renew_time: now(),
-            ..Default::default()
-        };
-        match self.client.get_opt(Kind::Lease, NODE_LEASE_NAMESPACE, &self.cfg.name).await? {
-            Some(mut o) => {
-                if let Some(pb::object::Kind::Lease(l)) = o.kind.as_mut() {
-                    let acquire = l.spec.as_ref().map(|s| s.acquire_time.clone()).unwrap_or_default();
-                    l.spec = Some(spec(acquire));
-                }
-                self.client.update(o).await?;
-            }
-            None => {
-                let lease = pb::Lease {
-                    metadata: Some(pb::ObjectMeta {
-                        name: self.cfg.name.clone(),
-                        namespace: NODE_LEASE_NAMESPACE.into(),
-                        ..Default::default()
-                    }),
-                    spec: Some(spec(now())),
-                    ..Default::default()
-                };
-                self.client.create(pb::Object { kind: Some(pb::object::Kind::Lease(lease)) }).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Renews the Lease every `RENEW_EVERY` and reports Ready every sixth time, until
-    /// dropped. Errors are logged and retried.
-    pub async fn run(mut self) {
-        let mut tick = tokio::time::interval(RENEW_EVERY);
-        let mut n: u64 = 0;
-        loop {
-            tick.tick().await;
-            if n.is_multiple_of(6) {
-                if let Err(e) = self.register().await {
-                    tracing::warn!(error = %e, "node status not reported; retrying");
-                }
-            }
-            if let Err(e) = self.renew_lease().await {
-                tracing::warn!(error = %e, "lease not renewed; retrying");
-            }
-            if let Err(e) = self.renew_if_due().await {
-                tracing::warn!(error = %e, "node certificate not renewed; retrying");
-            }
-            n += 1;
+impl Running {
+    /// Stops the loops and a managed containerd; running containers go on.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::timeout_at(deadline, self.tasks.join_next()).await.ok().flatten().is_some() {}
+        self.tasks.abort_all();
+        if let Some(m) = self.managed.take() {
+            m.stop().await;
         }
     }
 }
 
-/// `keel agent`: join if needed, register the Node, then keep it alive until SIGINT or
-/// SIGTERM.
-pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+/// Starts the agent: credentials, the Node, the runtime, the pod network, the pod workers.
+pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
     let creds = credentials(&cfg).await?;
+    let live = LiveCredentials::new(creds);
+    let config = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::default() };
+    let client = Client::new(&cfg.servers, ClientAuth::Live(live.clone()), config)?;
+    let mut agent = Agent::new(cfg.clone(), live, client.clone());
+    let (runtime, managed, network): (Arc<dyn runtime::Runtime>, _, _) = match &cfg.runtime {
+        RuntimeKind::Fake => (Arc::new(runtime::fake::FakeRuntime::new()), None, None),
+        RuntimeKind::Containerd { socket } => {
+            let (socket, managed) = match socket {
+                Some(s) => (s.clone(), None),
+                None => {
+                    let paths = runtime::managed::ManagedPaths::new(&cfg.data_dir, &cfg.run_dir);
+                    let socket = paths.socket.clone();
+                    (socket, Some(runtime::managed::Managed::start(paths)?))
+                }
+            };
+            let rt = runtime::containerd::Containerd::connect(&socket, Duration::from_secs(30)).await?;
+            let net = network::NodeNetwork {
+                cni: network::Cni {
+                    bin_dir: cfg.cni_bin_dir.clone(),
+                    state_dir: cfg.data_dir.join("cni"),
+                    ipam_dir: cfg.data_dir.join("ipam"),
+                    bridge: cfg.bridge.clone(),
+                    host_netns: cfg.node_netns.clone(),
+                },
+                cluster_cidr: cfg.cluster_cidr.clone(),
+                service_cidr: cfg.service_cidr.clone(),
+            };
+            net.install_routes().await?;
+            (Arc::new(rt), managed, Some(net))
+        }
+    };
+    agent.set_runtime_version(runtime.version().await?);
+    agent.register().await.map_err(|e| AgentError::Setup(format!("register node {}: {e}", cfg.name)))?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = agent.run() => {}
+                _ = stopped(&mut rx) => {}
+            }
+        });
+    }
+    if let Some(dir) = cfg.images_dir.clone() {
+        // The images there before the pods start: no pod waits for one it could have.
+        let mut seen = std::collections::HashSet::new();
+        import_images(runtime.as_ref(), &dir, &mut seen).await;
+        let (rt, mut rx) = (runtime.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stopped(&mut rx) => return,
+                }
+                import_images(rt.as_ref(), &dir, &mut seen).await;
+            }
+        });
+    }
+    let informers = InformerFactory::new(client.clone(), InformerOptions::default());
+    let mut pod_config = pods::PodConfig::new(&cfg.name, &cfg.node_ip, cfg.data_dir.join("pods"));
+    pod_config.backoff = cfg.restart_backoff;
+    let workers = pods::PodWorkers::new(client, &informers, runtime.clone(), network.clone(), pod_config);
+    tasks.spawn(workers.run(stop_rx));
+    Ok(Running { stop, tasks, managed, runtime, network })
+}
+
+/// `keel agent`: start, then run until SIGINT or SIGTERM.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let name = cfg.name.clone();
-    let mut agent = Agent::new(cfg, &creds)?;
-    agent.register().await.map_err(|e| AgentError::Setup(format!("register node {name}: {e}")))?;
+    let running = start(cfg).await?;
     println!("Node {name} registered.");
-    let task = tokio::spawn(agent.run());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Setup(format!("SIGTERM handler: {e}")))?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    task.abort();
+    running.stop().await;
     Ok(())
 }

@@ -195,8 +195,11 @@ pub fn spec_changed(a: &pb::Object, b: &pb::Object) -> bool {
 }
 
 /// Whether a deleted object may go now: its finalizers (and a namespace's spec finalizers)
-/// are all gone.
+/// are all gone, and no grace period runs (a Pod whose node is still stopping it).
 pub fn releasable(obj: &pb::Object) -> bool {
+    if meta(obj).and_then(|m| m.deletion_grace_period_seconds).is_some_and(|g| g > 0) {
+        return false;
+    }
     let spec_held = match obj.kind.as_ref() {
         Some(pb::object::Kind::Namespace(n)) => n.spec.as_ref().is_some_and(|s| !s.finalizers.is_empty()),
         _ => false,

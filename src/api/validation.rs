@@ -345,6 +345,62 @@ pub fn validate(obj: &pb::Object) -> Vec<FieldError> {
     out
 }
 
+/// What an update may not change, checked on top of `validate`: a Pod's spec beyond its
+/// images, activeDeadlineSeconds, added tolerations and terminationGracePeriodSeconds, a
+/// bound Pod's node, and a Node's podCIDR once set (upstream's wording).
+pub fn validate_update(current: &pb::Object, next: &pb::Object) -> Vec<FieldError> {
+    use pb::object::Kind as K;
+    let mut out = Vec::new();
+    match (&current.kind, &next.kind) {
+        (Some(K::Pod(cur)), Some(K::Pod(nxt))) => {
+            let (Some(a), Some(b)) = (&cur.spec, &nxt.spec) else { return out };
+            // Compare with what may change taken from the new spec.
+            let mut allowed = a.clone();
+            for (c, n) in allowed.containers.iter_mut().zip(&b.containers) {
+                c.image = n.image.clone();
+            }
+            for (c, n) in allowed.init_containers.iter_mut().zip(&b.init_containers) {
+                c.image = n.image.clone();
+            }
+            allowed.active_deadline_seconds = b.active_deadline_seconds;
+            allowed.termination_grace_period_seconds = b.termination_grace_period_seconds;
+            if b.tolerations.len() >= a.tolerations.len() && b.tolerations[..a.tolerations.len()] == a.tolerations[..] {
+                allowed.tolerations = b.tolerations.clone();
+            }
+            if !a.node_name.is_empty() && a.node_name != b.node_name {
+                out.push(fe("spec.nodeName", "Forbidden: pod is already bound to a node"));
+            } else if allowed != *b {
+                if a.node_name.is_empty() && !b.node_name.is_empty() {
+                    allowed.node_name = b.node_name.clone();
+                }
+                if allowed != *b {
+                    out.push(fe(
+                        "spec",
+                        "Forbidden: pod updates may not change fields other than `spec.containers[*].image`, \
+                         `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` \
+                         (only additions to existing tolerations) or `spec.terminationGracePeriodSeconds`",
+                    ));
+                }
+            }
+        }
+        (Some(K::Node(cur)), Some(K::Node(nxt))) => {
+            let was = cur.spec.as_ref().map(|s| s.pod_cidr.as_str()).unwrap_or_default();
+            let now = nxt.spec.as_ref().map(|s| s.pod_cidr.as_str()).unwrap_or_default();
+            if !was.is_empty() && was != now {
+                out.push(fe(
+                    "spec.podCIDRs",
+                    "Forbidden: node updates may not change podCIDR except from \"\" to valid",
+                ));
+            }
+            if !now.is_empty() && now.parse::<ipnet::IpNet>().is_err() {
+                out.push(fe("spec.podCIDR", format!("Invalid value: {now:?}: must be a valid CIDR")));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,6 +119,36 @@ pub struct DeleteArgs {
     /// Background (default), Foreground or Orphan.
     #[arg(long, default_value = "Background")]
     pub cascade: String,
+    /// Seconds a Pod's node has to stop it; -1: the pod's own terminationGracePeriodSeconds.
+    /// 0 only with --force (else it means 1).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub grace_period: i64,
+    /// Delete at once, without waiting for the node to confirm the pod stopped (its
+    /// containers may keep running for a while).
+    #[arg(long)]
+    pub force: bool,
+    /// Same as --grace-period=1.
+    #[arg(long)]
+    pub now: bool,
+    /// Wait until the objects are gone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub wait: bool,
+    /// How long to wait with --wait (0: a week).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+impl DeleteArgs {
+    /// The grace period sent, with kubectl's rules.
+    pub fn grace_period(&self) -> Option<i64> {
+        let g = if self.now { 1 } else { self.grace_period };
+        match (g, self.force) {
+            (g, true) if g <= 0 => Some(0),
+            (0, false) => Some(1),
+            (g, _) if g < 0 => None,
+            (g, _) => Some(g),
+        }
+    }
 }
 
 #[derive(clap::Args)]

@@ -147,7 +147,12 @@ pub async fn delete(s: &Session, d: DeleteArgs) -> Result<()> {
             refs.push((info, s.namespace.clone(), n.clone()));
         }
     }
-    let opts = DeleteOptions { propagation_policy: d.cascade.clone(), resource_version: String::new() };
+    let opts = DeleteOptions {
+        propagation_policy: d.cascade.clone(),
+        grace_period_seconds: d.grace_period(),
+        ..Default::default()
+    };
+    let mut pending = Vec::new();
     for (info, ns, name) in refs {
         let resp = match s.client.delete(info.kind, &ns, &name, &opts).await {
             Ok(r) => r,
@@ -156,8 +161,33 @@ pub async fn delete(s: &Session, d: DeleteArgs) -> Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        let shown = resp.object.as_ref().map(display_name).unwrap_or(name);
+        let shown = resp.object.as_ref().map(display_name).unwrap_or(name.clone());
+        if d.force && opts.grace_period_seconds == Some(0) {
+            eprintln!("Warning: Immediate deletion does not wait for confirmation that the running resource has been terminated. The resource may continue to run on the cluster indefinitely.");
+        }
         println!("{shown} deleted");
+        if !resp.deleted {
+            let uid = resp.object.as_ref().and_then(object::meta).map(|m| m.uid.clone()).unwrap_or_default();
+            pending.push((info, ns, name, uid));
+        }
+    }
+    if !d.wait {
+        return Ok(());
+    }
+    let timeout = if d.timeout.is_zero() { std::time::Duration::from_secs(7 * 24 * 3600) } else { d.timeout };
+    let deadline = tokio::time::Instant::now() + timeout;
+    for (info, ns, name, uid) in pending {
+        loop {
+            match s.client.get_opt(info.kind, &ns, &name).await? {
+                None => break,
+                Some(o) if object::meta(&o).is_some_and(|m| m.uid != uid) => break,
+                Some(_) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("timed out waiting for the deletion of {}/{name}", info.resource);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
     }
     Ok(())
 }

@@ -54,6 +54,10 @@ pub struct DeleteOptions {
     pub propagation_policy: String,
     /// When set, the delete is a conflict unless the object is still at this revision.
     pub resource_version: String,
+    /// A Pod's grace period (unset: its terminationGracePeriodSeconds); 0 deletes it now.
+    pub grace_period_seconds: Option<i64>,
+    /// When set, the delete is a conflict unless the object has this uid.
+    pub uid: String,
 }
 
 /// An open watch on one replica.
@@ -240,6 +244,8 @@ impl Client {
             r#ref: Some(reference(kind, namespace, name)),
             propagation_policy: opts.propagation_policy.clone(),
             resource_version: opts.resource_version.clone(),
+            grace_period_seconds: opts.grace_period_seconds,
+            uid: opts.uid.clone(),
         };
         let (r, _) = self
             .call(CallKind::Write, |ch| {

@@ -35,6 +35,9 @@ pub struct ServerOptions {
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// The pod network, one `/node_cidr_mask_size` block per Node.
+    pub cluster_cidr: String,
+    pub node_cidr_mask_size: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,9 @@ pub async fn run(o: ServerOptions) -> Result<(), RunError> {
     if b.id == Some(0) {
         return Err(RunError::Setup("--id: replica id 0 is reserved".into()));
     }
+    // Checked before anything is written: a bad range stops the replica with its reason.
+    crate::controllers::nodeipam::NodeIpamController::new(&o.cluster_cidr, o.node_cidr_mask_size)
+        .map_err(RunError::Setup)?;
     let dir = DataDir::new(&b.data_dir);
     let prepared = bootstrap::prepare(b).await?;
     let (creds, id) = (prepared.creds, prepared.id);
@@ -218,6 +224,8 @@ pub async fn run(o: ServerOptions) -> Result<(), RunError> {
     manager.leader.lease_duration = o.lease_duration;
     manager.leader.renew_deadline = o.renew_deadline;
     manager.leader.retry_period = o.retry_period;
+    manager.cluster_cidr = o.cluster_cidr.clone();
+    manager.node_cidr_mask_size = o.node_cidr_mask_size;
     let controllers = start_controllers(&server, &b.name, &peers, Some(manager));
     wait_for_signal().await;
     tracing::info!("shutting down");

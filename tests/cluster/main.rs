@@ -574,7 +574,11 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
     wait_voters(&r1.addr, &creds, 3).await;
     let agent_token = r1.token("agent-token");
     let agent = |name: &str, token: Option<&str>| {
-        let mut a = args(&format!("agent --name {name} --server {} --data-dir {}", r1.addr, d.join(name).display()));
+        let mut a = args(&format!(
+            "agent --name {name} --runtime fake --server {} --data-dir {}",
+            r1.addr,
+            d.join(name).display()
+        ));
         if let Some(t) = token {
             a.extend(["--token".to_string(), t.to_string()]);
         }

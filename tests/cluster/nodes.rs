@@ -29,6 +29,7 @@ fn agent(dir: &std::path::Path, name: &str, data: &str, server: &str, token: Opt
     if let Some(t) = token {
         a.extend(["--token".to_string(), t.to_string()]);
     }
+    a.extend(["--runtime".to_string(), "fake".to_string()]);
     Proc::spawn(dir, data, &a)
 }
 

@@ -29,6 +29,9 @@ pub struct ManagerConfig {
     /// The component name on Events, and the host.
     pub component: String,
     pub host: String,
+    /// The pod network of the cluster, cut into one `/node_cidr_mask_size` block per Node.
+    pub cluster_cidr: String,
+    pub node_cidr_mask_size: u8,
 }
 
 impl ManagerConfig {
@@ -41,6 +44,8 @@ impl ManagerConfig {
             events: EventLimits::default(),
             component: "keel-controller-manager".into(),
             host: identity.to_string(),
+            cluster_cidr: "10.42.0.0/16".into(),
+            node_cidr_mask_size: 24,
         }
     }
 }

@@ -165,12 +165,14 @@ impl ObjectsService {
             nm.uid = cur_meta.uid.clone();
             nm.creation_timestamp = cur_meta.creation_timestamp.clone();
             nm.deletion_timestamp = cur_meta.deletion_timestamp.clone();
+            nm.deletion_grace_period_seconds = cur_meta.deletion_grace_period_seconds;
             nm.generate_name = cur_meta.generate_name.clone();
             nm.generation = cur_meta.generation + i64::from(spec_changed && !status_only && cur_meta.generation > 0);
             nm.resource_version = cur_meta.resource_version.clone();
         }
         object::set_type_meta(&mut next);
-        let errors = validation::validate(&next);
+        let mut errors = validation::validate(&next);
+        errors.extend(validation::validate_update(current, &next));
         if !errors.is_empty() {
             return Err(invalid(info, &cur_meta.name, errors));
         }

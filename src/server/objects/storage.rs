@@ -463,7 +463,38 @@ impl ObjectsService {
                 Err(_) if serializable => continue,
                 other => other?,
             }
+            if !r.uid.is_empty() && object::meta(&obj).is_some_and(|m| m.uid != r.uid) {
+                return Err(Status::aborted(format!(
+                    "Operation cannot be fulfilled on {} {:?}: Precondition failed: UID in precondition: {}, UID in object meta: {}",
+                    info.resource,
+                    reference.name,
+                    r.uid,
+                    object::meta(&obj).map(|m| m.uid.as_str()).unwrap_or_default()
+                )));
+            }
+            if let Some(g) = r.grace_period_seconds.filter(|g| *g < 0) {
+                return Err(Status::invalid_argument(format!(
+                    "DeleteOptions.gracePeriodSeconds: Invalid value: {g}: must be greater than or equal to 0"
+                )));
+            }
+            // A Pod its node still runs gets its grace period: it stays, Terminating, until
+            // the node has stopped it and deletes it with 0.
+            let grace = graceful(&obj, r.grace_period_seconds);
+            let already = object::meta(&obj).and_then(|m| m.deletion_grace_period_seconds);
+            if let Some(g) = grace.filter(|g| *g > 0) {
+                if already.is_some_and(|a| a <= g) {
+                    // A grace period only shrinks: nothing changes.
+                    return Ok(pb::DeleteResponse { object: Some(obj), deleted: false });
+                }
+            }
             if let Some(m) = object::meta_mut(&mut obj) {
+                if let Some(g) = grace {
+                    if g > 0 {
+                        let at = std::time::SystemTime::now() + std::time::Duration::from_secs(g as u64);
+                        m.deletion_timestamp = humantime::format_rfc3339_seconds(at).to_string();
+                    }
+                    m.deletion_grace_period_seconds = Some(g);
+                }
                 if let Some(f) = policy {
                     if !m.finalizers.iter().any(|x| x == f) {
                         m.finalizers.push(f.to_string());
@@ -497,6 +528,18 @@ impl ObjectsService {
         }
         Err(conflict(info, &reference.name))
     }
+}
+
+/// The grace period a delete gives `obj`: only a Pod bound to a node and not finished has
+/// one (the request's, else its terminationGracePeriodSeconds); None: deleted as any object.
+fn graceful(obj: &pb::Object, requested: Option<i64>) -> Option<i64> {
+    let Some(pb::object::Kind::Pod(p)) = &obj.kind else { return None };
+    let spec = p.spec.as_ref()?;
+    let phase = p.status.as_ref().map(|s| s.phase.as_str()).unwrap_or_default();
+    if spec.node_name.is_empty() || phase == "Succeeded" || phase == "Failed" {
+        return Some(0);
+    }
+    Some(requested.unwrap_or(spec.termination_grace_period_seconds.unwrap_or(30)).max(0))
 }
 
 /// Names the object a status is about, when a request carries several.

@@ -1,0 +1,395 @@
+//! The real runtime: containerd's own gRPC API (containerd-client), runc underneath, every
+//! object in one containerd namespace (`keel`).
+//!
+//! A container here is a containerd container (its OCI spec, its rootfs snapshot) plus its
+//! task (the running process). stdout and stderr go to a file through the shim (`file://`),
+//! so a container never blocks on an agent that is down. Images are imported from the
+//! client side (`images`), since containerd 1.6 has no transfer service.
+//!
+//! Nothing outside this module sees containerd's or protobuf's types.
+
+mod images;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_client::services::v1 as c;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::tonic;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use super::{ContainerConfig, ContainerInfo, ContainerState, ImageInfo, Runtime, RuntimeError};
+
+/// The containerd namespace every Keel object lives in.
+pub const NAMESPACE: &str = "keel";
+const RUNC: &str = "io.containerd.runc.v2";
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Labels of Keel's own on a containerd container.
+const LABEL_LOG: &str = "io.keel.log-path";
+const LABEL_STARTED: &str = "io.keel.started-at";
+/// Containers carry their specs: lists can be larger than tonic's 4 MiB default.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Adds the namespace header to every call.
+#[derive(Clone)]
+struct Namespace(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Namespace {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        r.metadata_mut().insert("containerd-namespace", self.0.clone());
+        Ok(r)
+    }
+}
+
+type Ch = InterceptedService<Channel, Namespace>;
+
+/// What unpacking an image left: its description and the snapshot its containers start from.
+#[derive(Clone)]
+struct Unpacked {
+    info: ImageInfo,
+    /// The chain ID of its top layer (the parent of a container's rootfs).
+    top: String,
+}
+
+pub struct Containerd {
+    channel: Channel,
+    namespace: Namespace,
+    snapshotter: String,
+    /// Images looked up so far, by name (their content never changes for a digest).
+    images: Mutex<HashMap<String, Unpacked>>,
+}
+
+fn rpc(what: impl std::fmt::Display) -> impl Fn(Status) -> RuntimeError {
+    let what = what.to_string();
+    move |s: Status| match s.code() {
+        Code::NotFound => RuntimeError::NotFound { what: what.clone() },
+        Code::AlreadyExists => RuntimeError::AlreadyExists { what: what.clone() },
+        Code::Unavailable => RuntimeError::Unavailable(format!("{what}: {}", s.message())),
+        Code::InvalidArgument | Code::FailedPrecondition => RuntimeError::Invalid(format!("{what}: {}", s.message())),
+        _ => RuntimeError::Failed(format!("{what}: {}", s.message())),
+    }
+}
+
+fn system_time(ts: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
+    let ts = ts.as_ref()?;
+    // containerd sends the zero time (year 1) for "not yet".
+    if ts.seconds <= 0 {
+        return None;
+    }
+    Some(UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos.max(0) as u32))
+}
+
+fn file_uri(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+impl Containerd {
+    /// Connects to the containerd at `socket`, retrying for up to `wait` while it starts.
+    pub async fn connect(socket: &Path, wait: Duration) -> Result<Containerd, RuntimeError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let channel = loop {
+            match containerd_client::connect(socket).await {
+                Ok(ch) => break ch,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(socket = %socket.display(), error = %e, "containerd not up yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(RuntimeError::Unavailable(format!("containerd at {}: {e}", socket.display())));
+                }
+            }
+        };
+        let ns = NAMESPACE.parse().map_err(|_| RuntimeError::Invalid("namespace".into()))?;
+        Ok(Containerd {
+            channel,
+            namespace: Namespace(ns),
+            snapshotter: "overlayfs".into(),
+            images: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn ch(&self) -> Ch {
+        InterceptedService::new(self.channel.clone(), self.namespace.clone())
+    }
+
+    fn containers_api(&self) -> c::containers_client::ContainersClient<Ch> {
+        c::containers_client::ContainersClient::new(self.ch()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    fn tasks_api(&self) -> c::tasks_client::TasksClient<Ch> {
+        c::tasks_client::TasksClient::new(self.ch())
+    }
+
+    fn snapshots_api(&self) -> SnapshotsClient<Ch> {
+        SnapshotsClient::new(self.ch())
+    }
+
+    /// A lease that keeps what is written under it from garbage collection for an hour, or
+    /// until it is deleted.
+    async fn lease(&self) -> Result<String, RuntimeError> {
+        let id = format!("keel-{}", uuid::Uuid::new_v4().simple());
+        let expire = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600)).to_string();
+        let req = c::CreateRequest { id: id.clone(), labels: [("containerd.io/gc.expire".to_string(), expire)].into() };
+        c::leases_client::LeasesClient::new(self.ch()).create(req).await.map_err(rpc("lease"))?;
+        Ok(id)
+    }
+
+    async fn drop_lease(&self, id: &str) {
+        let req = c::DeleteRequest { id: id.to_string(), sync: false };
+        if let Err(e) = c::leases_client::LeasesClient::new(self.ch()).delete(req).await {
+            tracing::debug!(lease = id, error = %e, "lease not deleted; it expires by itself");
+        }
+    }
+
+    /// The process of container `id`, if it has a task.
+    async fn task(&self, id: &str) -> Result<Option<containerd_client::types::v1::Process>, RuntimeError> {
+        let req = c::GetRequest { container_id: id.to_string(), exec_id: String::new() };
+        match self.tasks_api().get(req).await {
+            Ok(r) => Ok(r.into_inner().process),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(rpc(format!("task {id}"))(s)),
+        }
+    }
+
+    async fn set_label(&self, id: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
+        let container = c::Container {
+            id: id.to_string(),
+            labels: [(key.to_string(), value.to_string())].into(),
+            ..Default::default()
+        };
+        let mask = prost_types::FieldMask { paths: vec![format!("labels.{key}")] };
+        let req = c::UpdateContainerRequest { container: Some(container), update_mask: Some(mask) };
+        self.containers_api().update(req).await.map_err(rpc(format!("container {id}")))?;
+        Ok(())
+    }
+
+    fn state_of(
+        labels: &HashMap<String, String>,
+        task: Option<&containerd_client::types::v1::Process>,
+    ) -> ContainerState {
+        use containerd_client::types::v1::Status as S;
+        let started_at = labels
+            .get(LABEL_STARTED)
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        match task {
+            None => ContainerState::Created,
+            Some(p) => match S::try_from(p.status).unwrap_or(S::Unknown) {
+                S::Running | S::Paused | S::Pausing => ContainerState::Running { pid: p.pid, started_at },
+                S::Stopped => ContainerState::Exited {
+                    code: p.exit_status as i32,
+                    started_at,
+                    finished_at: system_time(&p.exited_at),
+                    oom: false,
+                },
+                S::Created | S::Unknown => ContainerState::Created,
+            },
+        }
+    }
+
+    /// Kills the task of `id` and waits (at most `grace`) for it to stop.
+    async fn kill_and_wait(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let kill = c::KillRequest { container_id: id.to_string(), exec_id: String::new(), signal: 9, all: true };
+        match self.tasks_api().kill(kill).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => return Ok(()),
+            Err(s) => tracing::debug!(container = id, error = %s, "kill"),
+        }
+        let wait = c::WaitRequest { container_id: id.to_string(), exec_id: String::new() };
+        match tokio::time::timeout(grace, self.tasks_api().wait(wait)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
+            Ok(Err(s)) => Err(rpc(format!("wait for {id}"))(s)),
+            Err(_) => Err(RuntimeError::Failed(format!("container {id} did not stop within {grace:?} of SIGKILL"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Runtime for Containerd {
+    async fn version(&self) -> Result<String, RuntimeError> {
+        let v = c::version_client::VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(|s| RuntimeError::Unavailable(s.message().to_string()))?
+            .into_inner();
+        Ok(format!("containerd://{}", v.version))
+    }
+
+    async fn import(&self, archive: &Path) -> Result<Vec<ImageInfo>, RuntimeError> {
+        self.import_archive(archive).await
+    }
+
+    async fn image(&self, name: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        Ok(self.resolve(name).await?.map(|u| u.info))
+    }
+
+    async fn images(&self) -> Result<Vec<ImageInfo>, RuntimeError> {
+        let list = c::images_client::ImagesClient::new(self.ch())
+            .list(c::ListImagesRequest { filters: vec![] })
+            .await
+            .map_err(rpc("images"))?
+            .into_inner();
+        let mut out = Vec::new();
+        for i in list.images {
+            if let Some(u) = self.resolve(&i.name).await? {
+                out.push(u.info);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create(&self, config: ContainerConfig) -> Result<(), RuntimeError> {
+        let id = config.id.clone();
+        let image = self
+            .resolve(&config.image)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { what: format!("image {}", config.image) })?;
+        let spec = serde_json::to_vec(&config.spec)
+            .map_err(|e| RuntimeError::Invalid(format!("the runtime spec of {id} does not encode: {e}")))?;
+        if let Some(dir) = config.log_path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| RuntimeError::Io { what: format!("create {}", dir.display()), source })?;
+        }
+        let lease = self.lease().await?;
+        let result = async {
+            let mut prep = Request::new(PrepareSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: id.clone(),
+                parent: image.top.clone(),
+                labels: HashMap::new(),
+            });
+            prep.metadata_mut()
+                .insert("containerd-lease", lease.parse().map_err(|_| RuntimeError::Invalid("lease".into()))?);
+            let mounts = match self.snapshots_api().prepare(prep).await {
+                Ok(r) => r.into_inner().mounts,
+                // Left by an attempt that did not finish: reuse it.
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    let req = MountsRequest { snapshotter: self.snapshotter.clone(), key: id.clone() };
+                    self.snapshots_api().mounts(req).await.map_err(rpc(format!("rootfs of {id}")))?.into_inner().mounts
+                }
+                Err(s) => return Err(rpc(format!("rootfs of {id}"))(s)),
+            };
+            let mut labels = config.labels.clone();
+            labels.insert(LABEL_LOG.into(), config.log_path.display().to_string());
+            let container = c::Container {
+                id: id.clone(),
+                labels,
+                image: image.info.name.clone(),
+                runtime: Some(c::container::Runtime { name: RUNC.into(), options: None }),
+                spec: Some(prost_types::Any { type_url: SPEC_TYPE.into(), value: spec }),
+                snapshotter: self.snapshotter.clone(),
+                snapshot_key: id.clone(),
+                ..Default::default()
+            };
+            self.containers_api()
+                .create(c::CreateContainerRequest { container: Some(container) })
+                .await
+                .map_err(rpc(format!("container {id}")))?;
+            let log = file_uri(&config.log_path);
+            let task = c::CreateTaskRequest {
+                container_id: id.clone(),
+                rootfs: mounts,
+                stdout: log.clone(),
+                stderr: log,
+                ..Default::default()
+            };
+            match self.tasks_api().create(task.clone()).await {
+                Ok(_) => {}
+                // A task of an earlier container of this name outlived its container (the
+                // runtime stopped in between): end it, then create ours.
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    tracing::info!(container = id, "a stale task of this name is removed");
+                    self.kill_and_wait(&id, Duration::from_secs(10)).await?;
+                    let _ = self.tasks_api().delete(c::DeleteTaskRequest { container_id: id.clone() }).await;
+                    self.tasks_api().create(task).await.map_err(rpc(format!("task of {id}")))?;
+                }
+                Err(s) => return Err(rpc(format!("task of {id}"))(s)),
+            }
+            Ok(())
+        }
+        .await;
+        self.drop_lease(&lease).await;
+        if result.is_err() {
+            // Leave nothing half made: a retry starts from scratch.
+            let _ = self.remove(&id).await;
+        }
+        result
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let req = c::StartRequest { container_id: id.to_string(), exec_id: String::new() };
+        self.tasks_api().start(req).await.map_err(rpc(format!("start {id}")))?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        self.set_label(id, LABEL_STARTED, &now.to_string()).await
+    }
+
+    async fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        let req =
+            c::KillRequest { container_id: id.to_string(), exec_id: String::new(), signal: signal as u32, all: false };
+        match self.tasks_api().kill(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            // An exited process: nothing to signal.
+            Err(s) if s.message().contains("process already finished") => Ok(()),
+            Err(s) => Err(rpc(format!("signal {id}"))(s)),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        if let Some(p) = self.task(id).await? {
+            use containerd_client::types::v1::Status as S;
+            if S::try_from(p.status).unwrap_or(S::Unknown) != S::Stopped {
+                self.kill_and_wait(id, Duration::from_secs(10)).await?;
+            }
+            match self.tasks_api().delete(c::DeleteTaskRequest { container_id: id.to_string() }).await {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(rpc(format!("task of {id}"))(s)),
+            }
+        }
+        match self.containers_api().delete(c::DeleteContainerRequest { id: id.to_string() }).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(rpc(format!("container {id}"))(s)),
+        }
+        let req = RemoveSnapshotRequest { snapshotter: self.snapshotter.clone(), key: id.to_string() };
+        match self.snapshots_api().remove(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(rpc(format!("rootfs of {id}"))(s)),
+        }
+    }
+
+    async fn containers(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let list = self
+            .containers_api()
+            .list(c::ListContainersRequest { filters: vec![] })
+            .await
+            .map_err(rpc("containers"))?
+            .into_inner();
+        let tasks = self.tasks_api().list(c::ListTasksRequest::default()).await.map_err(rpc("tasks"))?.into_inner();
+        // containerd 1.6 names a listed task by `id` (the container's) and leaves
+        // `container_id` empty.
+        let by_id: HashMap<&str, &containerd_client::types::v1::Process> = tasks
+            .tasks
+            .iter()
+            .map(|t| (if t.container_id.is_empty() { t.id.as_str() } else { t.container_id.as_str() }, t))
+            .collect();
+        Ok(list
+            .containers
+            .into_iter()
+            .map(|ct| {
+                let state = Self::state_of(&ct.labels, by_id.get(ct.id.as_str()).copied());
+                let log_path = ct.labels.get(LABEL_LOG).map(PathBuf::from);
+                ContainerInfo { id: ct.id, image: ct.image, labels: ct.labels, state, log_path }
+            })
+            .collect())
+    }
+}
