@@ -23,6 +23,7 @@ use keel::pki::Identity;
 use keel::proto::v1 as pb;
 use tokio::time::Instant;
 
+mod config;
 mod pods;
 
 /// Whether the real-path tests can run here; with KEEL_E2E=1 a missing prerequisite fails.
@@ -130,7 +131,7 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let (replica, addr, pki) = keel::harness::single_replica(&dir.path().join("r1")).await.unwrap();
+        let (replica, addr, pki) = Box::pin(keel::harness::single_replica(&dir.path().join("r1"))).await.unwrap();
         let admin = Client::new(
             std::slice::from_ref(&addr),
             ClientAuth::Certificate(pki.admin.clone()),
@@ -188,7 +189,7 @@ struct TestNode {
 
 impl TestNode {
     async fn start(&mut self) {
-        self.running = Some(agent::start(self.cfg.clone()).await.unwrap());
+        self.running = Some(Box::pin(agent::start(self.cfg.clone())).await.unwrap());
     }
 
     /// Stops the agent and its containerd; the containers go on.

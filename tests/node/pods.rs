@@ -46,7 +46,7 @@ fn node_pod(name: &str, node: &str, rest: &str) -> String {
 }
 
 /// Waits until nothing of any pod is left on `node`.
-async fn clean(node: &TestNode) {
+pub(crate) async fn clean(node: &TestNode) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = node.leftovers().await;

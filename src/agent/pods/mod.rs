@@ -10,8 +10,10 @@
 //! Keys are pod uids; one pod is never synced twice at once (the work queue holds a key
 //! while it is worked on).
 
+pub mod refs;
 pub mod spec;
 pub mod status;
+pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -21,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use crate::api::kinds::Kind;
 use crate::client::informer::{Event, Informer, InformerFactory};
 use crate::client::{Client, DeleteOptions};
-use crate::controllers::runtime::{RateLimits, WorkQueue};
+use crate::controllers::runtime::{reference_to, EventLimits, EventRecorder, RateLimits, WorkQueue};
 use crate::proto::v1 as pb;
 
 use super::network::{NodeNetwork, PortMapping};
@@ -46,6 +48,10 @@ pub struct PodConfig {
     pub workers: usize,
     /// The resolv.conf pods get.
     pub resolv_conf: String,
+    /// What `limits.*` of a container without limits give (downward API).
+    pub allocatable: refs::Allocatable,
+    /// How long a ConfigMap or Secret read is used before it is read again.
+    pub refs_ttl: Duration,
 }
 
 impl PodConfig {
@@ -59,6 +65,8 @@ impl PodConfig {
             resync: Duration::from_secs(1),
             workers: 8,
             resolv_conf: std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            allocatable: refs::Allocatable::of_host(),
+            refs_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -83,6 +91,8 @@ pub struct PodMemory {
     grace: Duration,
     /// Per container name: the digest of the image it runs.
     image_ids: HashMap<String, String>,
+    /// The last FailedMount reported (an Event per new message, not per sync).
+    failed_mount: Option<String>,
 }
 
 /// The pods of one node.
@@ -97,6 +107,8 @@ pub struct PodWorkers {
     /// Pods being stopped and cleaned up (each in a task of its own: a grace period does not
     /// hold a worker).
     terminating: Mutex<HashSet<String>>,
+    refs: refs::Refs,
+    events: EventRecorder,
 }
 
 /// The id of a pod's container in the runtime: unique on the node, at most 76 characters.
@@ -124,7 +136,11 @@ impl PodWorkers {
     ) -> Arc<PodWorkers> {
         let pods = informers.informer_with(Kind::Pod, "", "", &format!("spec.nodeName={}", config.node));
         let node = informers.informer_with(Kind::Node, "", "", &format!("metadata.name={}", config.node));
+        let refs = refs::Refs::new(client.clone(), config.refs_ttl);
+        let events = EventRecorder::new(client.clone(), "kubelet", &config.node, EventLimits::default());
         Arc::new(PodWorkers {
+            refs,
+            events,
             client,
             runtime,
             network,
@@ -134,6 +150,12 @@ impl PodWorkers {
             memory: Mutex::new(HashMap::new()),
             terminating: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// An Event about `pod`, as the kubelet posts them.
+    fn event(&self, pod: &pb::Pod, kind: &str, reason: &str, message: &str) {
+        let obj = pb::Object { kind: Some(pb::object::Kind::Pod(pod.clone())) };
+        self.events.emit(&reference_to(&obj), kind, reason, message);
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodMemory>> {
@@ -331,7 +353,38 @@ impl PodWorkers {
         if mem.start_time.is_none() {
             mem.start_time = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
         }
-        let sandbox = self.write_pod_files(pod, &dir, netns, mem.ip.as_deref())?;
+        let mut sandbox = self.write_pod_files(pod, &dir, netns, mem.ip.as_deref())?;
+        // The pod as the downward API shows it: with the addresses it has by now.
+        let view = {
+            let mut v = pod.clone();
+            let st = v.status.get_or_insert_with(Default::default);
+            if let Some(ip) = &mem.ip {
+                st.pod_ip = ip.clone();
+                st.pod_ips = vec![pb::PodIp { ip: ip.clone() }];
+            }
+            st.host_ip = self.config.node_ip.clone();
+            st.host_ips = vec![pb::HostIp { ip: self.config.node_ip.clone() }];
+            v
+        };
+        match volumes::set_up(&view, &dir, &self.refs, self.config.allocatable).await {
+            Ok(v) => sandbox.volumes = v,
+            Err(e) => {
+                let message = e.to_string();
+                let all = spec.init_containers.iter().chain(&spec.containers);
+                for c in all.filter(|c| latest(observed, &c.name).is_none()) {
+                    mem.waiting.insert(
+                        c.name.clone(),
+                        Waiting { reason: "ContainerCreating".into(), message: message.clone() },
+                    );
+                }
+                if mem.failed_mount.as_deref() != Some(message.as_str()) {
+                    self.event(pod, "Warning", "FailedMount", &message);
+                    mem.failed_mount = Some(message.clone());
+                }
+                return Err(SyncError::Waiting(message));
+            }
+        }
+        mem.failed_mount = None;
         let policy = if spec.restart_policy.is_empty() { "Always" } else { spec.restart_policy.as_str() };
         // Init containers, one after another; a failure is retried as the policy says.
         for init in &spec.init_containers {
@@ -341,7 +394,7 @@ impl PodWorkers {
                 Some(ContainerState::Running { .. }) => return Ok(()),
                 Some(ContainerState::Exited { .. }) if policy == "Never" => return Ok(()),
                 _ => {
-                    self.run_container(pod, spec, init, latest, &sandbox, mem, observed).await?;
+                    self.run_container(&view, spec, init, latest, &sandbox, mem, observed).await?;
                     return Ok(());
                 }
             }
@@ -359,7 +412,7 @@ impl PodWorkers {
                 },
             };
             if restart {
-                self.run_container(pod, spec, c, latest, &sandbox, mem, observed).await?;
+                self.run_container(&view, spec, c, latest, &sandbox, mem, observed).await?;
             } else if matches!(latest.map(|l| &l.state), Some(ContainerState::Running { .. })) {
                 mem.waiting.remove(&c.name);
             }
@@ -437,17 +490,27 @@ impl PodWorkers {
                 return Err(SyncError::Waiting(message));
             }
         };
-        let env = spec::environment(c, &image.config, &HashMap::new());
-        let id = container_id(&meta.uid, &c.name, attempt);
-        let oci = match spec::build(spec, c, &image.config, sandbox, &env, &id) {
-            Ok(s) => s,
-            Err(e) => {
-                mem.waiting.insert(
-                    c.name.clone(),
-                    Waiting { reason: "CreateContainerConfigError".into(), message: e.0.clone() },
-                );
-                return Err(SyncError::Waiting(e.0));
+        let config_error = |mem: &mut PodMemory, message: String| {
+            let waiting = Waiting { reason: "CreateContainerConfigError".into(), message: message.clone() };
+            if mem.waiting.get(&c.name) != Some(&waiting) {
+                self.event(pod, "Warning", "Failed", &format!("Error: {message}"));
             }
+            mem.waiting.insert(c.name.clone(), waiting);
+            SyncError::Waiting(message)
+        };
+        let resolved = match refs::resolve_env(pod, c, &self.refs, self.config.allocatable).await {
+            Ok(r) => r,
+            Err(e) => return Err(config_error(mem, e.0)),
+        };
+        let env = spec::environment(c, &image.config, &resolved);
+        let binds = match volumes::mounts_for(c, &sandbox.volumes, &env) {
+            Ok(b) => b,
+            Err(e) => return Err(config_error(mem, e)),
+        };
+        let id = container_id(&meta.uid, &c.name, attempt);
+        let oci = match spec::build(spec, c, &image.config, sandbox, &env, &binds, &id) {
+            Ok(s) => s,
+            Err(e) => return Err(config_error(mem, e.0)),
         };
         // Keep the previous attempt (its exit is the container's lastState), drop older ones.
         for old in observed.iter().filter(|o| o.label(LABEL_CONTAINER) == c.name && attempt_of(o) + 1 < attempt) {
@@ -525,6 +588,7 @@ impl PodWorkers {
             hostname_file: dir.join("hostname"),
             resolv_conf: dir.join("resolv.conf"),
             cgroup_parent: format!("/keel/{}", meta.uid),
+            volumes: Default::default(),
         })
     }
 
@@ -569,6 +633,8 @@ impl PodWorkers {
         }
         let dir = self.config.pods_dir.join(uid);
         if dir.exists() {
+            // Memory-backed volumes first: what is removed must be the pod's own files.
+            volumes::tear_down(&dir).map_err(SyncError::Io)?;
             std::fs::remove_dir_all(&dir).map_err(|e| SyncError::Io(format!("{}: {e}", dir.display())))?;
         }
         remove_cgroups(uid).map_err(SyncError::Io)?;

@@ -10,7 +10,6 @@
 //! - the default is unprivileged: the default capability set, no new privileges, the
 //!   standard devices only.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
@@ -37,6 +36,8 @@ pub struct Sandbox {
     pub resolv_conf: PathBuf,
     /// The cgroup parent of the pod's containers.
     pub cgroup_parent: String,
+    /// Where each of the pod's volumes is on the host.
+    pub volumes: super::volumes::VolumePaths,
 }
 
 /// The process of a container: its argv by Kubernetes' rules.
@@ -89,12 +90,13 @@ pub fn expand(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
-/// The environment: the image's, then the container's `env` in order (each may refer to
-/// the ones before it with `$(VAR)`). `resolved` gives values for `valueFrom` entries.
+/// The environment: the image's, then `envFrom` (resolved, in order), then the container's
+/// `env` in order (each may refer to the ones before it with `$(VAR)`; `valueFrom` entries
+/// take their resolved value).
 pub fn environment(
     container: &pb::Container,
     image: &ImageConfig,
-    resolved: &HashMap<String, String>,
+    resolved: &super::refs::ResolvedEnv,
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> =
         image.env.iter().filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
@@ -102,12 +104,16 @@ pub fn environment(
         env.retain(|(n, _)| n != k);
         env.push((k.to_string(), v));
     };
-    for (k, v) in resolved.iter().filter(|(k, _)| !container.env.iter().any(|e| &e.name == *k)) {
+    for (k, v) in &resolved.from {
         set(&mut env, k, v.clone());
     }
     for e in &container.env {
         let value = match &e.value_from {
-            Some(_) => resolved.get(&e.name).cloned().unwrap_or_default(),
+            // An optional reference that is missing sets nothing.
+            Some(_) => match resolved.values.get(&e.name) {
+                Some(v) => v.clone(),
+                None => continue,
+            },
             None => expand(&e.value, &env),
         };
         set(&mut env, &e.name, value);
@@ -186,13 +192,40 @@ fn bind(source: &Path, destination: &str, readonly: bool) -> Result<oci_spec::ru
         .map_err(|e| SpecError(e.to_string()))
 }
 
+/// A volume bound into a container: (host path, container path, read-only).
+pub type Bind = (PathBuf, String, bool);
+
+/// The cgroup settings of a container's requests and limits, as the kubelet computes them:
+/// cpu shares from the request (2 without one), a CFS quota from the limit over a 100 ms
+/// period, memory (and memory+swap, so no swap) from the limit.
+pub fn resources(container: &pb::Container) -> Result<(u64, Option<i64>, Option<i64>), SpecError> {
+    let res = container.resources.clone().unwrap_or_default();
+    let q = |m: &std::collections::HashMap<String, String>, k: &str| -> Result<Option<i128>, SpecError> {
+        m.get(k)
+            .map(|v| {
+                crate::api::quantity::Quantity::parse(v)
+                    .map(|q| q.milli)
+                    .map_err(|e| SpecError(format!("resources {k} {v:?}: {e}")))
+            })
+            .transpose()
+    };
+    let cpu_limit = q(&res.limits, "cpu")?;
+    let cpu_request = q(&res.requests, "cpu")?.or(cpu_limit);
+    let shares = cpu_request.map_or(2, |m| ((m * 1024 / 1000) as u64).max(2));
+    let quota = cpu_limit.map(|m| ((m * 100_000 / 1000) as i64).max(1000));
+    let memory = q(&res.limits, "memory")?.map(|m| (m / 1000) as i64);
+    Ok((shares, quota, memory))
+}
+
 /// The runtime spec of `container` of `pod`.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     pod: &pb::PodSpec,
     container: &pb::Container,
     image: &ImageConfig,
     sandbox: &Sandbox,
     env: &[(String, String)],
+    binds: &[Bind],
     container_id: &str,
 ) -> Result<Spec, SpecError> {
     let e = |e: oci_spec::OciSpecError| SpecError(e.to_string());
@@ -295,6 +328,12 @@ pub fn build(
     mounts.push(bind(&sandbox.hosts, "/etc/hosts", false)?);
     mounts.push(bind(&sandbox.hostname_file, "/etc/hostname", readonly)?);
     mounts.push(bind(&sandbox.resolv_conf, "/etc/resolv.conf", readonly)?);
+    for (source, destination, ro) in binds {
+        if !destination.starts_with('/') {
+            return Err(SpecError(format!("mountPath {destination:?} must be absolute")));
+        }
+        mounts.push(bind(source, destination, *ro)?);
+    }
     let mut namespaces = Vec::new();
     for ty in [LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts, LinuxNamespaceType::Mount] {
         namespaces.push(LinuxNamespaceBuilder::default().typ(ty).build().map_err(e)?);
@@ -323,7 +362,26 @@ pub fn build(
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(format!("{}/{container_id}", sandbox.cgroup_parent)))
-        .resources(LinuxResourcesBuilder::default().devices(devices).build().map_err(e)?);
+        .resources({
+            let (shares, quota, memory) = resources(container)?;
+            let mut cpu = oci_spec::runtime::LinuxCpuBuilder::default().shares(shares);
+            if let Some(q) = quota {
+                cpu = cpu.quota(q).period(100_000u64);
+            }
+            let mut r = LinuxResourcesBuilder::default().devices(devices).cpu(cpu.build().map_err(e)?);
+            if let Some(m) = memory {
+                let mut mem = oci_spec::runtime::LinuxMemoryBuilder::default().limit(m);
+                // Memory plus swap at the same limit: no swap, as the kubelet sets it (where
+                // cgroup v1 accounts swap at all).
+                if !Path::new("/sys/fs/cgroup/memory").exists()
+                    || Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+                {
+                    mem = mem.swap(m);
+                }
+                r = r.memory(mem.build().map_err(e)?);
+            }
+            r.build().map_err(e)?
+        });
     if !privileged {
         linux = linux
             .masked_paths(oci_spec::runtime::get_default_maskedpaths())
@@ -381,15 +439,32 @@ mod tests {
     #[test]
     fn the_environment_layers_the_container_over_the_image() {
         let mut c = container(&[], &[]);
+        let from_ref = |name: &str| pb::EnvVar {
+            name: name.into(),
+            value_from: Some(pb::EnvVarSource {
+                field_ref: Some(pb::ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         c.env = vec![
             pb::EnvVar { name: "A".into(), value: "container".into(), ..Default::default() },
-            pb::EnvVar { name: "B".into(), value: "$(A)-$(PATH)".into(), ..Default::default() },
+            pb::EnvVar { name: "B".into(), value: "$(A)-$(PATH)-$(FROM)".into(), ..Default::default() },
+            from_ref("POD"),
+            from_ref("OPTIONAL_MISSING"),
+            pb::EnvVar { name: "C".into(), value: "$(POD)".into(), ..Default::default() },
         ];
-        let env = environment(&c, &image(), &HashMap::new());
+        let resolved = crate::agent::pods::refs::ResolvedEnv {
+            from: vec![("FROM".into(), "cm".into()), ("A".into(), "from-cm".into())],
+            values: [("POD".to_string(), "web".to_string())].into(),
+        };
+        let env = environment(&c, &image(), &resolved);
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("A"), Some("container"));
-        assert_eq!(get("B"), Some("container-/bin"));
+        assert_eq!(get("A"), Some("container"), "env wins over envFrom");
+        assert_eq!(get("B"), Some("container-/bin-cm"));
         assert_eq!(get("PATH"), Some("/bin"));
+        assert_eq!(get("C"), Some("web"));
+        assert_eq!(get("OPTIONAL_MISSING"), None);
     }
 
     fn sandbox() -> Sandbox {
@@ -400,13 +475,14 @@ mod tests {
             hostname_file: "/p/hostname".into(),
             resolv_conf: "/p/resolv.conf".into(),
             cgroup_parent: "/keel/u".into(),
+            volumes: Default::default(),
         }
     }
 
     #[test]
     fn a_spec_joins_the_pod_network_and_is_unprivileged_by_default() {
         let pod = pb::PodSpec::default();
-        let spec = build(&pod, &container(&["sleep", "1"], &[]), &image(), &sandbox(), &[], "ctr1").unwrap();
+        let spec = build(&pod, &container(&["sleep", "1"], &[]), &image(), &sandbox(), &[], &[], "ctr1").unwrap();
         let v = serde_json::to_value(&spec).unwrap();
         let net = v["linux"]["namespaces"].as_array().unwrap().iter().find(|n| n["type"] == "network").unwrap().clone();
         assert_eq!(net["path"], "/run/netns/keel-u");
@@ -432,7 +508,7 @@ mod tests {
             capabilities: Some(pb::Capabilities { add: vec!["NET_ADMIN".into()], drop: vec!["ALL".into()] }),
             ..Default::default()
         });
-        let v = serde_json::to_value(build(&pod, &c, &image(), &sandbox(), &[], "x").unwrap()).unwrap();
+        let v = serde_json::to_value(build(&pod, &c, &image(), &sandbox(), &[], &[], "x").unwrap()).unwrap();
         assert_eq!(
             (v["process"]["user"]["uid"].as_u64(), v["process"]["user"]["gid"].as_u64()),
             (Some(1000), Some(2000))
@@ -441,7 +517,7 @@ mod tests {
         assert_eq!(v["root"]["readonly"], true);
         let mut root = container(&["id"], &[]);
         root.security_context = Some(pb::SecurityContext { run_as_non_root: Some(true), ..Default::default() });
-        let e = build(&pb::PodSpec::default(), &root, &image(), &sandbox(), &[], "x").unwrap_err();
+        let e = build(&pb::PodSpec::default(), &root, &image(), &sandbox(), &[], &[], "x").unwrap_err();
         assert!(e.0.contains("runAsNonRoot"), "{e}");
     }
 }

@@ -33,6 +33,7 @@ const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 /// Labels of Keel's own on a containerd container.
 const LABEL_LOG: &str = "io.keel.log-path";
 const LABEL_STARTED: &str = "io.keel.started-at";
+const LABEL_CGROUP: &str = "io.keel.cgroup";
 /// Containers carry their specs: lists can be larger than tonic's 4 MiB default.
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -186,7 +187,9 @@ impl Containerd {
                     code: p.exit_status as i32,
                     started_at,
                     finished_at: system_time(&p.exited_at),
-                    oom: false,
+                    // The kernel's count of OOM kills in the container's cgroup, which stays
+                    // until the task is deleted.
+                    oom: p.exit_status == 137 && labels.get(LABEL_CGROUP).is_some_and(|cg| oom_killed(cg)),
                 },
                 S::Created | S::Unknown => ContainerState::Created,
             },
@@ -209,6 +212,23 @@ impl Containerd {
             Err(_) => Err(RuntimeError::Failed(format!("container {id} did not stop within {grace:?} of SIGKILL"))),
         }
     }
+}
+
+/// Whether the kernel OOM-killed a process of the cgroup at `path` (v1 or v2).
+fn oom_killed(path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let (file, at) = if root.join("cgroup.controllers").exists() {
+        (root.join(rel).join("memory.events"), "oom_kill ")
+    } else {
+        (root.join("memory").join(rel).join("memory.oom_control"), "oom_kill ")
+    };
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(at))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
 }
 
 #[tonic::async_trait]
@@ -267,17 +287,17 @@ impl Runtime for Containerd {
             });
             prep.metadata_mut()
                 .insert("containerd-lease", lease.parse().map_err(|_| RuntimeError::Invalid("lease".into()))?);
-            let mounts = match self.snapshots_api().prepare(prep).await {
-                Ok(r) => r.into_inner().mounts,
+            match self.snapshots_api().prepare(prep).await {
+                Ok(_) => {}
                 // Left by an attempt that did not finish: reuse it.
-                Err(s) if s.code() == Code::AlreadyExists => {
-                    let req = MountsRequest { snapshotter: self.snapshotter.clone(), key: id.clone() };
-                    self.snapshots_api().mounts(req).await.map_err(rpc(format!("rootfs of {id}")))?.into_inner().mounts
-                }
+                Err(s) if s.code() == Code::AlreadyExists => {}
                 Err(s) => return Err(rpc(format!("rootfs of {id}"))(s)),
-            };
+            }
             let mut labels = config.labels.clone();
             labels.insert(LABEL_LOG.into(), config.log_path.display().to_string());
+            if let Some(cg) = config.spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+                labels.insert(LABEL_CGROUP.into(), cg.display().to_string());
+            }
             let container = c::Container {
                 id: id.clone(),
                 labels,
@@ -292,26 +312,6 @@ impl Runtime for Containerd {
                 .create(c::CreateContainerRequest { container: Some(container) })
                 .await
                 .map_err(rpc(format!("container {id}")))?;
-            let log = file_uri(&config.log_path);
-            let task = c::CreateTaskRequest {
-                container_id: id.clone(),
-                rootfs: mounts,
-                stdout: log.clone(),
-                stderr: log,
-                ..Default::default()
-            };
-            match self.tasks_api().create(task.clone()).await {
-                Ok(_) => {}
-                // A task of an earlier container of this name outlived its container (the
-                // runtime stopped in between): end it, then create ours.
-                Err(s) if s.code() == Code::AlreadyExists => {
-                    tracing::info!(container = id, "a stale task of this name is removed");
-                    self.kill_and_wait(&id, Duration::from_secs(10)).await?;
-                    let _ = self.tasks_api().delete(c::DeleteTaskRequest { container_id: id.clone() }).await;
-                    self.tasks_api().create(task).await.map_err(rpc(format!("task of {id}")))?;
-                }
-                Err(s) => return Err(rpc(format!("task of {id}"))(s)),
-            }
             Ok(())
         }
         .await;
@@ -323,9 +323,45 @@ impl Runtime for Containerd {
         result
     }
 
+    /// Creates the container's task (runc create: the process, its namespaces and cgroup,
+    /// output to its log file) and starts it. A container whose start fails stays created.
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let container = self
+            .containers_api()
+            .get(c::GetContainerRequest { id: id.to_string() })
+            .await
+            .map_err(rpc(format!("container {id}")))?
+            .into_inner()
+            .container
+            .unwrap_or_default();
+        let req = MountsRequest { snapshotter: self.snapshotter.clone(), key: container.snapshot_key.clone() };
+        let mounts =
+            self.snapshots_api().mounts(req).await.map_err(rpc(format!("rootfs of {id}")))?.into_inner().mounts;
+        let log = container.labels.get(LABEL_LOG).map(|p| file_uri(Path::new(p))).unwrap_or_default();
+        let task = c::CreateTaskRequest {
+            container_id: id.to_string(),
+            rootfs: mounts,
+            stdout: log.clone(),
+            stderr: log,
+            ..Default::default()
+        };
+        match self.tasks_api().create(task.clone()).await {
+            Ok(_) => {}
+            // A task of an earlier container of this name outlived its container (the
+            // runtime stopped in between): end it, then create ours.
+            Err(s) if s.code() == Code::AlreadyExists => {
+                tracing::info!(container = id, "a stale task of this name is removed");
+                self.kill_and_wait(id, Duration::from_secs(10)).await?;
+                let _ = self.tasks_api().delete(c::DeleteTaskRequest { container_id: id.to_string() }).await;
+                self.tasks_api().create(task).await.map_err(rpc(format!("start {id}")))?;
+            }
+            Err(s) => return Err(rpc(format!("start {id}"))(s)),
+        }
         let req = c::StartRequest { container_id: id.to_string(), exec_id: String::new() };
-        self.tasks_api().start(req).await.map_err(rpc(format!("start {id}")))?;
+        if let Err(s) = self.tasks_api().start(req).await {
+            let _ = self.tasks_api().delete(c::DeleteTaskRequest { container_id: id.to_string() }).await;
+            return Err(rpc(format!("start {id}"))(s));
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         self.set_label(id, LABEL_STARTED, &now.to_string()).await
     }
