@@ -1,5 +1,5 @@
-//! `keel`: a control-plane replica (`keel server`), a node agent (`keel agent`) and the
-//! process-level benchmarks. It parses flags and calls the library; nothing else.
+//! `keel`: a control-plane replica (`keel server`), a node agent (`keel agent`), a whole
+//! single-machine cluster (`keel up`, `keel down`) and the process-level benchmarks. It parses flags and calls the library; nothing else.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,8 +34,13 @@ enum Command {
     /// Manage this replica's secrets key file (<data-dir>/secrets.key).
     #[command(subcommand)]
     SecretsKey(SecretsKeyCommand),
-    /// Run a node agent: join with a token once, register the Node, keep its Lease.
-    Agent(Box<AgentArgs>),
+    /// Run a node agent: join with a token once, register the Node, run its pods.
+    Agent(Box<keel::agent::args::AgentArgs>),
+    /// Bring up a whole cluster on this machine (a replica, an agent, a managed containerd)
+    /// in the background, with its defaults.
+    Up(Box<keel::up::UpArgs>),
+    /// Stop what `keel up` started and remove what it made (`--purge`: its data too).
+    Down(keel::up::DownArgs),
     /// Run a benchmark against real processes on loopback.
     #[command(subcommand)]
     Bench(keel::bench::BenchCommand),
@@ -49,77 +54,6 @@ enum SecretsKeyCommand {
         #[arg(long, default_value = "/var/lib/keel", env = "KEEL_DATA_DIR")]
         data_dir: PathBuf,
     },
-}
-
-#[derive(Args)]
-struct AgentArgs {
-    /// Replica to join through and talk to (host:port or https://host:port).
-    #[arg(long, env = "KEEL_SERVER_URL")]
-    server: String,
-    /// An agent join token; needed only for the first start (or after the node certificate
-    /// expired).
-    #[arg(long, env = "KEEL_TOKEN")]
-    token: Option<String>,
-    /// The node's name (default: the hostname).
-    #[arg(long, env = "KEEL_NODE_NAME")]
-    name: Option<String>,
-    #[arg(long, default_value = "/var/lib/keel-agent", env = "KEEL_AGENT_DATA_DIR")]
-    data_dir: PathBuf,
-    /// The address other nodes reach this one at.
-    #[arg(long, default_value = "127.0.0.1")]
-    node_ip: String,
-    /// The container runtime: `containerd` (the real one) or `fake` (nothing runs: a hollow
-    /// node for scale tests).
-    #[arg(long, default_value = "containerd", value_parser = ["containerd", "fake"])]
-    runtime: String,
-    /// An existing containerd's socket; without it the agent starts and manages its own.
-    #[arg(long, env = "KEEL_CONTAINERD_SOCKET")]
-    containerd_socket: Option<PathBuf>,
-    /// Runtime state of the managed containerd (its socket, its tasks).
-    #[arg(long, default_value = "/run/keel-agent")]
-    run_dir: PathBuf,
-    /// Image tarballs (OCI or docker-archive) imported at start and whenever one appears:
-    /// how images reach a node that cannot reach a registry.
-    #[arg(long)]
-    images_dir: Option<PathBuf>,
-    /// The pod network of the whole cluster; routed nowhere outside the nodes.
-    #[arg(long, default_value = "10.42.0.0/16")]
-    cluster_cidr: String,
-    /// The Service address range; routed nowhere outside the nodes.
-    #[arg(long, default_value = "10.43.0.0/16")]
-    service_cidr: String,
-    /// Where the CNI plugins are.
-    #[arg(long, default_value = "/usr/lib/cni")]
-    cni_bin_dir: PathBuf,
-    /// The pods' bridge on this node.
-    #[arg(long, default_value = "keel0")]
-    bridge: String,
-    /// Run the pod network in this network namespace instead of the agent's own (a node
-    /// simulated in a namespace).
-    #[arg(long)]
-    node_netns: Option<PathBuf>,
-    /// The first wait before a crashed container restarts; it doubles up to five minutes.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    restart_backoff: std::time::Duration,
-}
-
-async fn agent(a: AgentArgs) -> anyhow::Result<()> {
-    let mut cfg = keel::agent::AgentConfig::new(&a.name.unwrap_or_else(hostname), &a.data_dir, vec![a.server]);
-    cfg.token = a.token;
-    cfg.node_ip = a.node_ip;
-    cfg.run_dir = a.run_dir;
-    cfg.runtime = match a.runtime.as_str() {
-        "fake" => keel::agent::RuntimeKind::Fake,
-        _ => keel::agent::RuntimeKind::Containerd { socket: a.containerd_socket },
-    };
-    cfg.images_dir = a.images_dir;
-    cfg.cluster_cidr = a.cluster_cidr;
-    cfg.service_cidr = a.service_cidr;
-    cfg.cni_bin_dir = a.cni_bin_dir;
-    cfg.bridge = a.bridge;
-    cfg.node_netns = a.node_netns;
-    cfg.restart_backoff = a.restart_backoff;
-    Ok(keel::agent::run(cfg).await?)
 }
 
 #[derive(Args)]
@@ -273,14 +207,6 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_ascii_lowercase())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "keel".to_string())
-}
-
 async fn server(a: ServerArgs) -> anyhow::Result<()> {
     if a.leader_elect_renew_deadline >= a.leader_elect_lease_duration {
         bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
@@ -289,7 +215,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let bootstrap = BootstrapOptions {
         data_dir: a.data_dir.clone(),
         id: a.id,
-        name: a.name.clone().unwrap_or_else(hostname),
+        name: a.name.clone().unwrap_or_else(keel::agent::node::hostname),
         advertise: advertise.clone(),
         cluster_init: a.cluster_init,
         join: a.server.clone().zip(a.token.clone()),
@@ -363,7 +289,9 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Server(a) => server(*a).await,
-            Command::Agent(a) => agent(*a).await,
+            Command::Agent(a) => Ok(keel::agent::run(a.config(keel::agent::node::hostname())).await?),
+            Command::Up(a) => Ok(keel::up::run(*a).await?),
+            Command::Down(a) => Ok(keel::up::run_down(a).await?),
             Command::SecretsKey(SecretsKeyCommand::Rotate { data_dir }) => {
                 let path = keel::server::bootstrap::DataDir::new(&data_dir).secrets_key();
                 let name = keel::seal::Keyring::rotate(&path)?;

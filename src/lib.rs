@@ -17,6 +17,8 @@ pub mod harness;
 pub mod netfault;
 pub mod pki;
 pub mod proto;
+pub mod scheduler;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod up;

@@ -149,7 +149,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         from: "server",
-        forbidden: &["cli", "agent", "scheduler", "proxy", "harness", "chaos", "bench"],
+        forbidden: &["cli", "agent", "proxy", "harness", "chaos", "bench"],
         why: "a replica serves the API; it uses no command-line or node code",
     },
     Rule {
@@ -161,6 +161,11 @@ const RULES: &[Rule] = &[
         from: "grpc",
         forbidden: &["store", "server", "client", "cli", "api", "pki"],
         why: "grpc is a leaf of wire facts",
+    },
+    Rule {
+        from: "up",
+        forbidden: &["store", "server", "cli", "controllers", "scheduler", "proxy", "harness"],
+        why: "keel up starts processes and talks to them through the client",
     },
     Rule { from: "pki", forbidden: &["store", "server", "client", "cli", "api"], why: "pki is a leaf" },
 ];
@@ -198,7 +203,7 @@ fn no_module_imports_what_its_layer_forbids() {
                 ));
             }
             // Only the composition root of a replica starts the controllers.
-            if from == "server" && to == "controllers" && !f.ends_with("server/run.rs") {
+            if from == "server" && (to == "controllers" || to == "scheduler") && !f.ends_with("server/run.rs") {
                 broken.push(format!(
                     "{}:{line}: server -> controllers outside server/run.rs (the gRPC server never starts loops)",
                     f.display()
@@ -242,7 +247,7 @@ fn the_mains_only_parse_flags_and_call_the_library() {
     let keel = std::fs::read_to_string(root().join("cmd/keel.rs")).unwrap();
     for (line, m) in references(&keel, "keel::") {
         assert!(
-            ["server", "agent", "bench", "api", "store", "seal"].contains(&m.as_str()),
+            ["server", "agent", "bench", "api", "store", "seal", "up"].contains(&m.as_str()),
             "cmd/keel.rs:{line}: keel::{m}"
         );
     }

@@ -4,6 +4,7 @@
 //! a fake for hollow nodes) and the pod network (`network`: CNI plugins, pinned namespaces).
 //! It reaches the cluster only through `client`.
 
+pub mod args;
 pub mod network;
 pub mod node;
 pub mod pods;
@@ -191,15 +192,13 @@ impl Running {
     }
 }
 
-/// Starts the agent: credentials, the Node, the runtime, the pod network, the pod workers.
-pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
-    let creds = credentials(&cfg).await?;
-    let live = LiveCredentials::new(creds);
-    let config = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::default() };
-    let client = Client::new(&cfg.servers, ClientAuth::Live(live.clone()), config)?;
-    let mut agent = Agent::new(cfg.clone(), live, client.clone());
-    let (runtime, managed, network): (Arc<dyn runtime::Runtime>, _, _) = match &cfg.runtime {
-        RuntimeKind::Fake => (Arc::new(runtime::fake::FakeRuntime::new()), None, None),
+type Opened = (Arc<dyn runtime::Runtime>, Option<runtime::managed::Managed>, Option<network::NodeNetwork>);
+
+/// The runtime (a managed containerd started, or the one at the socket) and the pod network
+/// of the node `cfg` describes.
+async fn open_runtime(cfg: &AgentConfig) -> Result<Opened, AgentError> {
+    match &cfg.runtime {
+        RuntimeKind::Fake => Ok((Arc::new(runtime::fake::FakeRuntime::new()), None, None)),
         RuntimeKind::Containerd { socket } => {
             let (socket, managed) = match socket {
                 Some(s) => (s.clone(), None),
@@ -221,10 +220,65 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
                 cluster_cidr: cfg.cluster_cidr.clone(),
                 service_cidr: cfg.service_cidr.clone(),
             };
-            net.install_routes().await?;
-            (Arc::new(rt), managed, Some(net))
+            Ok((Arc::new(rt), managed, Some(net)))
         }
-    };
+    }
+}
+
+/// What `reset` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reset {
+    pub containers: usize,
+    pub sandboxes: usize,
+    pub pod_dirs: usize,
+}
+
+/// Removes everything the agent made on this node while it does not run: every container
+/// (killed), every pod's network attachment and namespace, pod volumes and directories, pod
+/// cgroups, the routes and the bridge. The node's data (its certificate, its images) stays.
+pub async fn reset(cfg: &AgentConfig) -> Result<Reset, AgentError> {
+    let (runtime, managed, network) = open_runtime(cfg).await?;
+    let mut out = Reset::default();
+    let result = async {
+        for c in runtime.containers().await? {
+            runtime.remove(&c.id).await?;
+            out.containers += 1;
+        }
+        if let Some(net) = &network {
+            for uid in net.sandboxes() {
+                net.detach(&uid).await?;
+                out.sandboxes += 1;
+            }
+            net.teardown().await?;
+        }
+        let pods = cfg.data_dir.join("pods");
+        for e in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+            pods::volumes::tear_down(&e.path()).map_err(AgentError::Setup)?;
+            std::fs::remove_dir_all(e.path())
+                .map_err(|err| AgentError::Setup(format!("{}: {err}", e.path().display())))?;
+            pods::remove_cgroups(&e.file_name().to_string_lossy()).map_err(AgentError::Setup)?;
+            out.pod_dirs += 1;
+        }
+        Ok::<_, AgentError>(())
+    }
+    .await;
+    if let Some(m) = managed {
+        m.stop().await;
+    }
+    result.map(|_| out)
+}
+
+/// Starts the agent: credentials, the Node, the runtime, the pod network, the pod workers.
+pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
+    let creds = credentials(&cfg).await?;
+    let live = LiveCredentials::new(creds);
+    let config = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::default() };
+    let client = Client::new(&cfg.servers, ClientAuth::Live(live.clone()), config)?;
+    let mut agent = Agent::new(cfg.clone(), live, client.clone());
+    let (runtime, managed, network) = open_runtime(&cfg).await?;
+    if let Some(net) = &network {
+        net.install_routes().await?;
+    }
     agent.set_runtime_version(runtime.version().await?);
     agent.register().await.map_err(|e| AgentError::Setup(format!("register node {}: {e}", cfg.name)))?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);

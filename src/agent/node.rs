@@ -134,6 +134,8 @@ impl Agent {
                 pb::NodeAddress { r#type: "InternalIP".into(), address: self.cfg.node_ip.clone() },
                 pb::NodeAddress { r#type: "Hostname".into(), address: self.cfg.name.clone() },
             ];
+            status.capacity = capacity(&self.cfg.data_dir);
+            status.allocatable = status.capacity.clone();
             let info = status.node_info.get_or_insert_with(Default::default);
             info.kubelet_version = format!("keel-{}", env!("CARGO_PKG_VERSION"));
             info.operating_system = "linux".into();
@@ -209,4 +211,35 @@ fn os_image() -> String {
         .lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
         .unwrap_or_default()
+}
+
+/// This machine's name, lower-cased: the default name of its node and replica.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keel".to_string())
+}
+
+/// What the node has: cores, memory, the disk of its data directory, and room for 110 pods
+/// (the kubelet's default).
+pub fn capacity(data_dir: &std::path::Path) -> std::collections::HashMap<String, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let mut dir = data_dir.to_path_buf();
+    while !dir.exists() && dir.pop() {}
+    let disk = nix::sys::statvfs::statvfs(&dir).map_or(0, |s| s.blocks() * s.fragment_size());
+    [
+        ("cpu".to_string(), cpus.to_string()),
+        ("memory".to_string(), format!("{mem_kib}Ki")),
+        ("ephemeral-storage".to_string(), disk.to_string()),
+        ("pods".to_string(), "110".to_string()),
+    ]
+    .into()
 }

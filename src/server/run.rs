@@ -86,7 +86,7 @@ impl Controllers {
     }
 }
 
-/// Starts the controller manager of `server`: it competes for the manager's Lease as this
+/// Starts the controller manager and the scheduler of `server`: each competes for the manager's Lease as this
 /// replica (its renewing certificate) through the API, this replica first, then `peers`.
 pub fn start_controllers(server: &Server, name: &str, peers: &[String], config: Option<ManagerConfig>) -> Controllers {
     let mut addrs = vec![server.advertise.clone()];
@@ -99,9 +99,16 @@ pub fn start_controllers(server: &Server, name: &str, peers: &[String], config: 
     let client = Client::new(&addrs, ClientAuth::Live(server.creds.clone()), ClientConfig::default());
     let (task, ready) = match client {
         Ok(client) => {
+            let scheduler = crate::scheduler::manager(client.clone(), config.clone());
             let manager = crate::controllers::manager(client, config);
             let ready = manager.ready();
-            (tokio::spawn(manager.run(rx)), ready)
+            let rx2 = rx.clone();
+            (
+                tokio::spawn(async move {
+                    tokio::join!(manager.run(rx), scheduler.run(rx2));
+                }),
+                ready,
+            )
         }
         Err(e) => {
             tracing::error!(error = %e, "the controller manager cannot start");

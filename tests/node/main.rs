@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 mod config;
 mod pods;
+mod up;
 
 /// Whether the real-path tests can run here; with KEEL_E2E=1 a missing prerequisite fails.
 fn prerequisites() -> bool {

@@ -10,7 +10,7 @@ use keel::proto::v1 as pb;
 use super::*;
 
 /// GET `path` from `ip:port` inside the namespace at `netns`; the body.
-fn http_get(netns: &Path, ip: &str, port: u16, path: &str) -> Result<String, String> {
+pub(crate) fn http_get(netns: &Path, ip: &str, port: u16, path: &str) -> Result<String, String> {
     let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{ip}: {e}"))?;
     let path = path.to_string();
     keel::agent::network::netns::run_in(netns, move || {

@@ -685,7 +685,7 @@ pub fn cgroup_dirs(uid: &str) -> Vec<PathBuf> {
 }
 
 /// Removes the pod's (empty) cgroups, which runc leaves when it removes a container's.
-fn remove_cgroups(uid: &str) -> Result<(), String> {
+pub fn remove_cgroups(uid: &str) -> Result<(), String> {
     for dir in cgroup_dirs(uid) {
         // Children first: a cgroup goes only once it has none.
         let mut dirs = vec![dir.clone()];
