@@ -24,6 +24,7 @@ use keel::proto::v1 as pb;
 use tokio::time::Instant;
 
 mod config;
+mod lifecycle;
 mod pods;
 mod up;
 

@@ -10,6 +10,7 @@
 //! Keys are pod uids; one pod is never synced twice at once (the work queue holds a key
 //! while it is worked on).
 
+pub mod probe;
 pub mod refs;
 pub mod spec;
 pub mod status;
@@ -93,6 +94,11 @@ pub struct PodMemory {
     image_ids: HashMap<String, String>,
     /// The last FailedMount reported (an Event per new message, not per sync).
     failed_mount: Option<String>,
+    /// Per container name: false while its readiness (or startup) probe has not said yes.
+    ready: HashMap<String, bool>,
+    started: HashMap<String, bool>,
+    /// The pod ran past its activeDeadlineSeconds.
+    deadline_exceeded: bool,
 }
 
 /// The pods of one node.
@@ -109,6 +115,9 @@ pub struct PodWorkers {
     terminating: Mutex<HashSet<String>>,
     refs: refs::Refs,
     events: EventRecorder,
+    prober: Arc<probe::Prober>,
+    /// Containers being killed after a failed probe.
+    killing: Mutex<HashSet<String>>,
 }
 
 /// The id of a pod's container in the runtime: unique on the node, at most 76 characters.
@@ -120,6 +129,11 @@ fn container_id(uid: &str, name: &str, attempt: u32) -> String {
 
 fn attempt_of(c: &ContainerInfo) -> u32 {
     c.label(LABEL_ATTEMPT).parse().unwrap_or(0)
+}
+
+/// An init container that runs beside the app containers (`restartPolicy: Always`).
+pub fn is_sidecar(c: &pb::Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
 }
 
 fn is_terminal(pod: &pb::Pod) -> bool {
@@ -141,6 +155,8 @@ impl PodWorkers {
         Arc::new(PodWorkers {
             refs,
             events,
+            prober: Arc::new(probe::Prober::default()),
+            killing: Mutex::new(HashSet::new()),
             client,
             runtime,
             network,
@@ -279,12 +295,29 @@ impl PodWorkers {
         if is_terminal(&pod) {
             // Finished for good: stop what still runs and keep the rest for logs and status.
             for c in observed.iter().filter(|c| matches!(c.state, ContainerState::Running { .. })) {
-                self.stop(c, grace).await?;
+                self.stop(c, grace, None).await?;
             }
             return Ok(None);
         }
         let mut mem = self.memory().get(uid).cloned().unwrap_or_default();
-        let result = self.sync_running(&pod, &spec, &observed, &mut mem).await;
+        let started = mem.start_time.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok());
+        let deadline = spec.active_deadline_seconds.filter(|d| *d >= 0).map(|d| Duration::from_secs(d as u64));
+        if let (Some(started), Some(deadline)) = (started, deadline) {
+            if SystemTime::now() >= started + deadline && !mem.deadline_exceeded {
+                mem.deadline_exceeded = true;
+                self.event(
+                    &pod,
+                    "Normal",
+                    "DeadlineExceeded",
+                    "Pod was active on the node longer than the specified deadline",
+                );
+                for c in observed.iter().filter(|c| matches!(c.state, ContainerState::Running { .. })) {
+                    self.stop(c, grace, self.pre_stop(&pod, c, &mem)).await?;
+                }
+            }
+        }
+        let result =
+            if mem.deadline_exceeded { Ok(()) } else { self.sync_running(&pod, &spec, &observed, &mut mem).await };
         let observed: Vec<ContainerInfo> =
             self.runtime.containers().await?.into_iter().filter(|c| c.label(LABEL_POD_UID) == uid).collect();
         let next = status::compute(&pod, &observed, &mem, &self.config, SystemTime::now());
@@ -296,7 +329,7 @@ impl PodWorkers {
 
     /// The sandbox, then the init containers in order, then the app containers.
     async fn sync_running(
-        &self,
+        self: &Arc<Self>,
         pod: &pb::Pod,
         spec: &pb::PodSpec,
         observed: &[ContainerInfo],
@@ -389,6 +422,21 @@ impl PodWorkers {
         // Init containers, one after another; a failure is retried as the policy says.
         for init in &spec.init_containers {
             let latest = latest(observed, &init.name);
+            if is_sidecar(init) {
+                // A sidecar runs on beside the app containers, restarted whatever the pod's
+                // policy; the next init container waits until it has started.
+                match latest.map(|c| &c.state) {
+                    Some(ContainerState::Running { .. }) if mem.started.get(&init.name) != Some(&false) => {
+                        mem.waiting.remove(&init.name);
+                        continue;
+                    }
+                    Some(ContainerState::Running { .. }) => return Ok(()),
+                    _ => {
+                        self.run_container(&view, spec, init, latest, &sandbox, mem, observed).await?;
+                        return Ok(());
+                    }
+                }
+            }
             match latest.map(|c| &c.state) {
                 Some(ContainerState::Exited { code: 0, .. }) => continue,
                 Some(ContainerState::Running { .. }) => return Ok(()),
@@ -417,7 +465,115 @@ impl PodWorkers {
                 mem.waiting.remove(&c.name);
             }
         }
+        self.probe(pod, spec, observed, mem);
         Ok(())
+    }
+
+    /// Runs the due probes of the pod's running containers and acts on what they said: a
+    /// failed startup or liveness probe kills the container (its restart policy restarts
+    /// it), readiness and startup decide `ready` and `started`.
+    fn probe(self: &Arc<Self>, pod: &pb::Pod, spec: &pb::PodSpec, observed: &[ContainerInfo], mem: &mut PodMemory) {
+        use probe::Kind;
+        let pod_ip = mem.ip.clone().unwrap_or_default();
+        for c in spec.init_containers.iter().filter(|c| is_sidecar(c)).chain(&spec.containers) {
+            let Some(l) = latest(observed, &c.name) else { continue };
+            let ContainerState::Running { started_at, .. } = l.state else {
+                mem.ready.remove(&c.name);
+                mem.started.remove(&c.name);
+                continue;
+            };
+            if self.killing.lock().unwrap_or_else(|p| p.into_inner()).contains(&l.id) {
+                continue;
+            }
+            let started_at = started_at.unwrap_or_else(SystemTime::now);
+            let target = probe::Target { pod_ip: pod_ip.clone(), container_id: l.id.clone(), container: c.clone() };
+            let check = |kind: Kind, p: &pb::Probe| {
+                self.prober.check(kind, p, target.clone(), started_at, self.runtime.clone(), self.network.clone())
+            };
+            let started = match &c.startup_probe {
+                Some(p) => {
+                    let v = check(Kind::Startup, p);
+                    if v.ok == Some(false) {
+                        self.kill_unhealthy(pod, c, l, Kind::Startup, p, v.message, mem);
+                        continue;
+                    }
+                    v.ok == Some(true)
+                }
+                None => true,
+            };
+            if !started {
+                mem.started.insert(c.name.clone(), false);
+                mem.ready.insert(c.name.clone(), false);
+                continue;
+            }
+            mem.started.remove(&c.name);
+            if let Some(p) = &c.liveness_probe {
+                let v = check(Kind::Liveness, p);
+                if v.ok == Some(false) {
+                    self.kill_unhealthy(pod, c, l, Kind::Liveness, p, v.message, mem);
+                    continue;
+                }
+            }
+            match &c.readiness_probe {
+                Some(p) => {
+                    let v = check(Kind::Readiness, p);
+                    let was = mem.ready.insert(c.name.clone(), v.ok == Some(true));
+                    if v.ok == Some(false) && was != Some(false) {
+                        self.event(pod, "Warning", "Unhealthy", &v.message);
+                    }
+                }
+                None => {
+                    mem.ready.remove(&c.name);
+                }
+            }
+        }
+    }
+
+    /// Kills a container whose startup or liveness probe failed, in the background (its
+    /// preStop hook first), with the kubelet's Events.
+    #[allow(clippy::too_many_arguments)]
+    fn kill_unhealthy(
+        self: &Arc<Self>,
+        pod: &pb::Pod,
+        c: &pb::Container,
+        l: &ContainerInfo,
+        kind: probe::Kind,
+        p: &pb::Probe,
+        message: String,
+        mem: &PodMemory,
+    ) {
+        self.event(pod, "Warning", "Unhealthy", &message);
+        self.event(
+            pod,
+            "Normal",
+            "Killing",
+            &format!("Container {} failed {} probe, will be restarted", c.name, kind.word().to_ascii_lowercase()),
+        );
+        self.killing.lock().unwrap_or_else(|p| p.into_inner()).insert(l.id.clone());
+        let spec_grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+        let grace = Duration::from_secs(p.termination_grace_period_seconds.unwrap_or(spec_grace).max(0) as u64);
+        let hook = self.pre_stop(pod, l, mem);
+        let (me, l) = (self.clone(), l.clone());
+        tokio::spawn(async move {
+            if let Err(e) = me.stop(&l, grace, hook).await {
+                tracing::warn!(container = l.id, error = %e, "unhealthy container not stopped");
+            }
+            me.prober.reset(&l.id, kind);
+            me.killing.lock().unwrap_or_else(|p| p.into_inner()).remove(&l.id);
+        });
+    }
+
+    /// The preStop hook of the container `l` of `pod`, with its target.
+    fn pre_stop(&self, pod: &pb::Pod, l: &ContainerInfo, mem: &PodMemory) -> Option<(probe::Handler, probe::Target)> {
+        let spec = pod.spec.as_ref()?;
+        let c = spec.containers.iter().chain(&spec.init_containers).find(|c| c.name == l.label(LABEL_CONTAINER))?;
+        let h = c.lifecycle.as_ref()?.pre_stop.as_ref()?;
+        let target = probe::Target {
+            pod_ip: mem.ip.clone().unwrap_or_default(),
+            container_id: l.id.clone(),
+            container: c.clone(),
+        };
+        Some((probe::Handler::from(h), target))
     }
 
     /// Creates and starts the next attempt of container `c`, unless its back-off holds it.
@@ -544,6 +700,24 @@ impl PodWorkers {
             mem.waiting.insert(c.name.clone(), Waiting { reason: "RunContainerError".into(), message: e.to_string() });
             return Err(e.into());
         }
+        if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
+            let target = probe::Target {
+                pod_ip: mem.ip.clone().unwrap_or_default(),
+                container_id: id.clone(),
+                container: c.clone(),
+            };
+            let grace = Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+            if let Err(m) =
+                probe::run(self.runtime.as_ref(), self.network.as_ref(), &target, &probe::Handler::from(h), grace).await
+            {
+                let message = format!("PostStartHook failed: {m}");
+                self.event(pod, "Warning", "FailedPostStartHook", &message);
+                let _ = self.runtime.signal(&id, 9).await;
+                mem.waiting
+                    .insert(c.name.clone(), Waiting { reason: "PostStartHookError".into(), message: message.clone() });
+                return Err(SyncError::Waiting(message));
+            }
+        }
         mem.waiting.remove(&c.name);
         mem.not_before.remove(&c.name);
         mem.image_ids.insert(c.name.clone(), image.id.clone());
@@ -592,13 +766,25 @@ impl PodWorkers {
         })
     }
 
-    /// SIGTERM, then SIGKILL once `grace` has passed.
-    async fn stop(&self, c: &ContainerInfo, grace: Duration) -> Result<(), SyncError> {
+    /// The preStop hook (if any), then SIGTERM, then SIGKILL once `grace` has passed since
+    /// the start (at least 2 s after SIGTERM when the hook used it all, as the kubelet does).
+    async fn stop(
+        &self,
+        c: &ContainerInfo,
+        grace: Duration,
+        hook: Option<(probe::Handler, probe::Target)>,
+    ) -> Result<(), SyncError> {
         if !matches!(c.state, ContainerState::Running { .. }) {
             return Ok(());
         }
+        let begin = tokio::time::Instant::now();
+        if let Some((h, t)) = hook {
+            if let Err(m) = probe::run(self.runtime.as_ref(), self.network.as_ref(), &t, &h, grace).await {
+                tracing::info!(container = c.id, error = m, "preStop hook failed");
+            }
+        }
         self.runtime.signal(&c.id, 15).await?;
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = (begin + grace).max(tokio::time::Instant::now() + Duration::from_secs(2).min(grace));
         while tokio::time::Instant::now() < deadline {
             let still = self
                 .runtime
@@ -621,7 +807,9 @@ impl PodWorkers {
         let meta = pod.as_ref().and_then(|p| p.metadata.clone()).unwrap_or_default();
         let remembered = self.memory().get(uid).map(|m| m.grace).unwrap_or(Duration::from_secs(30));
         let grace = meta.deletion_grace_period_seconds.map_or(remembered, |g| Duration::from_secs(g.max(0) as u64));
-        let stops = observed.iter().map(|c| self.stop(c, grace));
+        let mem = self.memory().get(uid).cloned().unwrap_or_default();
+        let hooks: Vec<_> = observed.iter().map(|c| pod.as_ref().and_then(|p| self.pre_stop(p, c, &mem))).collect();
+        let stops = observed.iter().zip(hooks).map(|(c, h)| self.stop(c, grace, h));
         for r in futures::future::join_all(stops).await {
             r?;
         }

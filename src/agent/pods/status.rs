@@ -78,18 +78,21 @@ fn container_status(c: &pb::Container, observed: &[ContainerInfo], mem: &PodMemo
         .map(|n| attempt_of(n) as i32 - i32::from(matches!(n.state, ContainerState::Created) && attempt_of(n) > 0))
         .unwrap_or(0);
     let is_running = state.running.is_some();
+    // A startup or readiness probe that has not said yes holds these back.
+    let started = is_running && mem.started.get(&c.name) != Some(&false);
+    let ready = started && mem.ready.get(&c.name) != Some(&false);
     pb::ContainerStatus {
         name: c.name.clone(),
         state: Some(state),
         last_state: Some(
             last.map(|t| pb::ContainerState { terminated: Some(t), ..Default::default() }).unwrap_or_default(),
         ),
-        ready: is_running,
+        ready,
         restart_count,
         image: crate::agent::runtime::normalize_image(&c.image),
         image_id: mem.image_ids.get(&c.name).cloned().unwrap_or_default(),
         container_id: newest.map(|n| format!("containerd://{}", n.id)).unwrap_or_default(),
-        started: Some(is_running),
+        started: Some(started),
         ..Default::default()
     }
 }
@@ -144,7 +147,13 @@ pub fn compute(
         spec.init_containers.iter().map(|c| container_status(c, observed, mem)).collect();
     let app: Vec<pb::ContainerStatus> = spec.containers.iter().map(|c| container_status(c, observed, mem)).collect();
     let exit = |s: &pb::ContainerStatus| s.state.as_ref().and_then(|st| st.terminated.as_ref()).map(|t| t.exit_code);
-    let initialized = init.iter().all(|s| exit(s) == Some(0));
+    // An init container is done when it exited 0, a sidecar (restartPolicy Always) once it
+    // has started.
+    let initialized = spec
+        .init_containers
+        .iter()
+        .zip(&init)
+        .all(|(c, s)| exit(s) == Some(0) || (super::is_sidecar(c) && s.started == Some(true)));
     let init_failed = policy == "Never" && init.iter().any(|s| exit(s).is_some_and(|c| c != 0));
     let running = app.iter().any(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()));
     let all_exited = !app.is_empty() && app.iter().all(|s| exit(s).is_some());
@@ -163,6 +172,11 @@ pub fn compute(
         } else {
             "Pending"
         };
+    let (phase, reason, message) = if mem.deadline_exceeded {
+        ("Failed", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline")
+    } else {
+        (phase, "", "")
+    };
     let ready = initialized && !app.is_empty() && app.iter().all(|s| s.ready);
     let conditions = vec![
         condition(previous, "PodScheduled", true, now),
@@ -174,6 +188,8 @@ pub fn compute(
     pb::PodStatus {
         observed_generation: pod.metadata.as_ref().map_or(0, |m| m.generation),
         phase: phase.into(),
+        reason: reason.into(),
+        message: message.into(),
         conditions,
         host_ip: config.node_ip.clone(),
         host_ips: vec![pb::HostIp { ip: config.node_ip.clone() }],

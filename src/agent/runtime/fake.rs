@@ -100,4 +100,32 @@ impl Runtime for FakeRuntime {
     async fn containers(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
         Ok(self.containers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect())
     }
+
+    /// A hollow node's containers do nothing: every command succeeds at once, silently.
+    async fn exec(&self, id: &str, _req: super::ExecRequest) -> Result<super::Exec, RuntimeError> {
+        let running = self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|c| matches!(c.state, ContainerState::Running { .. }));
+        if !running {
+            return Err(RuntimeError::Invalid(format!("container {id} is not running")));
+        }
+        Ok(super::Exec {
+            id: "fake".into(),
+            stdin: None,
+            stdout: Box::new(tokio::io::empty()),
+            stderr: Some(Box::new(tokio::io::empty())),
+            exit: Box::pin(async { Ok(0) }),
+        })
+    }
+
+    async fn kill_exec(&self, _id: &str, _exec_id: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    async fn resize(&self, _id: &str, _exec_id: &str, _width: u32, _height: u32) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }

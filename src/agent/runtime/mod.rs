@@ -110,6 +110,28 @@ impl ContainerInfo {
     }
 }
 
+/// A command to run in a running container.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    /// A terminal: output comes on stdout only, and the size can be set.
+    pub tty: bool,
+    pub stdin: bool,
+}
+
+pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+pub type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// A running exec: its streams, and its exit code once it ends (the runtime cleans up
+/// after it then).
+pub struct Exec {
+    pub id: String,
+    pub stdin: Option<Writer>,
+    pub stdout: Reader,
+    pub stderr: Option<Reader>,
+    pub exit: futures::future::BoxFuture<'static, Result<i32, RuntimeError>>,
+}
+
 /// A container runtime as the agent uses it.
 #[tonic::async_trait]
 pub trait Runtime: Send + Sync {
@@ -127,6 +149,51 @@ pub trait Runtime: Send + Sync {
     /// Removing a container that does not exist succeeds.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     async fn containers(&self) -> Result<Vec<ContainerInfo>, RuntimeError>;
+    /// Starts `req` in running container `id`.
+    async fn exec(&self, id: &str, req: ExecRequest) -> Result<Exec, RuntimeError>;
+    /// Kills exec `exec_id` of container `id` (one that ended already is fine).
+    async fn kill_exec(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError>;
+    /// Sets the terminal size of exec `exec_id` in container `id`.
+    async fn resize(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<(), RuntimeError>;
+}
+
+/// Runs `cmd` in container `id` without input, up to `timeout`: its exit code and its output
+/// (each stream up to 64 KiB). A command still running at the timeout is killed with its
+/// container's other execs untouched, and reported as an error.
+pub async fn exec_sync(
+    rt: &dyn Runtime,
+    id: &str,
+    cmd: Vec<String>,
+    timeout: std::time::Duration,
+) -> Result<(i32, Vec<u8>, Vec<u8>), RuntimeError> {
+    use tokio::io::AsyncReadExt;
+    let what = cmd.join(" ");
+    let exec = rt.exec(id, ExecRequest { cmd, tty: false, stdin: false }).await?;
+    let read = |r: Reader| async move {
+        let mut buf = Vec::new();
+        let _ = r.take(64 << 10).read_to_end(&mut buf).await;
+        buf
+    };
+    let stderr = exec.stderr.map(|e| tokio::spawn(read(e)));
+    let stdout = tokio::spawn(read(exec.stdout));
+    let exec_id = exec.id.clone();
+    let code = match tokio::time::timeout(timeout, exec.exit).await {
+        Ok(r) => r?,
+        Err(_) => {
+            let _ = rt.kill_exec(id, &exec_id).await;
+            stdout.abort();
+            if let Some(e) = &stderr {
+                e.abort();
+            }
+            return Err(RuntimeError::Failed(format!("command {what:?} timed out after {timeout:?}")));
+        }
+    };
+    let out = stdout.await.unwrap_or_default();
+    let err = match stderr {
+        Some(e) => e.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Ok((code, out, err))
 }
 
 /// Normalizes an image reference as Docker and Kubernetes do: `busybox` is

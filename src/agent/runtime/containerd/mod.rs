@@ -24,12 +24,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use super::{ContainerConfig, ContainerInfo, ContainerState, ImageInfo, Runtime, RuntimeError};
+use super::{ContainerConfig, ContainerInfo, ContainerState, Exec, ExecRequest, ImageInfo, Runtime, RuntimeError};
 
 /// The containerd namespace every Keel object lives in.
 pub const NAMESPACE: &str = "keel";
 const RUNC: &str = "io.containerd.runc.v2";
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 /// Labels of Keel's own on a containerd container.
 const LABEL_LOG: &str = "io.keel.log-path";
 const LABEL_STARTED: &str = "io.keel.started-at";
@@ -60,6 +61,8 @@ struct Unpacked {
 
 pub struct Containerd {
     channel: Channel,
+    /// Where the FIFOs of execs are made.
+    fifo_dir: PathBuf,
     namespace: Namespace,
     snapshotter: String,
     /// Images looked up so far, by name (their content never changes for a digest).
@@ -108,6 +111,7 @@ impl Containerd {
         };
         let ns = NAMESPACE.parse().map_err(|_| RuntimeError::Invalid("namespace".into()))?;
         Ok(Containerd {
+            fifo_dir: socket.parent().unwrap_or(Path::new("/run")).join("keel-fifo"),
             channel,
             namespace: Namespace(ns),
             snapshotter: "overlayfs".into(),
@@ -427,5 +431,123 @@ impl Runtime for Containerd {
                 ContainerInfo { id: ct.id, image: ct.image, labels: ct.labels, state, log_path }
             })
             .collect())
+    }
+
+    async fn exec(&self, id: &str, req: ExecRequest) -> Result<Exec, RuntimeError> {
+        use tokio::net::unix::pipe;
+        let container = self
+            .containers_api()
+            .get(c::GetContainerRequest { id: id.to_string() })
+            .await
+            .map_err(rpc(format!("container {id}")))?
+            .into_inner()
+            .container
+            .unwrap_or_default();
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&container.spec.unwrap_or_default().value)
+            .map_err(|e| RuntimeError::Invalid(format!("the spec of {id}: {e}")))?;
+        let mut process = spec.process().clone().unwrap_or_default();
+        process.set_args(Some(req.cmd.clone()));
+        process.set_terminal(Some(req.tty));
+        let process = serde_json::to_vec(&process).map_err(|e| RuntimeError::Invalid(format!("exec process: {e}")))?;
+        let exec_id = format!("exec-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = self.fifo_dir.join(format!("{id}-{exec_id}"));
+        let io = |what: &str| {
+            let what = format!("{what} {}", dir.display());
+            move |source: std::io::Error| RuntimeError::Io { what: what.clone(), source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create"))?;
+        let fifo = |name: &str| -> Result<PathBuf, RuntimeError> {
+            let p = dir.join(name);
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(|e| RuntimeError::Io { what: format!("mkfifo {}", p.display()), source: e.into() })?;
+            Ok(p)
+        };
+        let result = async {
+            // The read ends open before the shim opens the write ends (it blocks until then).
+            let out_path = fifo("stdout")?;
+            let stdout = pipe::OpenOptions::new().open_receiver(&out_path).map_err(io("open stdout in"))?;
+            let (err_path, stderr) = if req.tty {
+                (None, None)
+            } else {
+                let p = fifo("stderr")?;
+                let r = pipe::OpenOptions::new().open_receiver(&p).map_err(io("open stderr in"))?;
+                (Some(p), Some(r))
+            };
+            let (in_path, stdin) = if req.stdin {
+                let p = fifo("stdin")?;
+                // Read-write, so that the open does not wait for (or fail without) the reader.
+                let w = pipe::OpenOptions::new().read_write(true).open_sender(&p).map_err(io("open stdin in"))?;
+                (Some(p), Some(w))
+            } else {
+                (None, None)
+            };
+            let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let exec = c::ExecProcessRequest {
+                container_id: id.to_string(),
+                exec_id: exec_id.clone(),
+                stdin: path(&in_path),
+                stdout: out_path.display().to_string(),
+                stderr: path(&err_path),
+                terminal: req.tty,
+                spec: Some(prost_types::Any { type_url: PROCESS_TYPE.into(), value: process }),
+            };
+            self.tasks_api().exec(exec).await.map_err(rpc(format!("exec in {id}")))?;
+            let start = c::StartRequest { container_id: id.to_string(), exec_id: exec_id.clone() };
+            if let Err(s) = self.tasks_api().start(start).await {
+                let del = c::DeleteProcessRequest { container_id: id.to_string(), exec_id: exec_id.clone() };
+                let _ = self.tasks_api().delete_process(del).await;
+                return Err(rpc(format!("exec {:?} in {id}", req.cmd.join(" ")))(s));
+            }
+            Ok((stdout, stderr, stdin))
+        }
+        .await;
+        let (stdout, stderr, stdin) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        // The exit: wait, then free the process and the FIFOs, whoever waits for it.
+        let tasks = self.tasks_api();
+        let (cid, eid) = (id.to_string(), exec_id.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tasks = tasks;
+            let wait = c::WaitRequest { container_id: cid.clone(), exec_id: eid.clone() };
+            let code = tasks
+                .wait(wait)
+                .await
+                .map(|r| r.into_inner().exit_status as i32)
+                .map_err(rpc(format!("exec {eid} in {cid}")));
+            let del = c::DeleteProcessRequest { container_id: cid, exec_id: eid };
+            let _ = tasks.delete_process(del).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = tx.send(code);
+        });
+        let exit =
+            Box::pin(async move { rx.await.map_err(|_| RuntimeError::Failed("the exec's waiter ended".into()))? });
+        Ok(Exec {
+            id: exec_id,
+            stdin: stdin.map(|w| Box::new(w) as super::Writer),
+            stdout: Box::new(stdout),
+            stderr: stderr.map(|r| Box::new(r) as super::Reader),
+            exit,
+        })
+    }
+
+    async fn kill_exec(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError> {
+        let req = c::KillRequest { container_id: id.to_string(), exec_id: exec_id.to_string(), signal: 9, all: false };
+        match self.tasks_api().kill(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound || s.message().contains("process already finished") => Ok(()),
+            Err(s) => Err(rpc(format!("kill exec {exec_id} in {id}"))(s)),
+        }
+    }
+
+    async fn resize(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<(), RuntimeError> {
+        let req = c::ResizePtyRequest { container_id: id.to_string(), exec_id: exec_id.to_string(), width, height };
+        self.tasks_api().resize_pty(req).await.map_err(rpc(format!("resize exec {exec_id} in {id}")))?;
+        Ok(())
     }
 }
