@@ -13,6 +13,7 @@ const KEEL_PROTOS: &[&str] = &[
     "proto/keel/v1/coordination.proto",
     "proto/keel/v1/objects.proto",
     "proto/keel/v1/cluster.proto",
+    "proto/keel/v1/node.proto",
 ];
 
 /// Types written by hand: IntOrString because its JSON form is not protobuf's (e.g.

@@ -41,6 +41,9 @@ enum Command {
     Up(Box<keel::up::UpArgs>),
     /// Stop what `keel up` started and remove what it made (`--purge`: its data too).
     Down(keel::up::DownArgs),
+    /// containerd's logging binary for a container's output (started by its shim).
+    #[command(hide = true)]
+    LogDriver { config: String },
     /// Run a benchmark against real processes on loopback.
     #[command(subcommand)]
     Bench(keel::bench::BenchCommand),
@@ -292,6 +295,7 @@ fn run() -> anyhow::Result<()> {
             Command::Agent(a) => Ok(keel::agent::run(a.config(keel::agent::node::hostname())).await?),
             Command::Up(a) => Ok(keel::up::run(*a).await?),
             Command::Down(a) => Ok(keel::up::run_down(a).await?),
+            Command::LogDriver { config } => keel::agent::logs::run_driver(&config).map_err(anyhow::Error::msg),
             Command::SecretsKey(SecretsKeyCommand::Rotate { data_dir }) => {
                 let path = keel::server::bootstrap::DataDir::new(&data_dir).secrets_key();
                 let name = keel::seal::Keyring::rotate(&path)?;

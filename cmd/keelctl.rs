@@ -3,7 +3,17 @@
 
 use clap::Parser;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
-    keel::cli::run(keel::cli::args::Cli::parse()).await
+fn main() -> std::process::ExitCode {
+    let cli = keel::cli::args::Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(keel::cli::run(cli));
+    // A read of stdin (exec -i) may still block on its thread; the command is done.
+    rt.shutdown_background();
+    code
 }

@@ -21,4 +21,5 @@ pub mod scheduler;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod up;

@@ -168,6 +168,22 @@ const RULES: &[Rule] = &[
         why: "keel up starts processes and talks to them through the client",
     },
     Rule { from: "pki", forbidden: &["store", "server", "client", "cli", "api"], why: "pki is a leaf" },
+    Rule {
+        from: "tls",
+        forbidden: &[
+            "store",
+            "server",
+            "client",
+            "cli",
+            "api",
+            "agent",
+            "controllers",
+            "scheduler",
+            "proxy",
+            "harness",
+        ],
+        why: "tls turns credentials into rustls configurations for servers and clients alike; it uses only pki",
+    },
 ];
 
 #[test]

@@ -54,6 +54,19 @@ pub struct AgentArgs {
     /// The first wait before a crashed container restarts; it doubles up to five minutes.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub restart_backoff: std::time::Duration,
+    /// The port replicas call for logs and exec (mutual TLS; replicas only).
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// A container's log file is rotated at this size (bytes, or with Ki/Mi/Gi).
+    #[arg(long, default_value = "10Mi", value_parser = parse_bytes)]
+    pub container_log_max_size: u64,
+    /// How many log files of a container are kept (the current one included).
+    #[arg(long, default_value_t = 5)]
+    pub container_log_max_files: u32,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    crate::api::quantity::Quantity::parse(s).map(|q| (q.milli / 1000) as u64).map_err(|e| format!("{s:?}: {e}"))
 }
 
 impl AgentArgs {
@@ -74,6 +87,9 @@ impl AgentArgs {
         cfg.bridge = self.bridge;
         cfg.node_netns = self.node_netns;
         cfg.restart_backoff = self.restart_backoff;
+        cfg.kubelet_port = self.kubelet_port;
+        cfg.log_max_size = self.container_log_max_size;
+        cfg.log_max_files = self.container_log_max_files;
         cfg
     }
 }

@@ -5,6 +5,8 @@
 //! It reaches the cluster only through `client`.
 
 pub mod args;
+pub mod kubelet;
+pub mod logs;
 pub mod network;
 pub mod node;
 pub mod pods;
@@ -72,6 +74,13 @@ pub struct AgentConfig {
     pub node_netns: Option<PathBuf>,
     /// The first wait before a crashed container restarts (doubling up to five minutes).
     pub restart_backoff: Duration,
+    /// The keel binary containerd's shims run to write container logs (`keel log-driver`).
+    pub log_driver: Option<PathBuf>,
+    /// A container's log file is rotated at this size; this many files are kept.
+    pub log_max_size: u64,
+    pub log_max_files: u32,
+    /// The port replicas call for logs and exec (mutual TLS, replicas only).
+    pub kubelet_port: u16,
 }
 
 impl AgentConfig {
@@ -92,6 +101,13 @@ impl AgentConfig {
             bridge: "keel0".into(),
             node_netns: None,
             restart_backoff: Duration::from_secs(10),
+            // This program, when it is keel (a test binary is not).
+            log_driver: std::env::current_exe()
+                .ok()
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == "keel")),
+            log_max_size: 10 << 20,
+            log_max_files: 5,
+            kubelet_port: 10250,
         }
     }
 }
@@ -165,6 +181,14 @@ async fn import_images(rt: &dyn runtime::Runtime, dir: &Path, seen: &mut std::co
     n
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Resolves once `stop` says true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -208,7 +232,10 @@ async fn open_runtime(cfg: &AgentConfig) -> Result<Opened, AgentError> {
                     (socket, Some(runtime::managed::Managed::start(paths)?))
                 }
             };
-            let rt = runtime::containerd::Containerd::connect(&socket, Duration::from_secs(30)).await?;
+            let mut rt = runtime::containerd::Containerd::connect(&socket, Duration::from_secs(30)).await?;
+            if let Some(exe) = &cfg.log_driver {
+                rt = rt.with_log_driver(exe.clone(), cfg.log_max_size, cfg.log_max_files);
+            }
             let net = network::NodeNetwork {
                 cni: network::Cni {
                     bin_dir: cfg.cni_bin_dir.clone(),
@@ -274,12 +301,23 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
     let live = LiveCredentials::new(creds);
     let config = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::default() };
     let client = Client::new(&cfg.servers, ClientAuth::Live(live.clone()), config)?;
-    let mut agent = Agent::new(cfg.clone(), live, client.clone());
+    let mut agent = Agent::new(cfg.clone(), live.clone(), client.clone());
     let (runtime, managed, network) = open_runtime(&cfg).await?;
     if let Some(net) = &network {
         net.install_routes().await?;
     }
     agent.set_runtime_version(runtime.version().await?);
+    let informers = InformerFactory::new(client.clone(), InformerOptions::default());
+    let mut pod_config = pods::PodConfig::new(&cfg.name, &cfg.node_ip, cfg.data_dir.join("pods"));
+    pod_config.backoff = cfg.restart_backoff;
+    let workers = pods::PodWorkers::new(client, &informers, runtime.clone(), network.clone(), pod_config);
+    let addr: std::net::SocketAddr = format!("{}:{}", cfg.node_ip, cfg.kubelet_port)
+        .parse()
+        .map_err(|e| AgentError::Setup(format!("--node-ip {:?}: {e}", cfg.node_ip)))?;
+    let (bound, kubelet) = kubelet::serve(addr, live, workers.clone(), runtime.clone(), cfg.log_max_files)
+        .await
+        .map_err(AgentError::Setup)?;
+    agent.set_kubelet_port(bound.port());
     agent.register().await.map_err(|e| AgentError::Setup(format!("register node {}: {e}", cfg.name)))?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -307,11 +345,13 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
             }
         });
     }
-    let informers = InformerFactory::new(client.clone(), InformerOptions::default());
-    let mut pod_config = pods::PodConfig::new(&cfg.name, &cfg.node_ip, cfg.data_dir.join("pods"));
-    pod_config.backoff = cfg.restart_backoff;
-    let workers = pods::PodWorkers::new(client, &informers, runtime.clone(), network.clone(), pod_config);
+    let mut rx = stop_rx.clone();
     tasks.spawn(workers.run(stop_rx));
+    tasks.spawn(async move {
+        // The server goes when the agent stops (or this task is aborted).
+        let _server = AbortOnDrop(kubelet);
+        stopped(&mut rx).await;
+    });
     Ok(Running { stop, tasks, managed, runtime, network })
 }
 

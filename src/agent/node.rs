@@ -26,11 +26,17 @@ pub struct Agent {
     creds: Arc<LiveCredentials>,
     client: Client,
     runtime_version: String,
+    kubelet_port: u16,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig, creds: Arc<LiveCredentials>, client: Client) -> Agent {
-        Agent { cfg, creds, client, runtime_version: String::new() }
+        Agent { cfg, creds, client, runtime_version: String::new(), kubelet_port: 0 }
+    }
+
+    /// The port replicas call for logs and exec.
+    pub fn set_kubelet_port(&mut self, port: u16) {
+        self.kubelet_port = port;
     }
 
     /// What the Node reports as its container runtime.
@@ -135,6 +141,9 @@ impl Agent {
                 pb::NodeAddress { r#type: "Hostname".into(), address: self.cfg.name.clone() },
             ];
             status.capacity = capacity(&self.cfg.data_dir);
+            status.daemon_endpoints = Some(pb::NodeDaemonEndpoints {
+                kubelet_endpoint: Some(pb::DaemonEndpoint { port: i32::from(self.kubelet_port) }),
+            });
             status.allocatable = status.capacity.clone();
             let info = status.node_info.get_or_insert_with(Default::default);
             info.kubelet_version = format!("keel-{}", env!("CARGO_PKG_VERSION"));

@@ -65,6 +65,55 @@ pub enum Command {
     /// Read, write and watch raw store keys (admin only).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Print the logs of a container in a pod.
+    Logs(LogsArgs),
+    /// Run a command in a container: keelctl exec POD [-c C] [-i] [-t] -- COMMAND [ARGS...]
+    Exec(ExecArgs),
+}
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// The pod (NAME or pod/NAME).
+    pub pod: String,
+    /// The container; may be left out when the pod has one.
+    #[arg(short = 'c', long)]
+    pub container: Option<String>,
+    /// Keep streaming until the container stops.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// The previous instance of the container.
+    #[arg(short = 'p', long)]
+    pub previous: bool,
+    /// The last N lines (-1: all).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub tail: i64,
+    /// Only lines newer than this (e.g. 5s, 2m, 3h).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Prefix each line with its RFC 3339 time.
+    #[arg(long)]
+    pub timestamps: bool,
+    /// Stop after this many bytes.
+    #[arg(long)]
+    pub limit_bytes: Option<i64>,
+}
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// The pod (NAME or pod/NAME).
+    pub pod: String,
+    /// The container; may be left out when the pod has one.
+    #[arg(short = 'c', long)]
+    pub container: Option<String>,
+    /// Pass stdin to the command.
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
+    /// A terminal: stdin in raw mode, the window size passed on.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(clap::Args)]

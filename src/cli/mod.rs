@@ -15,6 +15,7 @@ pub mod jsonpath;
 pub mod kv;
 pub mod modify;
 pub mod objects;
+pub mod pods;
 pub mod print;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,9 @@ pub enum CliError {
     Backup(#[from] crate::backup::BackupError),
     #[error("{0}")]
     Message(String),
+    /// The command `keelctl exec` ran ended with this code (keelctl exits with it).
+    #[error("command terminated with exit code {0}")]
+    Exit(i32),
 }
 
 pub type Result<T> = std::result::Result<T, CliError>;
@@ -146,6 +150,10 @@ impl Session {
 pub async fn run(cli: Cli) -> std::process::ExitCode {
     match dispatch(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(CliError::Exit(code)) => {
+            eprintln!("command terminated with exit code {code}");
+            std::process::ExitCode::from(code.clamp(0, 255) as u8)
+        }
         Err(e) => {
             // The message only: a user error is not a crash, so no backtrace.
             eprintln!("{}", describe_error(&e));
@@ -182,6 +190,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Status => kv::status(&s).await,
         Command::Kv(k) => kv::run(&s, k).await,
+        Command::Logs(l) => pods::logs(&s, l).await,
+        Command::Exec(e) => pods::exec(&s, e).await,
     }
 }
 

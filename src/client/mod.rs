@@ -18,6 +18,7 @@ mod error;
 pub mod informer;
 pub mod join;
 mod objects;
+mod pods;
 pub mod retry;
 
 pub use self::auth::{auth_channel, bare_addr, endpoint, AuthChannel, AuthHeader, ClientAuth};

@@ -80,7 +80,7 @@ impl Allow {
 
 /// The verified identity of the caller: its client certificate, else its bearer token.
 pub fn peer_identity<T>(req: &Request<T>, tokens: &UserTokens) -> Option<Identity> {
-    if let Some(id) = req.extensions().get::<super::tls::PeerInfo>().and_then(|i| i.identity.clone()) {
+    if let Some(id) = req.extensions().get::<crate::tls::PeerInfo>().and_then(|i| i.identity.clone()) {
         return Some(id);
     }
     let header = req.metadata().get("authorization")?.to_str().ok()?;

@@ -84,7 +84,7 @@ pub struct Inflight<S> {
 /// Who is calling, as far as the connection and headers say before authentication: the
 /// certificate's identity, a bearer token's id, or the peer address.
 fn caller_of<B>(req: &http::Request<B>) -> String {
-    let peer = req.extensions().get::<super::tls::PeerInfo>();
+    let peer = req.extensions().get::<crate::tls::PeerInfo>();
     if let Some(id) = peer.and_then(|p| p.identity.as_ref()) {
         return id.to_string();
     }

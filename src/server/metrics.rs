@@ -64,11 +64,11 @@ pub async fn serve(listen: SocketAddr, store: Store, creds: Arc<LiveCredentials>
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let current = creds.get();
-    let resolver = super::tls::Resolver::new(&current).map_err(std::io::Error::other)?;
+    let resolver = crate::tls::Resolver::new(&current).map_err(std::io::Error::other)?;
     let mut config =
-        (*super::tls::server_config(&current.ca_pem, resolver.clone()).map_err(std::io::Error::other)?).clone();
+        (*crate::tls::server_config(&current.ca_pem, resolver.clone()).map_err(std::io::Error::other)?).clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let (mut incoming, _accept) = super::tls::incoming(listener, Arc::new(config));
+    let (mut incoming, _accept) = crate::tls::incoming(listener, Arc::new(config));
     let recorder = Arc::new(PrometheusBuilder::new().build_recorder());
     tokio::spawn(async move {
         let _accept = _accept;

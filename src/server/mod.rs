@@ -16,10 +16,10 @@ pub mod learners;
 pub mod limits;
 pub mod metrics;
 pub mod objects;
+pub mod pods;
 pub mod renew;
 pub mod run;
 pub mod status;
-pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -119,8 +119,8 @@ impl Server {
         let data_dir = config.data_dir.clone();
         let advertise = config.advertise.clone();
         let live = crate::pki::LiveCredentials::new(creds.clone());
-        let resolver = tls::Resolver::new(creds).map_err(ServerError::Secrets)?;
-        let tls_config = tls::server_config(&creds.ca_pem, resolver.clone()).map_err(ServerError::Secrets)?;
+        let resolver = crate::tls::Resolver::new(creds).map_err(ServerError::Secrets)?;
+        let tls_config = crate::tls::server_config(&creds.ca_pem, resolver.clone()).map_err(ServerError::Secrets)?;
         // Every replica of a cluster must hold the same keys: joiners receive them, and a
         // cluster provisioned by hand gets the same file on every replica.
         let keys = Arc::new(
@@ -141,7 +141,7 @@ impl Server {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
-        let (incoming, acceptor) = tls::incoming(listener, tls_config);
+        let (incoming, acceptor) = crate::tls::incoming(listener, tls_config);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         use auth::{require, Allow};
         let tokens = Arc::new(auth::UserTokens::default());
@@ -177,6 +177,13 @@ impl Server {
                     keys.clone(),
                 )),
                 auth::optional(t()),
+            ))
+            .add_service(Auth::new(
+                pb::pods_server::PodsServer::new(pods::PodsService::new(
+                    objects::ObjectsService::new(store.clone(), keys.clone(), limits::WatchBudget::new(1)),
+                    live.clone(),
+                )),
+                require(Allow::Anyone, t()),
             ))
             .add_service(Auth::new(health, require(Allow::Anyone, t())))
             .add_service(Auth::new(reflection, require(Allow::Anyone, t())))

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::bootstrap::DataDir;
-use super::tls::Resolver;
 use crate::pki::{self, LiveCredentials};
 use crate::store::Store;
+use crate::tls::Resolver;
 
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()

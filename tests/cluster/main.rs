@@ -575,7 +575,7 @@ async fn thirty_second_certificates_renew_again_and_again_while_the_cluster_serv
     let agent_token = r1.token("agent-token");
     let agent = |name: &str, token: Option<&str>| {
         let mut a = args(&format!(
-            "agent --name {name} --runtime fake --server {} --data-dir {}",
+            "agent --name {name} --runtime fake --kubelet-port 0 --server {} --data-dir {}",
             r1.addr,
             d.join(name).display()
         ));

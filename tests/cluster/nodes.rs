@@ -29,7 +29,8 @@ fn agent(dir: &std::path::Path, name: &str, data: &str, server: &str, token: Opt
     if let Some(t) = token {
         a.extend(["--token".to_string(), t.to_string()]);
     }
-    a.extend(["--runtime".to_string(), "fake".to_string()]);
+    // Agents share this machine's addresses: each kubelet server takes a free port.
+    a.extend(["--runtime".to_string(), "fake".to_string(), "--kubelet-port".to_string(), "0".to_string()]);
     Proc::spawn(dir, data, &a)
 }
 

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 mod config;
 mod lifecycle;
+mod logs;
 mod pods;
 mod up;
 
@@ -154,6 +155,8 @@ impl Cluster {
         cfg.images_dir = Some(images());
         cfg.node_netns = Some(netns.path());
         cfg.restart_backoff = Duration::from_millis(500);
+        cfg.kubelet_port = 0;
+        cfg.log_driver = Some(PathBuf::from(env!("CARGO_BIN_EXE_keel")));
         // The node's certificate, as a join would give it.
         let creds = self.pki.ca.issue(&Identity::Node(name.into()), Duration::from_secs(3600), &[]).unwrap();
         creds.save(&cfg.data_dir.join("tls")).unwrap();

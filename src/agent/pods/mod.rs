@@ -132,6 +132,12 @@ fn attempt_of(c: &ContainerInfo) -> u32 {
 }
 
 /// An init container that runs beside the app containers (`restartPolicy: Always`).
+/// Whether a running container counts as started: at once without a startup probe, else
+/// once the probe has said so.
+fn has_started(c: &pb::Container, mem: &PodMemory) -> bool {
+    c.startup_probe.is_none() || mem.started.get(&c.name) == Some(&true)
+}
+
 pub fn is_sidecar(c: &pb::Container) -> bool {
     c.restart_policy.as_deref() == Some("Always")
 }
@@ -176,6 +182,19 @@ impl PodWorkers {
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodMemory>> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pod `namespace/name` bound to this node, as the informer has it.
+    pub fn pod_by_name(&self, namespace: &str, name: &str) -> Option<pb::Pod> {
+        match &self.pods.get_by_name(namespace, name)?.kind {
+            Some(pb::object::Kind::Pod(p)) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Where container `name` of pod `uid` logs its attempt `attempt`.
+    pub fn log_path(&self, uid: &str, name: &str, attempt: u32) -> PathBuf {
+        super::kubelet::log_path(&self.config.pods_dir, uid, name, attempt)
     }
 
     /// The pod with `uid`, as the informer has it.
@@ -426,7 +445,7 @@ impl PodWorkers {
                 // A sidecar runs on beside the app containers, restarted whatever the pod's
                 // policy; the next init container waits until it has started.
                 match latest.map(|c| &c.state) {
-                    Some(ContainerState::Running { .. }) if mem.started.get(&init.name) != Some(&false) => {
+                    Some(ContainerState::Running { .. }) if has_started(init, mem) => {
                         mem.waiting.remove(&init.name);
                         continue;
                     }
@@ -501,12 +520,11 @@ impl PodWorkers {
                 }
                 None => true,
             };
+            mem.started.insert(c.name.clone(), started);
             if !started {
-                mem.started.insert(c.name.clone(), false);
                 mem.ready.insert(c.name.clone(), false);
                 continue;
             }
-            mem.started.remove(&c.name);
             if let Some(p) = &c.liveness_probe {
                 let v = check(Kind::Liveness, p);
                 if v.ok == Some(false) {

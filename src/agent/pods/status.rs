@@ -78,9 +78,9 @@ fn container_status(c: &pb::Container, observed: &[ContainerInfo], mem: &PodMemo
         .map(|n| attempt_of(n) as i32 - i32::from(matches!(n.state, ContainerState::Created) && attempt_of(n) > 0))
         .unwrap_or(0);
     let is_running = state.running.is_some();
-    // A startup or readiness probe that has not said yes holds these back.
-    let started = is_running && mem.started.get(&c.name) != Some(&false);
-    let ready = started && mem.ready.get(&c.name) != Some(&false);
+    // A startup or readiness probe that has not said yes (or not run yet) holds these back.
+    let started = is_running && super::has_started(c, mem);
+    let ready = started && (c.readiness_probe.is_none() || mem.ready.get(&c.name) == Some(&true));
     pb::ContainerStatus {
         name: c.name.clone(),
         state: Some(state),

@@ -128,4 +128,8 @@ impl Runtime for FakeRuntime {
     async fn resize(&self, _id: &str, _exec_id: &str, _width: u32, _height: u32) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    async fn close_stdin(&self, _id: &str, _exec_id: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }

@@ -117,6 +117,8 @@ pub struct ExecRequest {
     /// A terminal: output comes on stdout only, and the size can be set.
     pub tty: bool,
     pub stdin: bool,
+    /// The terminal's first size (columns, rows), set before the command starts.
+    pub size: Option<(u32, u32)>,
 }
 
 pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
@@ -155,6 +157,8 @@ pub trait Runtime: Send + Sync {
     async fn kill_exec(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError>;
     /// Sets the terminal size of exec `exec_id` in container `id`.
     async fn resize(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<(), RuntimeError>;
+    /// Ends the input of exec `exec_id` in container `id`, after the caller closed its writer.
+    async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError>;
 }
 
 /// Runs `cmd` in container `id` without input, up to `timeout`: its exit code and its output
@@ -168,7 +172,7 @@ pub async fn exec_sync(
 ) -> Result<(i32, Vec<u8>, Vec<u8>), RuntimeError> {
     use tokio::io::AsyncReadExt;
     let what = cmd.join(" ");
-    let exec = rt.exec(id, ExecRequest { cmd, tty: false, stdin: false }).await?;
+    let exec = rt.exec(id, ExecRequest { cmd, tty: false, stdin: false, size: None }).await?;
     let read = |r: Reader| async move {
         let mut buf = Vec::new();
         let _ = r.take(64 << 10).read_to_end(&mut buf).await;

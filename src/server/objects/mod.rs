@@ -39,6 +39,18 @@ impl ObjectsService {
     pub fn new(store: Store, keys: Arc<Keyring>, watches: Arc<WatchBudget>) -> ObjectsService {
         ObjectsService { store, keys, watches }
     }
+
+    /// The object `kind` `namespace/name`, read for the replica's own use (no caller checks).
+    pub(in crate::server) async fn read_object(
+        &self,
+        kind: crate::api::kinds::Kind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<pb::Object, Status> {
+        let info = crate::api::kinds::info(kind);
+        let kv = self.read(&key(info, namespace, name)).await?.ok_or_else(|| not_found(info, name))?;
+        decode(&kv, &self.keys)
+    }
 }
 
 #[tonic::async_trait]

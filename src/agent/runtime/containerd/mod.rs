@@ -63,8 +63,14 @@ pub struct Containerd {
     channel: Channel,
     /// Where the FIFOs of execs are made.
     fifo_dir: PathBuf,
+    /// The keel binary that writes container logs (`keel log-driver`), and its rotation;
+    /// without one, the shim writes output to the log file as it comes.
+    log_driver: Option<(PathBuf, u64, u32)>,
     namespace: Namespace,
     snapshotter: String,
+    /// runc's state directory (beside the socket: a managed containerd keeps it with its
+    /// own state; the system's gets runc's default, /run/containerd/runc).
+    runc_root: PathBuf,
     /// Images looked up so far, by name (their content never changes for a digest).
     images: Mutex<HashMap<String, Unpacked>>,
 }
@@ -87,6 +93,19 @@ fn system_time(ts: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
         return None;
     }
     Some(UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos.max(0) as u32))
+}
+
+/// The runc shim's options (`containerd.runc.v1.Options`); only the root is set.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "7")]
+    root: String,
+}
+
+fn runc_options(root: &Path) -> prost_types::Any {
+    use prost::Message;
+    let value = RuncOptions { root: root.display().to_string() }.encode_to_vec();
+    prost_types::Any { type_url: "containerd.runc.v1.Options".into(), value }
 }
 
 fn file_uri(path: &Path) -> String {
@@ -112,11 +131,20 @@ impl Containerd {
         let ns = NAMESPACE.parse().map_err(|_| RuntimeError::Invalid("namespace".into()))?;
         Ok(Containerd {
             fifo_dir: socket.parent().unwrap_or(Path::new("/run")).join("keel-fifo"),
+            runc_root: socket.parent().unwrap_or(Path::new("/run/containerd")).join("runc"),
+            log_driver: None,
             channel,
             namespace: Namespace(ns),
             snapshotter: "overlayfs".into(),
             images: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Container output goes through `exe log-driver`: CRI log lines, rotated at `max_size`
+    /// bytes, `max_files` files kept.
+    pub fn with_log_driver(mut self, exe: PathBuf, max_size: u64, max_files: u32) -> Containerd {
+        self.log_driver = Some((exe, max_size, max_files));
+        self
     }
 
     fn ch(&self) -> Ch {
@@ -341,12 +369,21 @@ impl Runtime for Containerd {
         let req = MountsRequest { snapshotter: self.snapshotter.clone(), key: container.snapshot_key.clone() };
         let mounts =
             self.snapshots_api().mounts(req).await.map_err(rpc(format!("rootfs of {id}")))?.into_inner().mounts;
-        let log = container.labels.get(LABEL_LOG).map(|p| file_uri(Path::new(p))).unwrap_or_default();
+        let log = match (container.labels.get(LABEL_LOG), &self.log_driver) {
+            (Some(p), Some((exe, max_size, max_files))) => {
+                let config =
+                    crate::agent::logs::DriverConfig { path: p.into(), max_size: *max_size, max_files: *max_files };
+                crate::agent::logs::driver_uri(exe, &config)
+            }
+            (Some(p), None) => file_uri(Path::new(p)),
+            (None, _) => String::new(),
+        };
         let task = c::CreateTaskRequest {
             container_id: id.to_string(),
             rootfs: mounts,
             stdout: log.clone(),
             stderr: log,
+            options: Some(runc_options(&self.runc_root)),
             ..Default::default()
         };
         match self.tasks_api().create(task.clone()).await {
@@ -448,6 +485,14 @@ impl Runtime for Containerd {
         let mut process = spec.process().clone().unwrap_or_default();
         process.set_args(Some(req.cmd.clone()));
         process.set_terminal(Some(req.tty));
+        if let (true, Some((width, height))) = (req.tty, req.size) {
+            let size = oci_spec::runtime::BoxBuilder::default()
+                .width(u64::from(width))
+                .height(u64::from(height))
+                .build()
+                .map_err(|e| RuntimeError::Invalid(format!("console size: {e}")))?;
+            process.set_console_size(Some(size));
+        }
         let process = serde_json::to_vec(&process).map_err(|e| RuntimeError::Invalid(format!("exec process: {e}")))?;
         let exec_id = format!("exec-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = self.fifo_dir.join(format!("{id}-{exec_id}"));
@@ -549,5 +594,16 @@ impl Runtime for Containerd {
         let req = c::ResizePtyRequest { container_id: id.to_string(), exec_id: exec_id.to_string(), width, height };
         self.tasks_api().resize_pty(req).await.map_err(rpc(format!("resize exec {exec_id} in {id}")))?;
         Ok(())
+    }
+
+    async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError> {
+        // The shim holds the stdin FIFO open for reading and writing, so that closing the
+        // caller's end is not an end of input by itself; CloseIO is.
+        let req = c::CloseIoRequest { container_id: id.to_string(), exec_id: exec_id.to_string(), stdin: true };
+        match self.tasks_api().close_io(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound || s.message().contains("process already finished") => Ok(()),
+            Err(s) => Err(rpc(format!("close the input of exec {exec_id} in {id}"))(s)),
+        }
     }
 }

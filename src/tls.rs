@@ -1,4 +1,5 @@
-//! The replica's TLS listener, whose certificate can be replaced while it serves.
+//! TLS for Keel's ports: a listener whose certificate can be replaced while it serves (a
+//! replica's, an agent's), and a client configuration that pins who the server must be.
 //!
 //! tonic's own TLS fixes the certificate when the server starts; certificates here renew
 //! continuously, so connections are accepted with tokio-rustls and a certificate resolver
@@ -184,4 +185,108 @@ pub fn incoming(
         }
     });
     (ReceiverStream::new(rx), task)
+}
+
+/// Accepts a server certificate only when the cluster CA signed it for `keel-server` and it
+/// names `expected`: a replica calling node N's agent talks to N and to nobody else, whatever
+/// address N's Node object gives.
+#[derive(Debug)]
+struct Pinned {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: crate::pki::Identity,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(crate::pki::SERVER_NAME)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.inner.verify_server_cert(end_entity, intermediates, &name, ocsp, now)?;
+        match crate::pki::Identity::from_cert_der(end_entity) {
+            Some(id) if id == self.expected => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => Err(rustls::Error::General(format!("the server is {other:?}, not {:?}", self.expected))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A client configuration presenting `creds`, for a server that must be `expected`.
+pub fn pinned_client_config(
+    creds: &Credentials,
+    expected: crate::pki::Identity,
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(creds.ca_pem.as_bytes()) {
+        roots.add(c.map_err(|e| invalid("CA certificate", e))?).map_err(|e| invalid("CA certificate", e))?;
+    }
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| invalid("server verifier", e))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(creds.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid("certificate", e))?;
+    let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).map_err(|e| invalid("private key", e))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("TLS versions", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { inner, expected }))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| invalid("client certificate", e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A gRPC channel to `addr` over TLS with `config` (see [`pinned_client_config`]).
+pub async fn connect(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let target = addr.to_string();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (target, config) = (target.clone(), config.clone());
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            let _ = tcp.set_nodelay(true);
+            let name =
+                rustls::pki_types::ServerName::try_from(crate::pki::SERVER_NAME).map_err(std::io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("{addr}: {e}"))?
+        .connect_timeout(timeout);
+    tokio::time::timeout(timeout, endpoint.connect_with_connector(connector))
+        .await
+        .map_err(|_| format!("{addr}: no connection within {timeout:?}"))?
+        .map_err(|e| format!("{addr}: {e}"))
 }
