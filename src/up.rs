@@ -48,6 +48,8 @@ pub struct UpOptions {
     pub listen: String,
     /// Image tarballs the agent imports.
     pub images_dir: PathBuf,
+    /// The agent's registries configuration (mirrors, credentials, offline).
+    pub registries: Option<PathBuf>,
     /// Where keelctl looks for its configuration (`$KEELCONFIG`, else `~/.keel/config`).
     pub config_path: PathBuf,
     /// How long `up` waits for the node to be Ready.
@@ -66,6 +68,7 @@ impl UpOptions {
             run_dir: PathBuf::from("/run/keel"),
             listen: crate::client::config::DEFAULT_SERVER.to_string(),
             images_dir: PathBuf::from("/var/lib/keel-agent/images"),
+            registries: None,
             config_path: crate::client::config::path(),
             timeout: Duration::from_secs(120),
         }
@@ -87,6 +90,7 @@ impl UpOptions {
         let mut cfg = AgentConfig::new(&self.name, &self.agent_dir, vec![self.listen.clone()]);
         cfg.run_dir = self.run_dir.join("agent");
         cfg.images_dir = Some(self.images_dir.clone());
+        cfg.registries = self.registries.clone();
         cfg
     }
 }
@@ -205,7 +209,7 @@ pub async fn up(o: &UpOptions) -> Result<Up, UpError> {
             let token = std::fs::read_to_string(&token_path)
                 .map_err(|e| UpError::Setup(format!("{}: {e}", token_path.display())))?;
             let cfg = o.agent_config();
-            let args = [
+            let mut args = vec![
                 "agent".to_string(),
                 "--name".into(),
                 o.name.clone(),
@@ -220,6 +224,9 @@ pub async fn up(o: &UpOptions) -> Result<Up, UpError> {
                 "--images-dir".into(),
                 o.images_dir.display().to_string(),
             ];
+            if let Some(r) = &o.registries {
+                args.extend(["--registries".into(), r.display().to_string()]);
+            }
             spawn(o, "agent", &args)?
         }
     };
@@ -342,6 +349,10 @@ pub struct UpArgs {
     /// Image tarballs the agent imports (default: <agent-data-dir>/images).
     #[arg(long)]
     pub images_dir: Option<PathBuf>,
+    /// Where images are pulled from (mirrors, credentials, `offline: true`), in k3s's
+    /// registries.yaml format (default: /etc/keel/registries.yaml when it exists).
+    #[arg(long)]
+    pub registries: Option<PathBuf>,
     /// How long to wait for the node to be Ready.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -386,6 +397,7 @@ impl UpArgs {
         o.run_dir = self.run_dir.clone();
         o.listen = self.listen.clone();
         o.images_dir = self.images_dir.clone().unwrap_or_else(|| self.agent_data_dir.join("images"));
+        o.registries = self.registries.clone();
         o.timeout = self.timeout;
         Ok(o)
     }
@@ -418,6 +430,7 @@ pub async fn run_down(a: DownArgs) -> Result<(), UpError> {
         run_dir: a.dirs.run_dir,
         listen: crate::client::config::DEFAULT_SERVER.into(),
         images_dir: None,
+        registries: None,
         timeout: Duration::from_secs(120),
         down: true,
         purge: a.purge,

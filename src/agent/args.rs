@@ -35,6 +35,10 @@ pub struct AgentArgs {
     /// how images reach a node that cannot reach a registry.
     #[arg(long)]
     pub images_dir: Option<PathBuf>,
+    /// Where images are pulled from: mirrors, credentials and `offline` (k3s's
+    /// registries.yaml format). Default: /etc/keel/registries.yaml when it exists.
+    #[arg(long)]
+    pub registries: Option<PathBuf>,
     /// The pod network of the whole cluster; routed nowhere outside the nodes.
     #[arg(long, default_value = "10.42.0.0/16")]
     pub cluster_cidr: String,
@@ -81,6 +85,8 @@ impl AgentArgs {
             _ => RuntimeKind::Containerd { socket: self.containerd_socket },
         };
         cfg.images_dir = self.images_dir;
+        cfg.registries =
+            self.registries.or_else(|| Some(PathBuf::from("/etc/keel/registries.yaml")).filter(|p| p.exists()));
         cfg.cluster_cidr = self.cluster_cidr;
         cfg.service_cidr = self.service_cidr;
         cfg.cni_bin_dir = self.cni_bin_dir;

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod network;
 pub mod node;
 pub mod pods;
+pub mod registries;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ pub struct AgentConfig {
     pub runtime: RuntimeKind,
     /// Image tarballs imported at start and whenever new ones appear.
     pub images_dir: Option<PathBuf>,
+    /// The registries configuration (mirrors, credentials, offline); none: pull from each
+    /// image's own registry.
+    pub registries: Option<PathBuf>,
     pub cluster_cidr: String,
     pub service_cidr: String,
     pub cni_bin_dir: PathBuf,
@@ -95,6 +99,7 @@ impl AgentConfig {
             node_ip: "127.0.0.1".into(),
             runtime: RuntimeKind::Containerd { socket: None },
             images_dir: None,
+            registries: None,
             cluster_cidr: "10.42.0.0/16".into(),
             service_cidr: "10.43.0.0/16".into(),
             cni_bin_dir: PathBuf::from("/usr/lib/cni"),
@@ -310,6 +315,9 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
     let informers = InformerFactory::new(client.clone(), InformerOptions::default());
     let mut pod_config = pods::PodConfig::new(&cfg.name, &cfg.node_ip, cfg.data_dir.join("pods"));
     pod_config.backoff = cfg.restart_backoff;
+    if let Some(path) = &cfg.registries {
+        pod_config.registries = std::sync::Arc::new(registries::Registries::load(path).map_err(AgentError::Setup)?);
+    }
     let workers = pods::PodWorkers::new(client, &informers, runtime.clone(), network.clone(), pod_config);
     let addr: std::net::SocketAddr = format!("{}:{}", cfg.node_ip, cfg.kubelet_port)
         .parse()

@@ -33,7 +33,7 @@ async fn running_id(node: &TestNode, uid: &str, name: &str) -> Option<String> {
     })
 }
 
-async fn events_for(admin: &Client, pod: &str) -> Vec<(String, String)> {
+pub(crate) async fn events_for(admin: &Client, pod: &str) -> Vec<(String, String)> {
     admin
         .list_all(Kind::Event, &keel::client::ListOptions::namespace("default"))
         .await

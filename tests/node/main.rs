@@ -24,6 +24,7 @@ use keel::proto::v1 as pb;
 use tokio::time::Instant;
 
 mod config;
+mod images;
 mod lifecycle;
 mod logs;
 mod pods;
@@ -36,7 +37,9 @@ fn prerequisites() -> bool {
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root".to_string());
     }
-    for bin in ["containerd", "containerd-shim-runc-v2", "runc", "ip", "busybox"] {
+    for bin in
+        ["containerd", "containerd-shim-runc-v2", "runc", "ip", "busybox", "docker-registry", "skopeo", "htpasswd"]
+    {
         if which(bin).is_none() {
             missing.push(bin.to_string());
         }
@@ -157,6 +160,11 @@ impl Cluster {
         cfg.restart_backoff = Duration::from_millis(500);
         cfg.kubelet_port = 0;
         cfg.log_driver = Some(PathBuf::from(env!("CARGO_BIN_EXE_keel")));
+        // No pull leaves the machine: offline, unless a test maps a registry to its own.
+        let registries = dir.join("registries.yaml");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&registries, "offline: true\n").unwrap();
+        cfg.registries = Some(registries);
         // The node's certificate, as a join would give it.
         let creds = self.pki.ca.issue(&Identity::Node(name.into()), Duration::from_secs(3600), &[]).unwrap();
         creds.save(&cfg.data_dir.join("tls")).unwrap();

@@ -79,10 +79,13 @@ async fn keel_up_runs_the_example_and_keel_down_removes_everything() {
     for f in ["busybox.tar", "entrypoint.tar"] {
         std::fs::copy(super::images().join(f), images.join(f)).unwrap();
     }
+    // No pull leaves the machine.
+    let registries = dirs.root.path().join("registries.yaml");
+    std::fs::write(&registries, "offline: true\n").unwrap();
     let tour = Tour { netns, dirs, home: home.clone() };
-    let mut up = vec!["up"];
-    let extra = tour.dirs.args();
-    up.extend(extra.iter().map(String::as_str));
+    let mut up = vec!["up".to_string(), "--registries".into(), registries.display().to_string()];
+    up.extend(tour.dirs.args());
+    let up: Vec<&str> = up.iter().map(String::as_str).collect();
     let printed = output(inside(&tour.netns, &home, KEEL, &up)).unwrap_or_else(|e| panic!("keel up: {e}"));
     assert!(printed.contains("Keel is up") && printed.contains("keelctl apply -f examples/web.yaml"), "{printed}");
     assert!(home.join(".keel/config").exists(), "keel up writes the admin's configuration where keelctl looks");
@@ -116,6 +119,7 @@ async fn keel_up_runs_the_example_and_keel_down_removes_everything() {
     assert_eq!(body.trim(), "Hello from Keel");
 
     // Down, with the data: nothing of the cluster is left in the namespace or on disk.
+    let extra = tour.dirs.args();
     let mut down = vec!["down", "--purge"];
     down.extend(extra.iter().map(String::as_str));
     let printed = output(inside(&tour.netns, &home, KEEL, &down)).unwrap();

@@ -10,6 +10,7 @@
 //! Keys are pod uids; one pod is never synced twice at once (the work queue holds a key
 //! while it is worked on).
 
+pub mod images;
 pub mod probe;
 pub mod refs;
 pub mod spec;
@@ -29,8 +30,8 @@ use crate::proto::v1 as pb;
 
 use super::network::{NodeNetwork, PortMapping};
 use super::runtime::{
-    normalize_image, ContainerConfig, ContainerInfo, ContainerState, Runtime, RuntimeError, LABEL_ATTEMPT,
-    LABEL_CONTAINER, LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID,
+    ContainerConfig, ContainerInfo, ContainerState, Runtime, RuntimeError, LABEL_ATTEMPT, LABEL_CONTAINER,
+    LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID,
 };
 use super::stopped;
 
@@ -53,6 +54,8 @@ pub struct PodConfig {
     pub allocatable: refs::Allocatable,
     /// How long a ConfigMap or Secret read is used before it is read again.
     pub refs_ttl: Duration,
+    /// Where images are pulled from.
+    pub registries: Arc<crate::agent::registries::Registries>,
 }
 
 impl PodConfig {
@@ -68,6 +71,7 @@ impl PodConfig {
             resolv_conf: std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             allocatable: refs::Allocatable::of_host(),
             refs_ttl: Duration::from_secs(2),
+            registries: Arc::default(),
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct PodMemory {
     started: HashMap<String, bool>,
     /// The pod ran past its activeDeadlineSeconds.
     deadline_exceeded: bool,
+    /// Per container name: how many failed pulls of its image were reported.
+    pull_failures: HashMap<String, u32>,
 }
 
 /// The pods of one node.
@@ -118,6 +124,7 @@ pub struct PodWorkers {
     prober: Arc<probe::Prober>,
     /// Containers being killed after a failed probe.
     killing: Mutex<HashSet<String>>,
+    puller: Arc<images::Puller>,
 }
 
 /// The id of a pod's container in the runtime: unique on the node, at most 76 characters.
@@ -162,6 +169,12 @@ impl PodWorkers {
             refs,
             events,
             prober: Arc::new(probe::Prober::default()),
+            puller: Arc::new(images::Puller::new(
+                runtime.clone(),
+                config.registries.clone(),
+                &config.node,
+                config.backoff,
+            )),
             killing: Mutex::new(HashSet::new()),
             client,
             runtime,
@@ -342,7 +355,11 @@ impl PodWorkers {
         let next = status::compute(&pod, &observed, &mem, &self.config, SystemTime::now());
         self.memory().insert(uid.to_string(), mem);
         self.write_status(&pod, next).await?;
-        result?;
+        match result {
+            // Not a failure: look again soon (a pull under way).
+            Err(SyncError::Pending(after)) => return Ok(Some(after)),
+            r => r?,
+        }
         Ok(Some(self.config.resync))
     }
 
@@ -486,6 +503,109 @@ impl PodWorkers {
         }
         self.probe(pod, spec, observed, mem);
         Ok(())
+    }
+
+    /// The image of container `c`, pulled as its policy says; None while a pull is under
+    /// way. Reports `ErrImagePull` (once per failed pull), then `ImagePullBackOff`, with the
+    /// kubelet's Events.
+    async fn image_for(
+        &self,
+        pod: &pb::Pod,
+        c: &pb::Container,
+        mem: &mut PodMemory,
+    ) -> Result<Option<crate::agent::runtime::ImageInfo>, SyncError> {
+        let meta = pod.metadata.clone().unwrap_or_default();
+        let mut secrets = HashMap::new();
+        for s in pod.spec.as_ref().map(|s| s.image_pull_secrets.as_slice()).unwrap_or_default() {
+            match self.refs.secret(&meta.namespace, &s.name).await {
+                Ok(Some(data)) => match crate::agent::registries::pull_secret_credentials(&data) {
+                    Ok(c) => secrets.extend(c),
+                    Err(e) => tracing::warn!(pod = meta.name, secret = s.name, error = %e, "pull secret ignored"),
+                },
+                // As the kubelet: a missing pull secret is not fatal; the pull goes without it.
+                _ => tracing::warn!(pod = meta.name, secret = s.name, "pull secret not found"),
+            }
+        }
+        let ensure = self.puller.ensure(&c.image, &c.image_pull_policy, &secrets).await?;
+        let wait = |mem: &mut PodMemory, reason: &str, message: String| {
+            let w = Waiting { reason: reason.into(), message };
+            let new = mem.waiting.get(&c.name) != Some(&w);
+            mem.waiting.insert(c.name.clone(), w);
+            new
+        };
+        match ensure {
+            images::Ensure::Ready { info, pulled } => {
+                match pulled {
+                    Some(took) if mem.pull_failures.get(&c.name) != Some(&u32::MAX) => {
+                        self.event(
+                            pod,
+                            "Normal",
+                            "Pulled",
+                            &format!(
+                                "Successfully pulled image {:?} in {:.3}s. Image size: {} bytes.",
+                                c.image,
+                                took.as_secs_f64(),
+                                info.size
+                            ),
+                        );
+                        // Once per pull.
+                        mem.pull_failures.insert(c.name.clone(), u32::MAX);
+                    }
+                    None if c.image_pull_policy != "Always" => {
+                        self.event(
+                            pod,
+                            "Normal",
+                            "Pulled",
+                            &format!("Container image {:?} already present on machine", c.image),
+                        );
+                    }
+                    _ => {}
+                }
+                Ok(Some(info))
+            }
+            images::Ensure::Pulling { started } => {
+                if started {
+                    self.event(pod, "Normal", "Pulling", &format!("Pulling image {:?}", c.image));
+                    mem.pull_failures.remove(&c.name);
+                }
+                if !matches!(mem.waiting.get(&c.name), Some(w) if w.reason == "ErrImagePull" || w.reason == "ImagePullBackOff")
+                {
+                    wait(mem, "ContainerCreating", String::new());
+                }
+                Ok(None)
+            }
+            images::Ensure::Failed { reason, message, failure, at } => {
+                // A failed pull shows as ErrImagePull for a while (about one regular look),
+                // then as ImagePullBackOff until the next attempt.
+                let shown_for = self.config.resync.max(Duration::from_secs(1));
+                let fresh = reason == "ImagePullBackOff" && at.elapsed() < shown_for;
+                let (reason, message) = if fresh {
+                    ("ErrImagePull", message)
+                } else if reason == "ImagePullBackOff" {
+                    ("ImagePullBackOff", format!("Back-off pulling image {:?}", c.image))
+                } else {
+                    (reason, message)
+                };
+                let seen = mem.pull_failures.get(&c.name).copied().unwrap_or(0);
+                if reason == "ErrImagePull" && (seen == u32::MAX || seen < failure) {
+                    mem.pull_failures.insert(c.name.clone(), failure);
+                    self.event(pod, "Warning", "Failed", &format!("Failed to pull image {:?}: {message}", c.image));
+                    self.event(pod, "Warning", "Failed", "Error: ErrImagePull");
+                }
+                if wait(mem, reason, message.clone()) {
+                    match reason {
+                        "ImagePullBackOff" => self.event(pod, "Normal", "BackOff", &message),
+                        "ErrImageNeverPull" => self.event(pod, "Warning", "ErrImageNeverPull", &message),
+                        _ => {}
+                    }
+                }
+                if fresh {
+                    return Err(SyncError::Pending(shown_for.saturating_sub(at.elapsed()) + Duration::from_millis(50)));
+                }
+                // The reason stays on show until the next regular look.
+                Err(SyncError::Pending(self.config.resync))
+            }
+        }
     }
 
     /// Runs the due probes of the pod's running containers and acts on what they said: a
@@ -645,24 +765,9 @@ impl PodWorkers {
             Some(l) => attempt_of(l) + 1,
         };
         // Image.
-        let image_name = normalize_image(&c.image);
-        let image = match self.runtime.image(&image_name).await? {
+        let image = match self.image_for(pod, c, mem).await? {
             Some(i) => i,
-            None => {
-                let (reason, message) = if c.image_pull_policy == "Never" {
-                    (
-                        "ErrImageNeverPull",
-                        format!("Container image {:?} is not present with pull policy of Never", c.image),
-                    )
-                } else {
-                    (
-                        "ErrImagePull",
-                        format!("image {:?} is not present on node {} and cannot be pulled: no registry is configured (offline)", c.image, self.config.node),
-                    )
-                };
-                mem.waiting.insert(c.name.clone(), Waiting { reason: reason.into(), message: message.clone() });
-                return Err(SyncError::Waiting(message));
-            }
+            None => return Err(SyncError::Pending(Duration::from_millis(250))),
         };
         let config_error = |mem: &mut PodMemory, message: String| {
             let waiting = Waiting { reason: "CreateContainerConfigError".into(), message: message.clone() };
@@ -864,8 +969,26 @@ impl PodWorkers {
             return Ok(());
         }
         let mut updated = pod.clone();
-        updated.status = Some(next);
-        match self.client.update_status(pb::Object { kind: Some(pb::object::Kind::Pod(updated)) }).await {
+        updated.status = Some(next.clone());
+        let result = match self.client.update_status(pb::Object { kind: Some(pb::object::Kind::Pod(updated)) }).await {
+            // Our informer has not seen our last write yet: the status is ours to set, so
+            // set it on the newest version rather than lose a state that lasts one sync.
+            Err(e) if e.is_conflict() => {
+                let meta = pod.metadata.clone().unwrap_or_default();
+                match self.client.get(crate::api::kinds::Kind::Pod, &meta.namespace, &meta.name).await {
+                    Ok(pb::Object { kind: Some(pb::object::Kind::Pod(mut latest)) })
+                        if latest.metadata.as_ref().map(|m| &m.uid) == Some(&meta.uid) =>
+                    {
+                        latest.status = Some(next);
+                        self.client.update_status(pb::Object { kind: Some(pb::object::Kind::Pod(latest)) }).await
+                    }
+                    Ok(_) => return Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            r => r,
+        };
+        match result {
             Ok(_) => Ok(()),
             // Deleted meanwhile: the next sync cleans up.
             Err(e) if e.is_not_found() => Ok(()),
@@ -927,4 +1050,7 @@ pub enum SyncError {
     /// Not an error of the agent: the pod waits for something (an image, the podCIDR).
     #[error("{0}")]
     Waiting(String),
+    /// Something is under way (an image pull): look again after this long.
+    #[error("pending; again in {0:?}")]
+    Pending(Duration),
 }

@@ -46,6 +46,11 @@ impl Runtime for FakeRuntime {
         Err(RuntimeError::Invalid(format!("{}: the fake runtime imports nothing", archive.display())))
     }
 
+    async fn pull(&self, name: &str, _sources: &[super::PullSource]) -> Result<ImageInfo, RuntimeError> {
+        // A hollow node has every image; a pull only records it.
+        self.image(name).await?.ok_or_else(|| RuntimeError::NotFound { what: name.to_string() })
+    }
+
     async fn image(&self, name: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         let name = normalize_image(name);
         let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());

@@ -110,6 +110,23 @@ impl ContainerInfo {
     }
 }
 
+/// One place to pull an image from (a registry or a mirror of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullSource {
+    /// host[:port] of the registry API.
+    pub host: String,
+    /// Plain HTTP rather than HTTPS.
+    pub http: bool,
+    pub insecure_skip_verify: bool,
+    pub ca_file: Option<PathBuf>,
+    /// The repository there ("library/busybox").
+    pub repository: String,
+    /// ":tag" or "@sha256:…".
+    pub reference: String,
+    /// A user name and password.
+    pub auth: Option<(String, String)>,
+}
+
 /// A command to run in a running container.
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
@@ -142,6 +159,9 @@ pub trait Runtime: Send + Sync {
     /// Imports an OCI image layout or docker-archive tarball; the images it named.
     async fn import(&self, archive: &Path) -> Result<Vec<ImageInfo>, RuntimeError>;
     async fn image(&self, name: &str) -> Result<Option<ImageInfo>, RuntimeError>;
+    /// Pulls image `name` (normalized) from the first of `sources` that has it, and records it
+    /// under `name`.
+    async fn pull(&self, name: &str, sources: &[PullSource]) -> Result<ImageInfo, RuntimeError>;
     async fn images(&self) -> Result<Vec<ImageInfo>, RuntimeError>;
     async fn create(&self, config: ContainerConfig) -> Result<(), RuntimeError>;
     async fn start(&self, id: &str) -> Result<(), RuntimeError>;

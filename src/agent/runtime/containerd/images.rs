@@ -22,7 +22,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{rpc, Containerd, Unpacked};
-use crate::agent::runtime::{normalize_image, ImageConfig, ImageInfo, RuntimeError};
+use crate::agent::runtime::{normalize_image, ImageConfig, ImageInfo, PullSource, RuntimeError};
 
 const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 const MANIFEST_DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -103,8 +103,23 @@ impl Containerd {
         data: &[u8],
         labels: HashMap<String, String>,
     ) -> Result<(), RuntimeError> {
+        let chunks: Vec<Result<bytes::Bytes, String>> =
+            data.chunks(CHUNK).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+        self.write_blob_stream(lease, digest, data.len() as i64, futures::stream::iter(chunks), labels).await
+    }
+
+    /// Writes a blob of `total` bytes that arrives as `chunks` (a registry's answer, say),
+    /// resuming where an earlier write of it stopped; containerd checks the digest.
+    pub(super) async fn write_blob_stream(
+        &self,
+        lease: &str,
+        digest: &str,
+        total: i64,
+        chunks: impl futures::Stream<Item = Result<bytes::Bytes, String>>,
+        labels: HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
         use c::WriteAction as A;
-        let total = data.len() as i64;
+        use futures::StreamExt;
         let reference = format!("keel-{digest}");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let first = c::WriteContentRequest {
@@ -134,19 +149,28 @@ impl Containerd {
                 Err(s) => Err(rpc(&what)(s)),
             };
             let Some(status) = next(stream.message().await)? else { return Ok(()) };
-            let mut offset = status.offset.clamp(0, total);
-            for chunk in data[offset as usize..].chunks(CHUNK) {
-                let w = c::WriteContentRequest {
-                    action: A::Write as i32,
-                    offset,
-                    data: chunk.to_vec(),
-                    ..Default::default()
-                };
+            // What an interrupted write left is kept: skip that much of the input.
+            let resume = status.offset.clamp(0, total);
+            let (mut offset, mut seen) = (resume, 0i64);
+            let mut chunks = std::pin::pin!(chunks);
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| RuntimeError::Failed(format!("{what}: {e}")))?;
+                let start = (resume - seen).clamp(0, chunk.len() as i64) as usize;
+                seen += chunk.len() as i64;
+                if start == chunk.len() {
+                    continue;
+                }
+                let data = chunk.slice(start..).to_vec();
+                let len = data.len() as i64;
+                let w = c::WriteContentRequest { action: A::Write as i32, offset, data, ..Default::default() };
                 tx.send(w).await.map_err(|_| RuntimeError::Failed(format!("{what}: write stream closed")))?;
                 if next(stream.message().await)?.is_none() {
                     return Ok(());
                 }
-                offset += chunk.len() as i64;
+                offset += len;
+            }
+            if offset != total {
+                return Err(RuntimeError::Failed(format!("{what}: {offset} of {total} bytes arrived")));
             }
             let commit = c::WriteContentRequest {
                 action: A::Commit as i32,
@@ -165,6 +189,16 @@ impl Containerd {
         .await;
         written?;
         self.label_blob(digest, labels).await
+    }
+
+    /// Whether the content store has blob `digest`.
+    async fn has_blob(&self, digest: &str) -> Result<bool, RuntimeError> {
+        let req = c::InfoRequest { digest: digest.to_string() };
+        match c::content_client::ContentClient::new(self.ch()).info(req).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(rpc(format!("blob {digest}"))(s)),
+        }
     }
 
     /// Sets labels on a blob (only those keys).
@@ -231,25 +265,150 @@ impl Containerd {
         if named.is_empty() {
             return Err(invalid(archive, "it names no image (no io.containerd.image.name or RepoTags)"));
         }
-        let images = c::images_client::ImagesClient::new(self.ch());
         for n in &named {
             let manifest = self.read_blob(&n.manifest.digest).await?;
             self.unpack(archive, &manifest, lease).await?;
-            let image = c::Image { name: n.name.clone(), target: Some(n.manifest.clone()), ..Default::default() };
-            let create = c::CreateImageRequest { image: Some(image.clone()), source_date_epoch: None };
-            match images.clone().create(create).await {
-                Ok(_) => {}
-                Err(s) if s.code() == Code::AlreadyExists => {
-                    let mask = prost_types::FieldMask { paths: vec!["target".into()] };
-                    let update =
-                        c::UpdateImageRequest { image: Some(image), update_mask: Some(mask), source_date_epoch: None };
-                    images.clone().update(update).await.map_err(rpc(format!("image {}", n.name)))?;
-                }
-                Err(s) => return Err(rpc(format!("image {}", n.name))(s)),
-            }
-            self.images.lock().unwrap_or_else(|p| p.into_inner()).remove(&n.name);
+            self.record_image(&n.name, n.manifest.clone()).await?;
         }
         Ok(named)
+    }
+
+    /// Creates (or points again) the image record `name` at `manifest`.
+    async fn record_image(&self, name: &str, manifest: Descriptor) -> Result<(), RuntimeError> {
+        let images = c::images_client::ImagesClient::new(self.ch());
+        let image = c::Image { name: name.to_string(), target: Some(manifest), ..Default::default() };
+        let create = c::CreateImageRequest { image: Some(image.clone()), source_date_epoch: None };
+        match images.clone().create(create).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                let mask = prost_types::FieldMask { paths: vec!["target".into()] };
+                let update =
+                    c::UpdateImageRequest { image: Some(image), update_mask: Some(mask), source_date_epoch: None };
+                images.clone().update(update).await.map_err(rpc(format!("image {name}")))?;
+            }
+            Err(s) => return Err(rpc(format!("image {name}"))(s)),
+        }
+        self.images.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        Ok(())
+    }
+
+    /// Pulls image `name` from the first source that has it: the manifest (the platform's,
+    /// from an index), then each blob the content store lacks, streamed into it, then the
+    /// layers unpacked, all under one lease.
+    pub(super) async fn pull_image(&self, name: &str, sources: &[PullSource]) -> Result<ImageInfo, RuntimeError> {
+        let mut errors = Vec::new();
+        for s in sources {
+            match self.pull_from(name, s).await {
+                Ok(()) => {
+                    return self
+                        .resolve(name)
+                        .await?
+                        .map(|u| u.info)
+                        .ok_or_else(|| RuntimeError::Failed(format!("{name} did not record")));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            return Err(RuntimeError::Failed(format!("{name}: nowhere to pull it from")));
+        }
+        Err(RuntimeError::Failed(errors.join("; ")))
+    }
+
+    async fn pull_from(&self, name: &str, s: &PullSource) -> Result<(), String> {
+        use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+        use oci_client::secrets::RegistryAuth;
+        use oci_client::Reference;
+        // reqwest's rustls needs a process-wide provider; ring is the one in the build.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut extra_root_certificates = Vec::new();
+        if let Some(ca) = &s.ca_file {
+            let data = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            extra_root_certificates.push(Certificate { encoding: CertificateEncoding::Pem, data });
+        }
+        let config = ClientConfig {
+            protocol: if s.http { ClientProtocol::Http } else { ClientProtocol::Https },
+            accept_invalid_certificates: s.insecure_skip_verify,
+            extra_root_certificates,
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let client = oci_client::Client::new(config);
+        let at = |r: &str| match r.strip_prefix('@') {
+            Some(d) => Reference::with_digest(s.host.clone(), s.repository.clone(), d.to_string()),
+            None => Reference::with_tag(s.host.clone(), s.repository.clone(), r.trim_start_matches(':').to_string()),
+        };
+        let reference = at(&s.reference);
+        let where_ = format!("{}/{}{}", s.host, s.repository, s.reference);
+        let auth = match &s.auth {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let accepted = [MANIFEST_OCI, MANIFEST_DOCKER, INDEX_OCI, INDEX_DOCKER];
+        let (mut bytes, _) =
+            client.pull_manifest_raw(&reference, &auth, &accepted).await.map_err(|e| format!("{where_}: {e}"))?;
+        let mut reference = reference;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{where_}: manifest: {e}"))?;
+        let media = v["mediaType"].as_str().unwrap_or(MANIFEST_OCI).to_string();
+        let media = if media == INDEX_OCI || media == INDEX_DOCKER || v["manifests"].is_array() {
+            let arch = std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64");
+            let chosen = v["manifests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| {
+                    m["platform"]["os"].as_str().unwrap_or("linux") == "linux"
+                        && m["platform"]["architecture"].as_str() == Some(arch.as_str())
+                })
+                .ok_or_else(|| format!("{where_}: no manifest for linux/{arch}"))?;
+            let d = chosen["digest"].as_str().unwrap_or_default().to_string();
+            reference = at(&format!("@{d}"));
+            bytes = client
+                .pull_manifest_raw(&reference, &auth, &accepted)
+                .await
+                .map_err(|e| format!("{where_}@{d}: {e}"))?
+                .0;
+            chosen["mediaType"].as_str().unwrap_or(MANIFEST_OCI).to_string()
+        } else {
+            media
+        };
+        let digest = sha256(&bytes);
+        if let Some(d) = s.reference.strip_prefix('@') {
+            if reference.digest() == Some(d) && d != digest {
+                return Err(format!("{where_}: the manifest does not match its digest"));
+            }
+        }
+        let m: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{where_}: manifest: {e}"))?;
+        let lease = self.lease().await.map_err(|e| e.to_string())?;
+        let result = async {
+            let blobs = std::iter::once(&m["config"]).chain(m["layers"].as_array().into_iter().flatten());
+            for b in blobs {
+                let d = b["digest"].as_str().unwrap_or_default();
+                let size = b["size"].as_i64().unwrap_or_default();
+                if self.has_blob(d).await.map_err(|e| e.to_string())? {
+                    continue;
+                }
+                let got =
+                    client.pull_blob_stream(&reference, d).await.map_err(|e| format!("{where_}: blob {d}: {e}"))?;
+                let chunks = futures::StreamExt::map(got.stream, |r| r.map_err(|e| e.to_string()));
+                self.write_blob_stream(&lease, d, size, chunks, HashMap::new())
+                    .await
+                    .map_err(|e| format!("{where_}: {e}"))?;
+            }
+            self.write_manifest(&bytes, &digest, &lease).await.map_err(|e| e.to_string())?;
+            self.unpack(Path::new(&where_), &bytes, &lease).await.map_err(|e| e.to_string())?;
+            let desc = Descriptor {
+                media_type: media,
+                digest: digest.clone(),
+                size: bytes.len() as i64,
+                ..Default::default()
+            };
+            self.record_image(name, desc).await.map_err(|e| e.to_string())
+        }
+        .await;
+        self.drop_lease(&lease).await;
+        result
     }
 
     /// Writes the blobs of a manifest's config and layers, then the manifest with the labels

@@ -278,6 +278,10 @@ impl Runtime for Containerd {
         self.import_archive(archive).await
     }
 
+    async fn pull(&self, name: &str, sources: &[super::PullSource]) -> Result<ImageInfo, RuntimeError> {
+        self.pull_image(&super::normalize_image(name), sources).await
+    }
+
     async fn image(&self, name: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         Ok(self.resolve(name).await?.map(|u| u.info))
     }
