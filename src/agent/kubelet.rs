@@ -4,7 +4,6 @@
 //! replica's `Pods` service, which checks who they are.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -285,9 +284,4 @@ pub async fn serve(
         acceptor.abort();
     });
     Ok((bound, task))
-}
-
-/// Where pod `uid`'s container `name` logs its attempt `attempt`.
-pub fn log_path(pods_dir: &std::path::Path, uid: &str, name: &str, attempt: u32) -> PathBuf {
-    pods_dir.join(uid).join("logs").join(name).join(format!("{attempt}.log"))
 }

@@ -287,6 +287,11 @@ pub async fn follow(
     }
 }
 
+/// Where pod `uid`'s container `name` logs its attempt `attempt`.
+pub fn log_path(pods_dir: &Path, uid: &str, name: &str, attempt: u32) -> PathBuf {
+    pods_dir.join(uid).join("logs").join(name).join(format!("{attempt}.log"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -312,6 +312,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
         net.install_routes().await?;
     }
     agent.set_runtime_version(runtime.version().await?);
+    agent.set_runtime(runtime.clone());
     let informers = InformerFactory::new(client.clone(), InformerOptions::default());
     let mut pod_config = pods::PodConfig::new(&cfg.name, &cfg.node_ip, cfg.data_dir.join("pods"));
     pod_config.backoff = cfg.restart_backoff;
@@ -326,6 +327,12 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
         .await
         .map_err(AgentError::Setup)?;
     agent.set_kubelet_port(bound.port());
+    // The images there before the Node is reported and the pods start: the Node lists them,
+    // and no pod waits for one it could have.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dir) = &cfg.images_dir {
+        import_images(runtime.as_ref(), dir, &mut seen).await;
+    }
     agent.register().await.map_err(|e| AgentError::Setup(format!("register node {}: {e}", cfg.name)))?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -339,9 +346,6 @@ pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
         });
     }
     if let Some(dir) = cfg.images_dir.clone() {
-        // The images there before the pods start: no pod waits for one it could have.
-        let mut seen = std::collections::HashSet::new();
-        import_images(runtime.as_ref(), &dir, &mut seen).await;
         let (rt, mut rx) = (runtime.clone(), stop_rx.clone());
         tasks.spawn(async move {
             loop {

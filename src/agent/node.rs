@@ -27,16 +27,23 @@ pub struct Agent {
     client: Client,
     runtime_version: String,
     kubelet_port: u16,
+    /// Where the images the Node lists come from.
+    runtime: Option<Arc<dyn crate::agent::runtime::Runtime>>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig, creds: Arc<LiveCredentials>, client: Client) -> Agent {
-        Agent { cfg, creds, client, runtime_version: String::new(), kubelet_port: 0 }
+        Agent { cfg, creds, client, runtime_version: String::new(), kubelet_port: 0, runtime: None }
     }
 
     /// The port replicas call for logs and exec.
     pub fn set_kubelet_port(&mut self, port: u16) {
         self.kubelet_port = port;
+    }
+
+    /// The runtime whose images the Node lists.
+    pub fn set_runtime(&mut self, rt: Arc<dyn crate::agent::runtime::Runtime>) {
+        self.runtime = Some(rt);
     }
 
     /// What the Node reports as its container runtime.
@@ -117,8 +124,26 @@ impl Agent {
             }
             obj = self.client.update(annotated).await?;
         }
+        // The node's images, largest first, at most 50 (the kubelet's nodeStatusMaxImages).
+        let images = match &self.runtime {
+            Some(rt) => rt.images().await.unwrap_or_default(),
+            None => Vec::new(),
+        };
         if let Some(pb::object::Kind::Node(n)) = obj.kind.as_mut() {
             let status = n.status.get_or_insert_with(Default::default);
+            let mut listed: Vec<pb::ContainerImage> = images
+                .iter()
+                .map(|i| {
+                    let repo =
+                        i.name.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map_or(i.name.as_str(), |r| r.0);
+                    let mut names = vec![format!("{repo}@{}", i.id), i.name.clone()];
+                    names.dedup();
+                    pb::ContainerImage { names, size_bytes: i.size as i64 }
+                })
+                .collect();
+            listed.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then_with(|| a.names.cmp(&b.names)));
+            listed.truncate(50);
+            status.images = listed;
             let t = now();
             let was_ready = status.conditions.iter().any(|c| c.r#type == "Ready" && c.status == "True");
             let transition = status

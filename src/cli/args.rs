@@ -69,6 +69,52 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a container: keelctl exec POD [-c C] [-i] [-t] -- COMMAND [ARGS...]
     Exec(ExecArgs),
+    /// Mark a node unschedulable: new pods go elsewhere, running ones stay.
+    Cordon(NodeArgs),
+    /// Mark a node schedulable again.
+    Uncordon(NodeArgs),
+    /// Cordon a node, then move its pods off it (each deleted with its grace period).
+    Drain(DrainArgs),
+    /// The images on the nodes.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// List each node's images (as its agent last reported them), largest first.
+    Ls {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// The node (NAME or node/NAME).
+    pub node: String,
+}
+
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// The node (NAME or node/NAME).
+    pub node: String,
+    /// Also delete pods that no controller recreates.
+    #[arg(long)]
+    pub force: bool,
+    /// Leave DaemonSet-managed pods where they are (their controller would put them back).
+    #[arg(long)]
+    pub ignore_daemonsets: bool,
+    /// Also delete pods with emptyDir volumes (their data is lost).
+    #[arg(long)]
+    pub delete_emptydir_data: bool,
+    /// Seconds each pod gets to stop (default: its own terminationGracePeriodSeconds).
+    #[arg(long, allow_hyphen_values = true)]
+    pub grace_period: Option<i64>,
+    /// Give up waiting after this long (e.g. 5m); 0 or unset waits as long as it takes.
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(clap::Args)]

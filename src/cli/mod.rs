@@ -14,6 +14,7 @@ pub mod describe;
 pub mod jsonpath;
 pub mod kv;
 pub mod modify;
+pub mod nodes;
 pub mod objects;
 pub mod pods;
 pub mod print;
@@ -192,6 +193,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Kv(k) => kv::run(&s, k).await,
         Command::Logs(l) => pods::logs(&s, l).await,
         Command::Exec(e) => pods::exec(&s, e).await,
+        Command::Cordon(n) => nodes::cordon(&s, n, true).await,
+        Command::Uncordon(n) => nodes::cordon(&s, n, false).await,
+        Command::Drain(d) => nodes::drain(&s, d).await,
+        Command::Image(args::ImageCommand::Ls { node }) => nodes::images(&s, node).await,
     }
 }
 

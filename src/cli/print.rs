@@ -121,7 +121,7 @@ fn custom_columns(objects: &[pb::Object], cols: &[Column], no_headers: bool) -> 
     tidy(&t)
 }
 
-fn tidy(t: &comfy_table::Table) -> String {
+pub(crate) fn tidy(t: &comfy_table::Table) -> String {
     let text: Vec<String> =
         t.to_string().lines().map(|l| l.strip_prefix(' ').unwrap_or(l).trim_end().to_string()).collect();
     if text.is_empty() {

@@ -11,7 +11,7 @@ use keel::proto::v1 as pb;
 
 use super::*;
 
-async fn create(admin: &Client, yaml: &str) -> pb::Pod {
+pub(super) async fn create(admin: &Client, yaml: &str) -> pb::Pod {
     match admin.create(manifest(yaml)).await.unwrap().kind {
         Some(pb::object::Kind::Pod(p)) => p,
         other => panic!("not a pod: {other:?}"),

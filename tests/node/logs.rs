@@ -162,7 +162,7 @@ async fn logs_rotate_and_read_back_as_kubectl_reads_them() {
 }
 
 /// A keelctl configuration for the cluster's admin at `path`.
-fn keelctl_config(cluster: &Cluster, path: &Path) {
+pub(super) fn keelctl_config(cluster: &Cluster, path: &Path) {
     let a = &cluster.pki.admin;
     let config = keel::client::config::Config {
         current_context: "t".into(),

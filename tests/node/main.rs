@@ -24,6 +24,7 @@ use keel::proto::v1 as pb;
 use tokio::time::Instant;
 
 mod config;
+mod drain;
 mod images;
 mod lifecycle;
 mod logs;

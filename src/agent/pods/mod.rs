@@ -207,7 +207,7 @@ impl PodWorkers {
 
     /// Where container `name` of pod `uid` logs its attempt `attempt`.
     pub fn log_path(&self, uid: &str, name: &str, attempt: u32) -> PathBuf {
-        super::kubelet::log_path(&self.config.pods_dir, uid, name, attempt)
+        super::logs::log_path(&self.config.pods_dir, uid, name, attempt)
     }
 
     /// The pod with `uid`, as the informer has it.

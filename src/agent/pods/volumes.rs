@@ -426,7 +426,7 @@ pub fn mounts_for(
         let base =
             volumes.get(&m.name).ok_or_else(|| format!("volumeMount {:?}: the pod has no such volume", m.name))?;
         let sub =
-            if !m.sub_path_expr.is_empty() { super::spec::expand(&m.sub_path_expr, env) } else { m.sub_path.clone() };
+            if !m.sub_path_expr.is_empty() { super::refs::expand(&m.sub_path_expr, env) } else { m.sub_path.clone() };
         let source = if sub.is_empty() {
             base.clone()
         } else {

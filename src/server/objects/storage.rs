@@ -170,15 +170,19 @@ impl ObjectsService {
         // conflict, nothing to change) is taken again from a linearizable read.
         let mut reads = Reads::default();
         while let Some(serializable) = reads.next() {
-            let Some(kv) = self.read_current(&k, serializable, &m.resource_version, info, &m.name).await? else {
+            // The caller's resourceVersion is checked after authorization: a caller that may
+            // not write the object learns nothing from a conflict.
+            let Some(kv) = self.read_current(&k, serializable, "", info, &m.name).await? else {
                 continue;
             };
             let current = decode(&kv, &self.keys)?;
             let verb = if status_only { Verb::UpdateStatus } else { Verb::Update };
             // A refusal (forbidden, invalid against the current object) is decided on the
             // latest state too.
+            let stale = !m.resource_version.is_empty() && m.resource_version != kv.mod_revision.to_string();
             let decided = self
                 .authorize_write(who, verb, info, &namespace, &m.name, Some(&current))
+                .and_then(|()| if stale { Err(conflict(info, &m.name)) } else { Ok(()) })
                 .and_then(|()| self.prepare_update(info, &namespace, &current, &obj, status_only));
             let mut next = match decided {
                 Err(_) if serializable => continue,
