@@ -67,6 +67,18 @@ pub struct AgentArgs {
     /// How many log files of a container are kept (the current one included).
     #[arg(long, default_value_t = 5)]
     pub container_log_max_files: u32,
+    /// Resources kept from pods, e.g. cpu=500m,memory=512Mi,ephemeral-storage=1Gi,pods=10
+    /// (the Node's allocatable is its capacity minus these).
+    #[arg(long, default_value = "")]
+    pub reserved: String,
+    /// When the node is under pressure (MemoryPressure, DiskPressure, PIDPressure), in the
+    /// kubelet's syntax.
+    #[arg(long, default_value = crate::agent::pressure::DEFAULT_EVICTION_HARD)]
+    pub eviction_hard: String,
+    /// How often the node's Lease is renewed and its pressure read (the status is reported
+    /// every sixth time, or at once when a pressure condition changes).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat: std::time::Duration,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -96,6 +108,9 @@ impl AgentArgs {
         cfg.kubelet_port = self.kubelet_port;
         cfg.log_max_size = self.container_log_max_size;
         cfg.log_max_files = self.container_log_max_files;
+        cfg.reserved = self.reserved;
+        cfg.eviction_hard = self.eviction_hard;
+        cfg.heartbeat = self.heartbeat;
         cfg
     }
 }

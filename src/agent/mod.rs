@@ -10,6 +10,7 @@ pub mod logs;
 pub mod network;
 pub mod node;
 pub mod pods;
+pub mod pressure;
 pub mod registries;
 pub mod runtime;
 
@@ -85,6 +86,12 @@ pub struct AgentConfig {
     pub log_max_files: u32,
     /// The port replicas call for logs and exec (mutual TLS, replicas only).
     pub kubelet_port: u16,
+    /// Resources kept from pods: `cpu=500m,memory=512Mi` (allocatable = capacity - this).
+    pub reserved: String,
+    /// When the node is under pressure: the kubelet's `--eviction-hard` syntax.
+    pub eviction_hard: String,
+    /// How often the Lease is renewed and the pressure conditions read.
+    pub heartbeat: Duration,
 }
 
 impl AgentConfig {
@@ -113,6 +120,9 @@ impl AgentConfig {
             log_max_size: 10 << 20,
             log_max_files: 5,
             kubelet_port: 10250,
+            reserved: String::new(),
+            eviction_hard: pressure::DEFAULT_EVICTION_HARD.to_string(),
+            heartbeat: Duration::from_secs(10),
         }
     }
 }
@@ -302,11 +312,17 @@ pub async fn reset(cfg: &AgentConfig) -> Result<Reset, AgentError> {
 
 /// Starts the agent: credentials, the Node, the runtime, the pod network, the pod workers.
 pub async fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
+    // Flags first: a bad one stops the agent before it touches anything.
+    let thresholds = pressure::Thresholds::parse(&cfg.eviction_hard)
+        .map_err(|e| AgentError::Setup(format!("--eviction-hard: {e}")))?;
+    let reserved =
+        pressure::parse_reserved(&cfg.reserved).map_err(|e| AgentError::Setup(format!("--reserved: {e}")))?;
     let creds = credentials(&cfg).await?;
     let live = LiveCredentials::new(creds);
     let config = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::default() };
     let client = Client::new(&cfg.servers, ClientAuth::Live(live.clone()), config)?;
     let mut agent = Agent::new(cfg.clone(), live.clone(), client.clone());
+    agent.set_pressure(thresholds, reserved);
     let (runtime, managed, network) = open_runtime(&cfg).await?;
     if let Some(net) = &network {
         net.install_routes().await?;

@@ -14,8 +14,6 @@ use crate::proto::v1 as pb;
 
 /// How long a node's Lease lasts without renewal.
 pub const LEASE_SECONDS: i32 = 40;
-/// How often the Lease is renewed (and every sixth time, the Node's status reported).
-pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 
 fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
@@ -29,16 +27,45 @@ pub struct Agent {
     kubelet_port: u16,
     /// Where the images the Node lists come from.
     runtime: Option<Arc<dyn crate::agent::runtime::Runtime>>,
+    thresholds: super::pressure::Thresholds,
+    reserved: std::collections::HashMap<String, crate::api::quantity::Quantity>,
+    /// The pressure conditions' statuses last reported.
+    reported: Vec<&'static str>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig, creds: Arc<LiveCredentials>, client: Client) -> Agent {
-        Agent { cfg, creds, client, runtime_version: String::new(), kubelet_port: 0, runtime: None }
+        Agent {
+            cfg,
+            creds,
+            client,
+            runtime_version: String::new(),
+            kubelet_port: 0,
+            runtime: None,
+            thresholds: super::pressure::Thresholds::default(),
+            reserved: Default::default(),
+            reported: Vec::new(),
+        }
     }
 
     /// The port replicas call for logs and exec.
     pub fn set_kubelet_port(&mut self, port: u16) {
         self.kubelet_port = port;
+    }
+
+    /// When the node is under pressure, and what it keeps from pods.
+    pub fn set_pressure(
+        &mut self,
+        thresholds: super::pressure::Thresholds,
+        reserved: std::collections::HashMap<String, crate::api::quantity::Quantity>,
+    ) {
+        self.thresholds = thresholds;
+        self.reserved = reserved;
+    }
+
+    /// The pressure conditions now, from fresh readings.
+    fn pressure(&self) -> [super::pressure::Condition; 3] {
+        super::pressure::conditions(&super::pressure::read(&self.cfg.data_dir), &self.thresholds)
     }
 
     /// The runtime whose images the Node lists.
@@ -152,8 +179,27 @@ impl Agent {
                 .find(|c| c.r#type == "Ready")
                 .filter(|_| was_ready)
                 .map_or(t.clone(), |c| c.last_transition_time.clone());
-            status.conditions.retain(|c| c.r#type != "Ready");
-            status.conditions.push(pb::NodeCondition {
+            let pressure = self.pressure();
+            let mut conditions: Vec<pb::NodeCondition> = pressure
+                .iter()
+                .map(|(ty, st, reason, message)| {
+                    let since = status
+                        .conditions
+                        .iter()
+                        .find(|c| c.r#type == *ty && c.status == *st)
+                        .map_or(t.clone(), |c| c.last_transition_time.clone());
+                    pb::NodeCondition {
+                        r#type: (*ty).into(),
+                        status: (*st).into(),
+                        last_heartbeat_time: t.clone(),
+                        last_transition_time: since,
+                        reason: (*reason).into(),
+                        message: (*message).into(),
+                    }
+                })
+                .collect();
+            self.reported = pressure.iter().map(|c| c.1).collect();
+            conditions.push(pb::NodeCondition {
                 r#type: "Ready".into(),
                 status: "True".into(),
                 last_heartbeat_time: t,
@@ -161,6 +207,11 @@ impl Agent {
                 reason: "KeelAgentReady".into(),
                 message: "keel agent is posting ready status".into(),
             });
+            // Conditions of others (none yet) stay.
+            status
+                .conditions
+                .retain(|c| !["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"].contains(&c.r#type.as_str()));
+            status.conditions.extend(conditions);
             status.addresses = vec![
                 pb::NodeAddress { r#type: "InternalIP".into(), address: self.cfg.node_ip.clone() },
                 pb::NodeAddress { r#type: "Hostname".into(), address: self.cfg.name.clone() },
@@ -169,7 +220,7 @@ impl Agent {
             status.daemon_endpoints = Some(pb::NodeDaemonEndpoints {
                 kubelet_endpoint: Some(pb::DaemonEndpoint { port: i32::from(self.kubelet_port) }),
             });
-            status.allocatable = status.capacity.clone();
+            status.allocatable = super::pressure::allocatable(&status.capacity, &self.reserved);
             let info = status.node_info.get_or_insert_with(Default::default);
             info.kubelet_version = format!("keel-{}", env!("CARGO_PKG_VERSION"));
             info.operating_system = "linux".into();
@@ -215,14 +266,17 @@ impl Agent {
         Ok(())
     }
 
-    /// Renews the Lease every `RENEW_EVERY` and reports Ready every sixth time, until
+    /// Renews the Lease every heartbeat and reports the status every sixth time (or when a
+    /// pressure condition changes), until
     /// dropped. Errors are logged and retried.
     pub async fn run(mut self) {
-        let mut tick = tokio::time::interval(RENEW_EVERY);
+        let mut tick = tokio::time::interval(self.cfg.heartbeat.max(Duration::from_millis(100)));
         let mut n: u64 = 0;
         loop {
             tick.tick().await;
-            if n.is_multiple_of(6) {
+            // The whole status every sixth beat, and at once when a pressure condition turns.
+            let turned = self.pressure().iter().map(|c| c.1).collect::<Vec<_>>() != self.reported;
+            if n.is_multiple_of(6) || turned {
                 if let Err(e) = self.register().await {
                     tracing::warn!(error = %e, "node status not reported; retrying");
                 }

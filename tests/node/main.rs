@@ -29,6 +29,7 @@ mod images;
 mod lifecycle;
 mod logs;
 mod pods;
+mod status;
 mod up;
 
 /// Whether the real-path tests can run here; with KEEL_E2E=1 a missing prerequisite fails.

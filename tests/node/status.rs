@@ -1,0 +1,86 @@
+//! The Node as its agent reports it: pressure conditions from real readings (with thresholds
+//! set so that this machine is or is not under pressure), and allocatable resources that
+//! keep `--reserved` from pods. A bad threshold stops the agent before it starts anything.
+
+use std::time::Duration;
+
+use keel::api::kinds::Kind;
+use keel::api::quantity::Quantity;
+use keel::proto::v1 as pb;
+
+use super::*;
+
+async fn node_status(admin: &keel::client::Client) -> Option<pb::NodeStatus> {
+    match admin.get(Kind::Node, "", "n1").await.ok()?.kind? {
+        pb::object::Kind::Node(n) => n.status,
+        _ => None,
+    }
+}
+
+fn condition<'a>(s: &'a pb::NodeStatus, ty: &str) -> Option<&'a pb::NodeCondition> {
+    s.conditions.iter().find(|c| c.r#type == ty)
+}
+
+fn milli(s: &pb::NodeStatus, map: &str, k: &str) -> i128 {
+    let m = if map == "capacity" { &s.capacity } else { &s.allocatable };
+    Quantity::parse(&m[k]).unwrap().milli
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_reports_pressure_from_readings_and_keeps_its_reservations() {
+    if !prerequisites() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let mut node = cluster.node("n1").await;
+    let admin = &cluster.admin;
+    node.stop().await;
+    node.cfg.reserved = "cpu=500m,memory=256Mi,pods=10".into();
+    node.cfg.heartbeat = Duration::from_millis(500);
+    // Thresholds this machine meets whatever its load (this disk may well be 90% full).
+    node.cfg.eviction_hard = "memory.available<1Ki,nodefs.available<1Ki,pid.available<1".into();
+    node.start().await;
+    let s = eventually("the reserved resources kept from allocatable", Duration::from_secs(20), || async {
+        node_status(admin).await.filter(|s| s.allocatable.get("pods").map(String::as_str) == Some("100"))
+    })
+    .await;
+    assert_eq!(milli(&s, "allocatable", "cpu"), milli(&s, "capacity", "cpu") - 500);
+    assert_eq!(milli(&s, "allocatable", "memory"), milli(&s, "capacity", "memory") - (256i128 << 20) * 1000);
+    for (ty, reason) in [
+        ("MemoryPressure", "KubeletHasSufficientMemory"),
+        ("DiskPressure", "KubeletHasNoDiskPressure"),
+        ("PIDPressure", "KubeletHasSufficientPID"),
+    ] {
+        let c = condition(&s, ty).unwrap_or_else(|| panic!("no {ty}: {:?}", s.conditions));
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reason), "{c:?}");
+    }
+    assert_eq!(condition(&s, "Ready").unwrap().status, "True");
+
+    // Thresholds this machine cannot meet: the readings put it under memory and disk
+    // pressure, and the Node says so.
+    node.stop().await;
+    node.cfg.eviction_hard = "memory.available<1Pi,nodefs.available<100%,pid.available<1".into();
+    node.start().await;
+    let s = eventually("memory and disk pressure", Duration::from_secs(20), || async {
+        node_status(admin).await.filter(|s| {
+            condition(s, "MemoryPressure").is_some_and(|c| c.status == "True")
+                && condition(s, "DiskPressure").is_some_and(|c| c.status == "True")
+        })
+    })
+    .await;
+    assert_eq!(condition(&s, "MemoryPressure").unwrap().reason, "KubeletHasInsufficientMemory");
+    assert_eq!(condition(&s, "DiskPressure").unwrap().message, "kubelet has disk pressure");
+    assert_eq!(condition(&s, "PIDPressure").unwrap().status, "False");
+
+    // A threshold the kubelet would not take stops the agent before it starts.
+    node.stop().await;
+    let mut bad = node.cfg.clone();
+    bad.eviction_hard = "memory.free<1Gi".into();
+    let err = match Box::pin(keel::agent::start(bad)).await {
+        Ok(_) => panic!("an agent started with --eviction-hard memory.free<1Gi"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("--eviction-hard") && err.contains("unknown signal \"memory.free\""), "{err}");
+    drop(node);
+    cluster.stop().await;
+}
