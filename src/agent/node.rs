@@ -31,6 +31,8 @@ pub struct Agent {
     reserved: std::collections::HashMap<String, crate::api::quantity::Quantity>,
     /// The pressure conditions' statuses last reported.
     reported: Vec<&'static str>,
+    /// Whether the runtime answered at the last report.
+    runtime_reported: bool,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             thresholds: super::pressure::Thresholds::default(),
             reserved: Default::default(),
             reported: Vec::new(),
+            runtime_reported: true,
         }
     }
 
@@ -61,6 +64,16 @@ impl Agent {
     ) {
         self.thresholds = thresholds;
         self.reserved = reserved;
+    }
+
+    /// Why the container runtime does not answer (within 2 s), if it does not.
+    async fn runtime_down(&self) -> Option<String> {
+        let rt = self.runtime.as_ref()?;
+        match tokio::time::timeout(Duration::from_secs(2), rt.version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer within 2s".into()),
+        }
     }
 
     /// The pressure conditions now, from fresh readings.
@@ -151,10 +164,23 @@ impl Agent {
             }
             obj = self.client.update(annotated).await?;
         }
-        // The node's images, largest first, at most 50 (the kubelet's nodeStatusMaxImages).
-        let images = match &self.runtime {
-            Some(rt) => rt.images().await.unwrap_or_default(),
-            None => Vec::new(),
+        // Whether the runtime answers, and the node's images, largest first, at most 50 (the
+        // kubelet's nodeStatusMaxImages).
+        let mut runtime_down = self.runtime_down().await;
+        let images = match (&self.runtime, &runtime_down) {
+            // Bounded too: the runtime may stop answering between the two calls.
+            (Some(rt), None) => match tokio::time::timeout(Duration::from_secs(2), rt.images()).await {
+                Ok(Ok(i)) => i,
+                Ok(Err(e)) => {
+                    runtime_down = Some(e.to_string());
+                    Vec::new()
+                }
+                Err(_) => {
+                    runtime_down = Some("no answer within 2s".into());
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
         };
         if let Some(pb::object::Kind::Node(n)) = obj.kind.as_mut() {
             let status = n.status.get_or_insert_with(Default::default);
@@ -170,14 +196,16 @@ impl Agent {
                 .collect();
             listed.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then_with(|| a.names.cmp(&b.names)));
             listed.truncate(50);
-            status.images = listed;
+            // A runtime that does not answer lists nothing: keep what was listed.
+            if runtime_down.is_none() {
+                status.images = listed;
+            }
             let t = now();
-            let was_ready = status.conditions.iter().any(|c| c.r#type == "Ready" && c.status == "True");
+            let ready = if runtime_down.is_none() { "True" } else { "False" };
             let transition = status
                 .conditions
                 .iter()
-                .find(|c| c.r#type == "Ready")
-                .filter(|_| was_ready)
+                .find(|c| c.r#type == "Ready" && c.status == ready)
                 .map_or(t.clone(), |c| c.last_transition_time.clone());
             let pressure = self.pressure();
             let mut conditions: Vec<pb::NodeCondition> = pressure
@@ -199,13 +227,18 @@ impl Agent {
                 })
                 .collect();
             self.reported = pressure.iter().map(|c| c.1).collect();
+            let (reason, message) = match &runtime_down {
+                None => ("KeelAgentReady".to_string(), "keel agent is posting ready status".to_string()),
+                Some(why) => ("KubeletNotReady".to_string(), format!("container runtime is down: {why}")),
+            };
+            self.runtime_reported = runtime_down.is_none();
             conditions.push(pb::NodeCondition {
                 r#type: "Ready".into(),
-                status: "True".into(),
+                status: ready.into(),
                 last_heartbeat_time: t,
                 last_transition_time: transition,
-                reason: "KeelAgentReady".into(),
-                message: "keel agent is posting ready status".into(),
+                reason,
+                message,
             });
             // Conditions of others (none yet) stay.
             status
@@ -275,7 +308,8 @@ impl Agent {
         loop {
             tick.tick().await;
             // The whole status every sixth beat, and at once when a pressure condition turns.
-            let turned = self.pressure().iter().map(|c| c.1).collect::<Vec<_>>() != self.reported;
+            let turned = self.pressure().iter().map(|c| c.1).collect::<Vec<_>>() != self.reported
+                || self.runtime_down().await.is_none() != self.runtime_reported;
             if n.is_multiple_of(6) || turned {
                 if let Err(e) = self.register().await {
                     tracing::warn!(error = %e, "node status not reported; retrying");

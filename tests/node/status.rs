@@ -84,3 +84,46 @@ async fn the_node_reports_pressure_from_readings_and_keeps_its_reservations() {
     drop(node);
     cluster.stop().await;
 }
+
+/// SIGCONT on drop, so that a failing test does not leave containerd frozen.
+struct Frozen(i32);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containerd_that_does_not_answer_makes_the_node_not_ready_until_it_does() {
+    if !prerequisites() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let mut node = cluster.node("n1").await;
+    let admin = &cluster.admin;
+    node.stop().await;
+    node.cfg.heartbeat = Duration::from_millis(500);
+    node.start().await;
+    let ready = |want: &'static str| move |s: &pb::NodeStatus| condition(s, "Ready").is_some_and(|c| c.status == want);
+    eventually("Ready", Duration::from_secs(20), || async { node_status(admin).await.filter(ready("True")) }).await;
+    let config = node.cfg.data_dir.join("containerd").join("config.toml").display().to_string();
+    let pid = processes()
+        .into_iter()
+        .find(|(_, _, cmd)| cmd.starts_with("containerd") && cmd.contains(&config))
+        .map(|(pid, _, _)| pid)
+        .expect("the node's managed containerd");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let frozen = Frozen(pid);
+    let s =
+        eventually("NotReady", Duration::from_secs(30), || async { node_status(admin).await.filter(ready("False")) })
+            .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(c.reason, "KubeletNotReady");
+    assert!(c.message.starts_with("container runtime is down: "), "{}", c.message);
+    drop(frozen);
+    eventually("Ready again", Duration::from_secs(30), || async { node_status(admin).await.filter(ready("True")) })
+        .await;
+    drop(node);
+    cluster.stop().await;
+}
