@@ -85,7 +85,8 @@ pub async fn get(s: &Session, g: GetArgs) -> Result<()> {
     let info = resolve_kind(&g.kind)?;
     let output = Output::parse(&g.output)?;
     let namespace = if g.all_namespaces || !info.namespaced { String::new() } else { s.namespace.clone() };
-    let opts = TableOptions { all_namespaces: g.all_namespaces, show_labels: g.show_labels, no_headers: false };
+    let opts =
+        TableOptions { all_namespaces: g.all_namespaces, show_labels: g.show_labels, no_headers: false, wide: false };
     if let Some(name) = &g.name {
         let obj = s.client.get(info.kind, &namespace, name).await?;
         print!("{}", print::render(&[obj], true, &output, opts));

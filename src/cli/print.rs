@@ -80,6 +80,8 @@ pub struct TableOptions {
     pub show_labels: bool,
     /// Leave the header out (a watch prints it once).
     pub no_headers: bool,
+    /// `-o wide`: the kind's extra columns.
+    pub wide: bool,
 }
 
 /// The kubectl `List` that wraps the items of a list.
@@ -99,7 +101,8 @@ pub fn render(objects: &[pb::Object], single: bool, output: &Output, opts: Table
         _ => list_value(objects),
     };
     match output {
-        Output::Table | Output::Wide => table_with(objects, opts),
+        Output::Table => table_with(objects, opts),
+        Output::Wide => table_with(objects, TableOptions { wide: true, ..opts }),
         Output::Yaml => serde_saphyr::to_string(&data()).unwrap_or_default(),
         Output::Json => format!("{}\n", serde_json::to_string_pretty(&data()).unwrap_or_default()),
         Output::Name => objects.iter().map(|o| format!("{}\n", super::display_name(o))).collect(),
@@ -186,9 +189,27 @@ fn columns(obj: &pb::Object) -> (Vec<&'static str>, Vec<String>) {
             let st = p.status.clone().unwrap_or_default();
             let total = p.spec.as_ref().map_or(0, |s| s.containers.len());
             let ready = st.container_statuses.iter().filter(|c| c.ready).count();
-            let phase = if st.phase.is_empty() { "Pending".to_string() } else { st.phase };
             let restarts: i32 = st.container_statuses.iter().map(|c| c.restart_count).sum();
-            (vec!["READY", "STATUS", "RESTARTS"], vec![format!("{ready}/{total}"), phase, restarts.to_string()])
+            (vec!["READY", "STATUS", "RESTARTS"], vec![format!("{ready}/{total}"), pod_status(p), restarts.to_string()])
+        }
+        Some(K::Node(n)) => {
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"))
+                .map_or("Unknown", |c| if c.status == "True" { "Ready" } else { "NotReady" });
+            let cordoned = n.spec.as_ref().is_some_and(|s| s.unschedulable);
+            let status = if cordoned { format!("{ready},SchedulingDisabled") } else { ready.to_string() };
+            let meta = n.metadata.clone().unwrap_or_default();
+            let mut roles: Vec<&str> = meta
+                .labels
+                .keys()
+                .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/"))
+                .filter(|r| !r.is_empty())
+                .collect();
+            roles.sort();
+            let roles = if roles.is_empty() { "<none>".to_string() } else { roles.join(",") };
+            (vec!["STATUS", "ROLES"], vec![status, roles])
         }
         Some(K::Service(s)) => {
             let spec = s.spec.clone().unwrap_or_default();
@@ -210,6 +231,106 @@ fn columns(obj: &pb::Object) -> (Vec<&'static str>, Vec<String>) {
     }
 }
 
+/// A pod's STATUS as kubectl prints it: the phase, or what a container waits for or ended
+/// with, `Init:` while init containers run, `Terminating` once deleted.
+pub fn pod_status(p: &pb::Pod) -> String {
+    let st = p.status.clone().unwrap_or_default();
+    let mut reason = if !st.reason.is_empty() {
+        st.reason.clone()
+    } else if st.phase.is_empty() {
+        "Pending".to_string()
+    } else {
+        st.phase.clone()
+    };
+    let spec = p.spec.clone().unwrap_or_default();
+    let mut initializing = false;
+    for (i, c) in st.init_container_statuses.iter().enumerate() {
+        let state = c.state.clone().unwrap_or_default();
+        let sidecar = spec.init_containers.get(i).is_some_and(|s| s.restart_policy.as_deref() == Some("Always"));
+        match (&state.terminated, &state.waiting) {
+            (Some(t), _) if t.exit_code == 0 => continue,
+            _ if sidecar && c.started == Some(true) => continue,
+            (Some(t), _) => {
+                reason = if t.reason.is_empty() {
+                    format!("Init:ExitCode:{}", t.exit_code)
+                } else {
+                    format!("Init:{}", t.reason)
+                };
+            }
+            (None, Some(w)) if !w.reason.is_empty() && w.reason != "PodInitializing" => {
+                reason = format!("Init:{}", w.reason)
+            }
+            _ => reason = format!("Init:{i}/{}", spec.init_containers.len()),
+        }
+        initializing = true;
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        for c in st.container_statuses.iter().rev() {
+            let state = c.state.clone().unwrap_or_default();
+            if let Some(w) = state.waiting.as_ref().filter(|w| !w.reason.is_empty()) {
+                reason.clone_from(&w.reason);
+            } else if let Some(t) = &state.terminated {
+                reason = if !t.reason.is_empty() {
+                    t.reason.clone()
+                } else if t.signal != 0 {
+                    format!("Signal:{}", t.signal)
+                } else {
+                    format!("ExitCode:{}", t.exit_code)
+                };
+            } else if state.running.is_some() && c.ready {
+                running = true;
+            }
+        }
+        if reason == "Completed" && running {
+            reason = "Running".to_string();
+        }
+    }
+    if p.metadata.as_ref().is_some_and(|m| !m.deletion_timestamp.is_empty()) {
+        reason = "Terminating".to_string();
+    }
+    reason
+}
+
+/// Columns after AGE: a Node's VERSION, and `-o wide`'s extras.
+fn after_age(obj: &pb::Object, wide: bool) -> (Vec<&'static str>, Vec<String>) {
+    use pb::object::Kind as K;
+    let or_none = |s: &str| if s.is_empty() { "<none>".to_string() } else { s.to_string() };
+    match obj.kind.as_ref() {
+        Some(K::Pod(p)) if wide => {
+            let ip = p.status.as_ref().map(|s| s.pod_ip.clone()).unwrap_or_default();
+            let node = p.spec.as_ref().map(|s| s.node_name.clone()).unwrap_or_default();
+            let nominated = p.status.as_ref().map(|s| s.nominated_node_name.clone()).unwrap_or_default();
+            (
+                vec!["IP", "NODE", "NOMINATED NODE", "READINESS GATES"],
+                vec![or_none(&ip), or_none(&node), or_none(&nominated), "<none>".into()],
+            )
+        }
+        Some(K::Node(n)) => {
+            let st = n.status.clone().unwrap_or_default();
+            let info = st.node_info.clone().unwrap_or_default();
+            let mut cols = vec!["VERSION"];
+            let mut vals = vec![info.kubelet_version.clone()];
+            if wide {
+                let addr = |t: &str| {
+                    st.addresses.iter().find(|a| a.r#type == t).map(|a| a.address.clone()).unwrap_or_default()
+                };
+                cols.extend(["INTERNAL-IP", "EXTERNAL-IP", "OS-IMAGE", "KERNEL-VERSION", "CONTAINER-RUNTIME"]);
+                vals.extend([
+                    or_none(&addr("InternalIP")),
+                    or_none(&addr("ExternalIP")),
+                    info.os_image.clone(),
+                    info.kernel_version.clone(),
+                    info.container_runtime_version.clone(),
+                ]);
+            }
+            (cols, vals)
+        }
+        _ => (vec![], vec![]),
+    }
+}
+
 /// A kubectl-style table of objects of one kind (empty for no objects).
 pub fn table_with(objects: &[pb::Object], opts: TableOptions) -> String {
     let mut t = comfy_table::Table::new();
@@ -223,6 +344,7 @@ pub fn table_with(objects: &[pb::Object], opts: TableOptions) -> String {
     header.push("NAME");
     header.extend(cols);
     header.push("AGE");
+    header.extend(after_age(first, opts.wide).0);
     if opts.show_labels {
         header.push("LABELS");
     }
@@ -238,6 +360,7 @@ pub fn table_with(objects: &[pb::Object], opts: TableOptions) -> String {
         row.push(m.name.clone());
         row.extend(columns(o).1);
         row.push(age(&m.creation_timestamp));
+        row.extend(after_age(o, opts.wide).1);
         if opts.show_labels {
             row.push(labels(&m));
         }
@@ -310,5 +433,46 @@ mod tests {
         let e = Output::parse("xml").unwrap_err().to_string();
         assert!(e.contains("allowed formats are"), "{e}");
         assert!(Output::parse("jsonpath={.items[").is_err());
+    }
+
+    #[test]
+    fn pod_status_reads_like_kubectl() {
+        let pod = |waiting: Option<&str>, deleting: bool| pb::Pod {
+            metadata: Some(pb::ObjectMeta {
+                name: "p".into(),
+                deletion_timestamp: if deleting { "2026-01-01T00:00:00Z".into() } else { String::new() },
+                ..Default::default()
+            }),
+            spec: Some(pb::PodSpec {
+                containers: vec![Default::default()],
+                node_name: "n1".into(),
+                ..Default::default()
+            }),
+            status: Some(pb::PodStatus {
+                phase: "Pending".into(),
+                pod_ip: "10.42.0.5".into(),
+                container_statuses: vec![pb::ContainerStatus {
+                    state: Some(pb::ContainerState {
+                        waiting: waiting
+                            .map(|r| pb::ContainerStateWaiting { reason: r.into(), message: String::new() }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(pod_status(&pod(Some("ImagePullBackOff"), false)), "ImagePullBackOff");
+        assert_eq!(pod_status(&pod(None, false)), "Pending");
+        assert_eq!(pod_status(&pod(Some("CrashLoopBackOff"), true)), "Terminating");
+        let obj = pb::Object { kind: Some(pb::object::Kind::Pod(pod(Some("ContainerCreating"), false))) };
+        let wide = render(&[obj], false, &Output::Wide, TableOptions::default());
+        let mut lines = wide.lines().map(|l| l.split_whitespace().collect::<Vec<_>>());
+        let header = lines.next().unwrap();
+        assert_eq!(header[header.len() - 6..], ["IP", "NODE", "NOMINATED", "NODE", "READINESS", "GATES"], "{wide}");
+        let row = lines.next().unwrap();
+        assert_eq!(row[2], "ContainerCreating", "{wide}");
+        assert_eq!(row[row.len() - 4..], ["10.42.0.5", "n1", "<none>", "<none>"], "{wide}");
     }
 }
