@@ -155,6 +155,23 @@ pub async fn single_replica_with(
     Ok((replica, addr, pki))
 }
 
+/// Polls `f` every 50 ms until it gives a value; a test fails (panics) with `what` once
+/// `limit` has passed without one.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A free port on 127.0.0.1 (the kernel picks it; we release it for the child to bind).
 pub fn free_port() -> Result<u16, HarnessError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("bind 127.0.0.1:0"))?;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use keel::agent::{self, AgentConfig, RuntimeKind};
 use keel::api::kinds::Kind;
 use keel::client::{Client, ClientAuth, ClientConfig};
-use keel::harness::{TestPki, TestReplica};
+use keel::harness::{eventually, TestPki, TestReplica};
 use keel::pki::Identity;
 use keel::proto::v1 as pb;
 use tokio::time::Instant;
@@ -348,22 +348,6 @@ fn processes() -> Vec<(i32, i32, String)> {
         }
     }
     out
-}
-
-/// Polls `f` until it gives a value, or fails the test after `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Parses one manifest.

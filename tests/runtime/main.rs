@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use keel::harness::ProcCluster;
-use tokio::time::Instant;
+use keel::harness::{eventually, ProcCluster};
 
 mod client;
 mod controller;
@@ -22,22 +21,6 @@ async fn cluster(dir: &std::path::Path, extra: &[&str]) -> ProcCluster {
     let c = ProcCluster::start(std::path::Path::new(KEEL), dir, 3, &extra).unwrap();
     c.wait_caught_up(Duration::from_secs(60)).await.unwrap();
     c
-}
-
-/// Polls `f` until it gives a value, or fails the test after `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A namespace, created through `client`.

@@ -147,6 +147,18 @@ impl Containerd {
         self
     }
 
+    /// The container record `id` (its spec, labels, snapshot key).
+    async fn container_record(&self, id: &str) -> Result<c::Container, RuntimeError> {
+        Ok(self
+            .containers_api()
+            .get(c::GetContainerRequest { id: id.to_string() })
+            .await
+            .map_err(rpc(format!("container {id}")))?
+            .into_inner()
+            .container
+            .unwrap_or_default())
+    }
+
     fn ch(&self) -> Ch {
         InterceptedService::new(self.channel.clone(), self.namespace.clone())
     }
@@ -362,14 +374,7 @@ impl Runtime for Containerd {
     /// Creates the container's task (runc create: the process, its namespaces and cgroup,
     /// output to its log file) and starts it. A container whose start fails stays created.
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        let container = self
-            .containers_api()
-            .get(c::GetContainerRequest { id: id.to_string() })
-            .await
-            .map_err(rpc(format!("container {id}")))?
-            .into_inner()
-            .container
-            .unwrap_or_default();
+        let container = self.container_record(id).await?;
         let req = MountsRequest { snapshotter: self.snapshotter.clone(), key: container.snapshot_key.clone() };
         let mounts =
             self.snapshots_api().mounts(req).await.map_err(rpc(format!("rootfs of {id}")))?.into_inner().mounts;
@@ -476,14 +481,7 @@ impl Runtime for Containerd {
 
     async fn exec(&self, id: &str, req: ExecRequest) -> Result<Exec, RuntimeError> {
         use tokio::net::unix::pipe;
-        let container = self
-            .containers_api()
-            .get(c::GetContainerRequest { id: id.to_string() })
-            .await
-            .map_err(rpc(format!("container {id}")))?
-            .into_inner()
-            .container
-            .unwrap_or_default();
+        let container = self.container_record(id).await?;
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&container.spec.unwrap_or_default().value)
             .map_err(|e| RuntimeError::Invalid(format!("the spec of {id}: {e}")))?;
         let mut process = spec.process().clone().unwrap_or_default();
